@@ -1,0 +1,95 @@
+"""Every error v2mount raises, and the HTTP status each one maps to.
+
+```
+V2MountError                      base class; ``status_code`` is 500
+├── BadRequest                    400 malformed body, tensor, datatype, shape, names
+│   └── PayloadTooLarge           413 body above ``max_request_bytes``
+├── ModelNotFound                 404 unknown model, or unknown version of a known model
+├── ModelNotReady                 503 model known but not loaded (or failed to load)
+├── RepositoryDisabled            403 repository extension switched off
+├── Overloaded                    503 + ``Retry-After``: a model's queue is full
+├── InferenceTimeout              504 a request outlived ``inference_timeout``
+├── ModelError                    500 the model's own code raised (message kept, no traceback)
+├── BrokenWorker                  500 a worker process died while holding the request
+└── SettingsError                 raised at start-up: a bad settings file or field
+```
+
+``error_status`` and ``error_headers`` are the one place where an exception becomes
+an HTTP answer.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "BrokenWorker",
+    "InferenceTimeout",
+    "ModelError",
+    "ModelNotFound",
+    "ModelNotReady",
+    "Overloaded",
+    "PayloadTooLarge",
+    "RepositoryDisabled",
+    "SettingsError",
+    "V2MountError",
+]
+
+
+class V2MountError(Exception):
+    """Base class; the message is what the client sees in ``{"error": ...}``."""
+
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class BadRequest(V2MountError):
+    status_code = 400
+
+
+class PayloadTooLarge(BadRequest):
+    status_code = 413
+
+
+class ModelNotFound(V2MountError):
+    status_code = 404
+
+
+class ModelNotReady(V2MountError):
+    status_code = 503
+
+
+class RepositoryDisabled(V2MountError):
+    status_code = 403
+
+
+class Overloaded(V2MountError):
+    status_code = 503
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class InferenceTimeout(V2MountError):
+    status_code = 504
+
+
+class ModelError(V2MountError):
+    status_code = 500
+
+
+class BrokenWorker(V2MountError):
+    status_code = 500
+
+
+class SettingsError(V2MountError):
+    """A settings file or field is wrong; raised at start-up, never sent to a client."""
