@@ -86,6 +86,7 @@ class ModelSettings(BaseModel):
     max_batch_time: float | None = Field(default=None, ge=0)
     inference_timeout: float | None = Field(default=None, gt=0)
     max_queue_size: int | None = Field(default=None, ge=1)
+    threads_per_worker: int | None = Field(default=None, ge=1)
     default_version: bool = False
     #: The folder the settings file was read from; relative ``parameters.uri`` resolve here.
     source_dir: Path | None = None
@@ -126,6 +127,7 @@ class Settings(BaseSettings):
     model_max_batch_time: float = Field(default=0.0, ge=0)
     model_inference_timeout: float = Field(default=60.0, gt=0)
     model_max_queue_size: int = Field(default=1024, ge=1)
+    model_threads_per_worker: int = Field(default=1, ge=1)
     max_request_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
     shm_threshold_bytes: int = Field(default=64 * 1024, ge=0)
     metrics_path: str | None = "/metrics"
