@@ -1,0 +1,93 @@
+"""A model's declared metadata: the metadata document, and requests checked against it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from v2mount.errors import BadRequest
+from v2mount.settings import ModelSettings, TensorSpec
+from v2mount.types import InferenceRequest, InferenceResponse
+
+__all__ = ["model_metadata", "select_outputs", "validate_request"]
+
+
+def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    document: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": spec.shape}
+    if spec.parameters:
+        document["parameters"] = spec.parameters
+    return document
+
+
+def model_metadata(settings: ModelSettings, versions: list[str]) -> dict[str, Any]:
+    """The OIP model metadata object (``versions`` omitted when the model has none)."""
+    document: dict[str, Any] = {"name": settings.name}
+    if versions:
+        document["versions"] = versions
+    document["platform"] = settings.platform
+    document["inputs"] = [_tensor_metadata(spec) for spec in settings.inputs]
+    document["outputs"] = [_tensor_metadata(spec) for spec in settings.outputs]
+    if settings.parameters.content_type is not None:
+        document["parameters"] = {"content_type": settings.parameters.content_type}
+    return document
+
+
+def _shape_matches(declared: list[int], actual: tuple[int, ...]) -> bool:
+    if len(declared) != len(actual):
+        return False
+    return all(d == -1 or d == a for d, a in zip(declared, actual))
+
+
+def validate_request(settings: ModelSettings, request: InferenceRequest) -> None:
+    """Check names, datatypes and shapes against the declared inputs and outputs.
+
+    A model that declares no inputs accepts any; likewise for requested outputs.
+    """
+    if settings.inputs:
+        declared = {spec.name: spec for spec in settings.inputs}
+        for tensor in request.inputs:
+            spec = declared.get(tensor.name)
+            if spec is None:
+                raise BadRequest(
+                    f"unexpected inference input {tensor.name!r} for model {settings.name!r}; "
+                    f"expected {sorted(declared)}"
+                )
+            if tensor.datatype != spec.datatype:
+                raise BadRequest(
+                    f"input {tensor.name!r}: datatype {tensor.datatype} does not match the "
+                    f"model's {spec.datatype}"
+                )
+            if not _shape_matches(spec.shape, tensor.shape):
+                raise BadRequest(
+                    f"input {tensor.name!r}: shape {list(tensor.shape)} does not match the "
+                    f"model's {spec.shape}"
+                )
+        given = {tensor.name for tensor in request.inputs}
+        missing = [s.name for s in settings.inputs if not s.optional and s.name not in given]
+        if missing:
+            raise BadRequest(f"missing inference input(s) {missing} for model {settings.name!r}")
+    if settings.outputs and request.outputs is not None:
+        known = {spec.name for spec in settings.outputs}
+        for requested in request.outputs:
+            if requested.name not in known:
+                raise BadRequest(
+                    f"unexpected inference output {requested.name!r} for model "
+                    f"{settings.name!r}; expected one of {sorted(known)}"
+                )
+
+
+def select_outputs(response: InferenceResponse, request: InferenceRequest) -> InferenceResponse:
+    """Keep exactly the outputs the request named (all of them when it named none)."""
+    if request.outputs is None:
+        return response
+    produced = {tensor.name: tensor for tensor in response.outputs}
+    selected = []
+    for requested in request.outputs:
+        tensor = produced.get(requested.name)
+        if tensor is None:
+            raise BadRequest(
+                f"unexpected inference output {requested.name!r}: the model produced "
+                f"{sorted(produced)}"
+            )
+        selected.append(tensor)
+    response.outputs = selected
+    return response

@@ -1,0 +1,239 @@
+"""The models an app serves, keyed by (name, version), and the way of one inference.
+
+``ModelHandle`` owns one model version: its state, its runner (in-process or a worker
+pool), its optional batcher and its statistics. ``ModelRegistry`` finds handles and
+picks the default version of a name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from v2mount.errors import (
+    InferenceTimeout,
+    ModelNotFound,
+    ModelNotReady,
+    SettingsError,
+    V2MountError,
+)
+from v2mount.metadata import select_outputs, validate_request
+from v2mount.metrics.app import AppMetrics
+from v2mount.model import Model
+from v2mount.runner import InProcessRunner, Runner, RunnerStatistics
+from v2mount.settings import ModelSettings, Settings
+from v2mount.stats import InferenceStats
+from v2mount.types import InferenceRequest, InferenceResponse
+
+if TYPE_CHECKING:
+    from v2mount.batching import AdaptiveBatcher, BatcherStatistics
+
+__all__ = ["ModelHandle", "ModelRegistry", "ModelState", "version_key"]
+
+logger = logging.getLogger("v2mount")
+
+
+class ModelState(str, Enum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+def version_key(version: str | None) -> tuple[int, int, str]:
+    """Sort key: unversioned first, then numeric versions by value, then others."""
+    if version is None:
+        return (0, 0, "")
+    if version.isdigit():
+        return (1, int(version), version)
+    return (2, 0, version)
+
+
+def _rows(request: InferenceRequest) -> int:
+    first = request.inputs[0].shape
+    return first[0] if first else 1
+
+
+class ModelHandle:
+    """One served model version. All methods run on the event loop thread."""
+
+    def __init__(self, model: Model, server: Settings, metrics: AppMetrics) -> None:
+        self.model = model
+        self.settings: ModelSettings = model.settings
+        self.server = server
+        self.metrics = metrics
+        self.state = ModelState.UNAVAILABLE
+        self.reason = ""
+        self.stats = InferenceStats()
+        self._runner: Runner | None = None
+        self._batcher: AdaptiveBatcher | None = None
+        self._in_flight = 0
+        self._idle: anyio.Event | None = None
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def version(self) -> str | None:
+        return self.settings.version
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.state is ModelState.READY and self._runner is not None and self._runner.ready
+        )
+
+    def _setting(self, field: str) -> Any:
+        value = getattr(self.settings, field)
+        return getattr(self.server, f"model_{field}") if value is None else value
+
+    def _make_runner(self) -> Runner:
+        workers: int = self._setting("parallel_workers")
+        queue: int = self._setting("max_queue_size")
+        if workers == 0:
+            return InProcessRunner(self.model, queue, self.metrics.apply_custom)
+        from v2mount.pool import WorkerPool
+
+        return WorkerPool(
+            self.model,
+            workers,
+            max_queue_size=queue,
+            metrics_sink=self.metrics.apply_custom,
+            shm_threshold=self.server.shm_threshold_bytes,
+            threads_per_worker=self._setting("threads_per_worker"),
+            hard_timeout=2 * float(self._setting("inference_timeout")),
+        )
+
+    async def load(self) -> None:
+        """Start the runner; failure leaves the model UNAVAILABLE with the reason."""
+        self.state, self.reason = ModelState.LOADING, ""
+        runner: Runner | None = None
+        try:
+            runner = self._make_runner()
+            await runner.start()
+        except Exception as exc:
+            if runner is not None:
+                with anyio.CancelScope(shield=True):
+                    await runner.stop()
+            self.state = ModelState.UNAVAILABLE
+            self.reason = exc.message if isinstance(exc, V2MountError) else str(exc)
+            logger.error("model %s failed to load: %s", self.label, self.reason)
+            return
+        assert runner is not None
+        self._runner = runner
+        batch_size: int = self._setting("max_batch_size")
+        if batch_size > 1:
+            from v2mount.batching import AdaptiveBatcher
+
+            self._batcher = AdaptiveBatcher(
+                runner,
+                max_batch_size=batch_size,
+                max_batch_time=float(self._setting("max_batch_time")),
+                on_batch=lambda rows: self.metrics.observe_batch(self.name, self.version, rows),
+            )
+        self.state = ModelState.READY
+        logger.info("model %s ready", self.label)
+
+    async def unload(self) -> None:
+        """Stop taking requests, let those in flight finish, then stop the runner."""
+        with anyio.CancelScope(shield=True):
+            self.state = ModelState.UNLOADING
+            if self._in_flight:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+            runner, self._runner, self._batcher = self._runner, None, None
+            if runner is not None:
+                await runner.stop()
+            self.state, self.reason = ModelState.UNAVAILABLE, "unloaded"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.version is None else f"{self.name}:{self.version}"
+
+    def runner_statistics(self) -> RunnerStatistics | None:
+        return self._runner.statistics() if self._runner is not None else None
+
+    def batcher_statistics(self) -> BatcherStatistics | None:
+        return self._batcher.statistics() if self._batcher is not None else None
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """Validate, run (batched or not) under the deadline, and select outputs."""
+        runner, executor = self._runner, self._batcher or self._runner
+        if self.state is not ModelState.READY or runner is None or executor is None:
+            raise ModelNotReady(self.not_ready_message())
+        if not runner.ready:
+            raise ModelNotReady(self.not_ready_message())
+        validate_request(self.settings, request)
+        timeout = float(self._setting("inference_timeout"))
+        start = time.perf_counter_ns()
+        self._in_flight += 1
+        ok = False
+        try:
+            with anyio.fail_after(timeout):
+                response = await executor.infer(request)
+            response = select_outputs(response, request)
+            ok = True
+            return response
+        except TimeoutError:
+            raise InferenceTimeout(
+                f"model {self.label} did not answer within {timeout:g} s"
+            ) from None
+        finally:
+            elapsed = time.perf_counter_ns() - start
+            self.stats.record(ok, elapsed, elapsed, _rows(request))
+            self.metrics.record_inference(self.name, self.version, ok, elapsed / 1e9)
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    def not_ready_message(self) -> str:
+        reason = f": {self.reason}" if self.reason else ""
+        return f"model {self.label} is not ready ({self.state.value}){reason}"
+
+
+class ModelRegistry:
+    """Handles by name and version; the unversioned name resolves to the default."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, dict[str | None, ModelHandle]] = {}
+
+    def add(self, handle: ModelHandle) -> None:
+        versions = self._models.setdefault(handle.name, {})
+        if handle.version in versions:
+            raise SettingsError(f"model {handle.label} is defined twice")
+        versions[handle.version] = handle
+
+    def remove(self, handle: ModelHandle) -> None:
+        versions = self._models.get(handle.name, {})
+        versions.pop(handle.version, None)
+        if not versions:
+            self._models.pop(handle.name, None)
+
+    def handles(self) -> Iterable[ModelHandle]:
+        for versions in self._models.values():
+            yield from versions.values()
+
+    def versions(self, name: str) -> list[ModelHandle]:
+        return sorted(self._models.get(name, {}).values(), key=lambda h: version_key(h.version))
+
+    def get(self, name: str, version: str | None = None) -> ModelHandle:
+        """The handle for ``name`` (and ``version``); ``ModelNotFound`` if unknown."""
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} not found")
+        if version is not None:
+            handle = versions.get(version)
+            if handle is None:
+                raise ModelNotFound(f"model {name!r} has no version {version!r}")
+            return handle
+        marked = [h for h in versions.values() if h.settings.default_version]
+        if marked:
+            return marked[0]
+        return max(versions.values(), key=lambda h: version_key(h.version))

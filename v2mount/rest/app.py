@@ -1,0 +1,202 @@
+"""``V2App``: the OIP server as an ASGI application to run alone or mount in a host."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute
+from starlette.types import Receive, Scope, Send
+
+from v2mount.errors import BadRequest, ModelNotFound, SettingsError
+from v2mount.metrics.app import AppMetrics
+from v2mount.model import Model
+from v2mount.registry import ModelHandle, ModelRegistry, ModelState, version_key
+from v2mount.repository import ModelRepository, instantiate
+from v2mount.rest.dataplane import dataplane_routes
+from v2mount.rest.errors import http_exception_handler
+from v2mount.rest.extensions import repository_routes, statistics_routes
+from v2mount.settings import ModelSettings, Settings, load_settings
+
+__all__ = ["V2App"]
+
+logger = logging.getLogger("v2mount")
+
+
+class V2App:
+    """An ASGI app serving models over the Open Inference Protocol.
+
+    Give it models (``Model`` instances or ``ModelSettings``), a repository folder, or
+    neither (then ``settings.model_repository``). Run it with uvicorn, or mount it:
+    ``host.mount("/ml", V2App(...))``. Models start with the ASGI lifespan when one runs;
+    a host whose ``Mount`` does not forward lifespan gets them started on the first
+    request (concurrent first requests wait for one start), and can compose
+    ``app.lifespan()`` into its own lifespan to start and stop them with the host.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[Model | ModelSettings] = (),
+        *,
+        repository: str | Path | None = None,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.settings = settings if settings is not None else load_settings(**overrides)
+        root = Path(repository) if repository is not None else self.settings.model_repository
+        self.repository = ModelRepository(root) if root is not None else None
+        self.metrics = AppMetrics()
+        self.registry = ModelRegistry()
+        self.codec_limiter = anyio.CapacityLimiter(2)
+        for item in models:
+            self._add(item if isinstance(item, Model) else instantiate(item))
+        if self.repository is not None:
+            for model_settings in self.repository.scan():
+                self._add(instantiate(model_settings))
+        self._started = False
+        self._starting: anyio.Event | None = None
+        self._stopping = False
+        self._router = Starlette(
+            routes=self.routes(),
+            exception_handlers={HTTPException: http_exception_handler},
+            lifespan=self._lifespan,
+        )
+
+    def _add(self, model: Model) -> ModelHandle:
+        handle = ModelHandle(model, self.settings, self.metrics)
+        self.registry.add(handle)
+        return handle
+
+    def routes(self) -> list[BaseRoute]:
+        """Every route this app answers, relative to its mount point."""
+        routes = [*statistics_routes(self), *repository_routes(self), *dataplane_routes(self)]
+        return routes
+
+    def extensions(self) -> list[str]:
+        served = ["binary_tensor_data", "statistics", "parameters"]
+        if self.settings.repository_api_enabled:
+            served.append("model_repository")
+        return served
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._started:
+            await self.startup()
+        await self._router(scope, receive, send)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Load every model (concurrently); returns when each is ready or has failed.
+
+        Idempotent and safe to call from concurrent requests: one load, the others wait.
+        A model that fails to load is UNAVAILABLE with its reason; the others serve.
+        """
+        if self._started:
+            return
+        if self._starting is not None:
+            await self._starting.wait()
+            return
+        self._starting = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                for handle in self.registry.handles():
+                    tg.start_soon(handle.load)
+            self._started = True
+        finally:
+            self._starting.set()
+            self._starting = None
+
+    async def shutdown(self) -> None:
+        """Drain in-flight requests and stop every model's workers (shielded)."""
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for handle in self.registry.handles():
+                    tg.start_soon(handle.unload)
+            self._started = False
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[V2App]:
+        """Start models on entry, stop them on exit: compose it into a host's lifespan."""
+        await self.startup()
+        try:
+            yield self
+        finally:
+            await self.shutdown()
+
+    @asynccontextmanager
+    async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        async with self.lifespan():
+            yield
+
+    # -- repository extension -------------------------------------------------------
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        entries: dict[tuple[str, str | None], dict[str, Any]] = {}
+        if self.repository is not None:
+            for found in self.repository.scan():
+                entries[(found.name, found.version)] = {
+                    "name": found.name,
+                    **({"version": found.version} if found.version is not None else {}),
+                    "state": ModelState.UNAVAILABLE.value,
+                    "reason": "not loaded",
+                }
+        for handle in self.registry.handles():
+            entry: dict[str, Any] = {"name": handle.name}
+            if handle.version is not None:
+                entry["version"] = handle.version
+            state = handle.state
+            if state is ModelState.READY and not handle.ready:
+                state = ModelState.UNAVAILABLE
+            entry["state"] = state.value
+            entry["reason"] = "" if state is ModelState.READY else handle.reason
+            entries[(handle.name, handle.version)] = entry
+        return [entries[key] for key in sorted(entries, key=lambda k: (k[0], version_key(k[1])))]
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+            raise BadRequest(f"invalid model name {name!r}")
+
+    async def load_model(self, name: str) -> None:
+        """(Re)load every version of ``name``, re-reading its settings from the repository."""
+        self._check_name(name)
+        found = self.repository.find(name) if self.repository is not None else []
+        old = self.registry.versions(name)
+        if not found and not old:
+            raise ModelNotFound(f"model {name!r} is not in the model repository")
+        if found:
+            try:
+                fresh = [instantiate(model_settings) for model_settings in found]
+            except SettingsError as exc:
+                raise BadRequest(f"cannot load model {name!r}: {exc.message}") from None
+            for handle in old:
+                await handle.unload()
+                self.registry.remove(handle)
+            handles = [self._add(model) for model in fresh]
+        else:
+            for handle in old:
+                await handle.unload()
+            handles = old
+        async with anyio.create_task_group() as tg:
+            for handle in handles:
+                tg.start_soon(handle.load)
+        failed = [h for h in handles if not h.ready]
+        if failed:
+            raise BadRequest(
+                "; ".join(f"failed to load model {h.label}: {h.reason}" for h in failed)
+            )
+
+    async def unload_model(self, name: str) -> None:
+        """Unload every version of ``name`` after its in-flight requests finish."""
+        self._check_name(name)
+        handles = self.registry.versions(name)
+        if not handles:
+            raise ModelNotFound(f"model {name!r} not found")
+        for handle in handles:
+            await handle.unload()
