@@ -80,7 +80,7 @@ class InProcessRunner:
         try:
             await call_load(self._model)
         except Exception as exc:
-            raise ModelNotReady(f"model {self._model.settings.name!r} failed to load: {exc}") from exc
+            raise ModelNotReady(f"{type(exc).__name__}: {exc}") from exc
         finally:
             self._sink(self._model.metrics.drain())
         self._ready = True
