@@ -34,7 +34,7 @@ def model_metadata(settings: ModelSettings, versions: list[str]) -> dict[str, An
 def _shape_matches(declared: list[int], actual: tuple[int, ...]) -> bool:
     if len(declared) != len(actual):
         return False
-    return all(d == -1 or d == a for d, a in zip(declared, actual))
+    return all(d == -1 or d == a for d, a in zip(declared, actual, strict=True))
 
 
 def validate_request(settings: ModelSettings, request: InferenceRequest) -> None:

@@ -109,12 +109,18 @@ def _tensor(name: str, value: Any, spec: TensorSpec | None) -> Tensor:
         dtype = datatype_to_dtype(spec.datatype)
         if spec.datatype == "BYTES":
             if array.dtype.kind != "O":
-                raise ModelError(f"output {name!r} is declared BYTES but the model returned numbers")
+                raise ModelError(
+                    f"output {name!r} is declared BYTES but the model returned numbers"
+                )
         elif array.dtype != dtype:
             try:
-                array = array.astype(dtype, casting="same_kind" if array.dtype.kind == "f" else "unsafe")
+                array = array.astype(
+                    dtype, casting="same_kind" if array.dtype.kind == "f" else "unsafe"
+                )
             except TypeError as exc:
-                raise ModelError(f"output {name!r} cannot be cast to {spec.datatype}: {exc}") from None
+                raise ModelError(
+                    f"output {name!r} cannot be cast to {spec.datatype}: {exc}"
+                ) from None
         datatype = spec.datatype
     else:
         datatype = array_to_datatype(array)

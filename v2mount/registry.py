@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from v2mount.codecs.content import check_content_types
 from v2mount.errors import (
     InferenceTimeout,
     ModelNotFound,
@@ -85,9 +86,7 @@ class ModelHandle:
 
     @property
     def ready(self) -> bool:
-        return (
-            self.state is ModelState.READY and self._runner is not None and self._runner.ready
-        )
+        return self.state is ModelState.READY and self._runner is not None and self._runner.ready
 
     def _setting(self, field: str) -> Any:
         value = getattr(self.settings, field)
@@ -170,6 +169,7 @@ class ModelHandle:
         if not runner.ready:
             raise ModelNotReady(self.not_ready_message())
         validate_request(self.settings, request)
+        check_content_types(request, self.settings)
         timeout = float(self._setting("inference_timeout"))
         start = time.perf_counter_ns()
         self._in_flight += 1

@@ -137,8 +137,7 @@ class Settings(BaseSettings):
 
 def _format_validation(exc: ValidationError, source: str) -> str:
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-        for err in exc.errors()
+        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
     )
     return f"{source}: {problems}"
 

@@ -43,11 +43,19 @@ async def test_binary_in_binary_out_mixed_with_json(serve: Any) -> None:
     words = [b"hi", b"", b"\xff\xfe"]
     header = {
         "inputs": [
-            {"name": "a", "datatype": "FP32", "shape": [2, 3],
-             "parameters": {"binary_data_size": floats.nbytes}},
+            {
+                "name": "a",
+                "datatype": "FP32",
+                "shape": [2, 3],
+                "parameters": {"binary_data_size": floats.nbytes},
+            },
             {"name": "j", "datatype": "INT64", "shape": [2], "data": [5, -5]},
-            {"name": "s", "datatype": "BYTES", "shape": [3],
-             "parameters": {"binary_data_size": len(bytes_tensor(words))}},
+            {
+                "name": "s",
+                "datatype": "BYTES",
+                "shape": [3],
+                "parameters": {"binary_data_size": len(bytes_tensor(words))},
+            },
         ],
         "outputs": [
             {"name": "a", "parameters": {"binary_data": True}},
@@ -75,8 +83,10 @@ async def test_binary_in_binary_out_mixed_with_json(serve: Any) -> None:
 async def test_binary_data_output_default_with_per_output_override(serve: Any) -> None:
     header = {
         "parameters": {"binary_data_output": True},
-        "inputs": [{"name": "x", "datatype": "INT32", "shape": [2], "data": [1, 2]},
-                   {"name": "y", "datatype": "BOOL", "shape": [2], "data": [True, False]}],
+        "inputs": [
+            {"name": "x", "datatype": "INT32", "shape": [2], "data": [1, 2]},
+            {"name": "y", "datatype": "BOOL", "shape": [2], "data": [True, False]},
+        ],
     }
     async with serve(make_app()) as client:
         r = await client.post("/v2/models/echo/infer", content=orjson.dumps(header))
@@ -91,50 +101,142 @@ async def test_binary_data_output_default_with_per_output_override(serve: Any) -
 
 
 def _fp32_header(size: int, shape: list[int] | None = None) -> dict[str, Any]:
-    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape or [2],
-                        "parameters": {"binary_data_size": size}}]}
+    return {
+        "inputs": [
+            {
+                "name": "x",
+                "datatype": "FP32",
+                "shape": shape or [2],
+                "parameters": {"binary_data_size": size},
+            }
+        ]
+    }
 
 
 def _bad_cases() -> list[tuple[str, bytes, dict[str, str], str]]:
     head = orjson.dumps(_fp32_header(8))
     cases = [
-        ("header past body", head + b"\0" * 8, {"Inference-Header-Content-Length": "9999"},
-         "exceeds the body length"),
-        ("header not int", head + b"\0" * 8, {"Inference-Header-Content-Length": "abc"},
-         "non-negative integer"),
-        ("header negative", head + b"\0" * 8, {"Inference-Header-Content-Length": "-1"},
-         "non-negative integer"),
-        ("header cut mid json", head + b"\0" * 8,
-         {"Inference-Header-Content-Length": str(len(head) - 3)}, "malformed JSON"),
+        (
+            "header past body",
+            head + b"\0" * 8,
+            {"Inference-Header-Content-Length": "9999"},
+            "exceeds the body length",
+        ),
+        (
+            "header not int",
+            head + b"\0" * 8,
+            {"Inference-Header-Content-Length": "abc"},
+            "non-negative integer",
+        ),
+        (
+            "header negative",
+            head + b"\0" * 8,
+            {"Inference-Header-Content-Length": "-1"},
+            "non-negative integer",
+        ),
+        (
+            "header cut mid json",
+            head + b"\0" * 8,
+            {"Inference-Header-Content-Length": str(len(head) - 3)},
+            "malformed JSON",
+        ),
     ]
     for name, header, tail, message in (
         ("size past end", _fp32_header(16), b"\0" * 8, "runs past the end"),
         ("size vs shape", _fp32_header(8, [3]), b"\0" * 8, "needs 12"),
         ("extra bytes", _fp32_header(8), b"\0" * 12, "unexpected additional input data"),
-        ("data and size", {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
-                                       "data": [1, 2], "parameters": {"binary_data_size": 8}}]},
-         b"\0" * 8, "only one of"),
+        (
+            "data and size",
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [2],
+                        "data": [1, 2],
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ]
+            },
+            b"\0" * 8,
+            "only one of",
+        ),
         ("negative size", _fp32_header(-8), b"", "non-negative integer"),
-        ("bool bytes", {"inputs": [{"name": "x", "datatype": "BOOL", "shape": [2],
-                                    "parameters": {"binary_data_size": 2}}]}, b"\x01\x07",
-         "0x00 or 0x01"),
-        ("bytes truncated", {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1],
-                                         "parameters": {"binary_data_size": 6}}]},
-         struct.pack("<I", 10) + b"ab", "runs past its chunk"),
-        ("bytes count", {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [3],
-                                     "parameters": {"binary_data_size": 5}}]},
-         struct.pack("<I", 1) + b"a", "holds 1 elements, shape needs 3"),
-        ("bytes short length", {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1],
-                                            "parameters": {"binary_data_size": 2}}]},
-         b"\x01\x00", "truncated BYTES element length"),
+        (
+            "bool bytes",
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "BOOL",
+                        "shape": [2],
+                        "parameters": {"binary_data_size": 2},
+                    }
+                ]
+            },
+            b"\x01\x07",
+            "0x00 or 0x01",
+        ),
+        (
+            "bytes truncated",
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 6},
+                    }
+                ]
+            },
+            struct.pack("<I", 10) + b"ab",
+            "runs past its chunk",
+        ),
+        (
+            "bytes count",
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "BYTES",
+                        "shape": [3],
+                        "parameters": {"binary_data_size": 5},
+                    }
+                ]
+            },
+            struct.pack("<I", 1) + b"a",
+            "holds 1 elements, shape needs 3",
+        ),
+        (
+            "bytes short length",
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 2},
+                    }
+                ]
+            },
+            b"\x01\x00",
+            "truncated BYTES element length",
+        ),
     ):
         encoded = orjson.dumps(header)
-        cases.append((name, encoded + tail,
-                      {"Inference-Header-Content-Length": str(len(encoded))}, message))
+        cases.append(
+            (name, encoded + tail, {"Inference-Header-Content-Length": str(len(encoded))}, message)
+        )
     # A shape claiming a huge tensor with a tiny body must not allocate anything.
     huge = orjson.dumps(_fp32_header(8, [2**40]))
-    cases.append(("huge shape", huge + b"\0" * 8,
-                  {"Inference-Header-Content-Length": str(len(huge))}, "needs"))
+    cases.append(
+        (
+            "huge shape",
+            huge + b"\0" * 8,
+            {"Inference-Header-Content-Length": str(len(huge))},
+            "needs",
+        )
+    )
     return cases
 
 
@@ -154,9 +256,18 @@ async def test_bad_framing_is_400(
 
 async def test_empty_binary_tensor(serve: Any) -> None:
     body, headers = frame(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [0, 3],
-                     "parameters": {"binary_data_size": 0}}],
-         "parameters": {"binary_data_output": True}})
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [0, 3],
+                    "parameters": {"binary_data_size": 0},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    )
     async with serve(make_app()) as client:
         r = await client.post("/v2/models/echo/infer", content=body, headers=headers)
     doc, rest = split(r.content, int(r.headers["inference-header-content-length"]))

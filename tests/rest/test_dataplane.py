@@ -119,8 +119,12 @@ async def test_model_ready_and_metadata(serve: Any) -> None:
         assert r.json()["versions"] == ["1", "2", "10"]
         r = await client.get("/v2/models/ver/versions/2/ready")
         assert r.status_code == 200
-        for path in ("/v2/models/nope", "/v2/models/nope/ready", "/v2/models/ver/versions/3",
-                     "/v2/models/ver/versions/3/ready"):
+        for path in (
+            "/v2/models/nope",
+            "/v2/models/nope/ready",
+            "/v2/models/ver/versions/3",
+            "/v2/models/ver/versions/3/ready",
+        ):
             r = await client.get(path)
             assert r.status_code == 404, path
             assert r.json()["error"]
@@ -136,8 +140,12 @@ async def test_infer_flat_and_nested_with_id_and_outputs(serve: Any) -> None:
         assert doc["id"] == "req-1" and doc["model_name"] == "doubler"
         assert "model_version" not in doc and "parameters" not in doc
         outputs = {o["name"]: o for o in doc["outputs"]}
-        assert outputs["y"] == {"name": "y", "datatype": "FP32", "shape": [2, 2],
-                                "data": [2.0, 4.0, 6.0, 9.0]}
+        assert outputs["y"] == {
+            "name": "y",
+            "datatype": "FP32",
+            "shape": [2, 2],
+            "data": [2.0, 4.0, 6.0, 9.0],
+        }
         assert outputs["total"]["data"] == [3.0, 7.5]
         body = {"inputs": [tensor("x", "FP32", [1, 2], [1, 2])], "outputs": [{"name": "total"}]}
         doc = (await client.post("/v2/models/doubler/infer", json=body)).json()
@@ -148,8 +156,9 @@ async def test_infer_flat_and_nested_with_id_and_outputs(serve: Any) -> None:
 async def test_infer_without_content_type(serve: Any) -> None:
     async with serve(make_app()) as client:
         content = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}]}'
-        r = await client.post("/v2/models/doubler/infer", content=content,
-                              headers={"content-type": ""})
+        r = await client.post(
+            "/v2/models/doubler/infer", content=content, headers={"content-type": ""}
+        )
         assert r.status_code == 200
         assert r.json()["outputs"][0]["data"] == [2.0, 4.0]
 
@@ -178,8 +187,9 @@ async def test_every_datatype_round_trips(serve: Any, datatype: str) -> None:
         out = r.json()["outputs"][0]
         assert (out["datatype"], out["shape"]) == (datatype, [2, 2])
         if datatype == "FP32":
-            np.testing.assert_array_equal(np.array(out["data"], np.float32),
-                                          np.array(values, np.float32))
+            np.testing.assert_array_equal(
+                np.array(out["data"], np.float32), np.array(values, np.float32)
+            )
         else:
             assert out["data"] == values
 
@@ -231,19 +241,43 @@ BAD_BODIES: list[tuple[str, bytes | dict[str, Any] | list[Any], str]] = [
     ("string data", {"inputs": [tensor("x", "FP32", [1, 2], ["a", "b"])]}, "not valid FP32"),
     ("wrong rank", {"inputs": [tensor("x", "FP32", [2], [1, 2])]}, "does not match"),
     ("trailing dim", {"inputs": [tensor("x", "FP32", [1, 3], [1, 2, 3])]}, "does not match"),
-    ("unknown input", {"inputs": [tensor("x", "FP32", [1, 2], [1, 2]),
-                                  tensor("z", "FP32", [1], [1])]}, "unexpected inference input"),
+    (
+        "unknown input",
+        {"inputs": [tensor("x", "FP32", [1, 2], [1, 2]), tensor("z", "FP32", [1], [1])]},
+        "unexpected inference input",
+    ),
     ("missing input", {"inputs": [tensor("z", "FP32", [1], [1])]}, "unexpected inference input"),
-    ("unknown output", {"inputs": [tensor("x", "FP32", [1, 2], [1, 2])],
-                        "outputs": [{"name": "nope"}]}, "unexpected inference output"),
+    (
+        "unknown output",
+        {"inputs": [tensor("x", "FP32", [1, 2], [1, 2])], "outputs": [{"name": "nope"}]},
+        "unexpected inference output",
+    ),
     ("duplicate input", {"inputs": [tensor("x", "FP32", [1, 2], [1, 2])] * 2}, "more than once"),
     ("no data", {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2]}]}, "no 'data'"),
-    ("huge shape", {"inputs": [tensor("x", "FP32", [10**12, 2], [1, 2])]}, "needs 2000000000000 elements"),
-    ("params not object", {"parameters": [1], "inputs": [tensor("x", "FP32", [1, 2], [1, 2])]},
-     "'parameters' must be a JSON object"),
-    ("binary without header", {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2],
-                                           "parameters": {"binary_data_size": 8}}]},
-     "Inference-Header-Content-Length"),
+    (
+        "huge shape",
+        {"inputs": [tensor("x", "FP32", [10**12, 2], [1, 2])]},
+        "needs 2000000000000 elements",
+    ),
+    (
+        "params not object",
+        {"parameters": [1], "inputs": [tensor("x", "FP32", [1, 2], [1, 2])]},
+        "'parameters' must be a JSON object",
+    ),
+    (
+        "binary without header",
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [1, 2],
+                    "parameters": {"binary_data_size": 8},
+                }
+            ]
+        },
+        "Inference-Header-Content-Length",
+    ),
 ]
 
 
@@ -313,8 +347,7 @@ async def test_large_tensor_json_round_trip(serve: Any) -> None:
 
 
 async def test_models_from_settings_objects(serve: Any) -> None:
-    settings = ModelSettings(name="from-settings", implementation=Doubler,
-                             parallel_workers=0)
+    settings = ModelSettings(name="from-settings", implementation=Doubler, parallel_workers=0)
     async with serve(V2App([settings])) as client:
         body = {"inputs": [tensor("x", "FP32", [1, 2], [1, 1])]}
         r = await client.post("/v2/models/from-settings/infer", json=body)

@@ -34,9 +34,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     }
     log = (tmp_path_factory.mktemp("uvicorn") / "server.log").open("w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "v2mount:app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "v2mount:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"127.0.0.1:{port}"
     try:
@@ -83,8 +95,20 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
     assert client.get_model_metadata("scale", model_version="1")["versions"] == ["1"]
 
 
-NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-           "FP16", "FP32", "FP64"]
+NUMERIC = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+]
 
 
 def _sample(datatype: str) -> np.ndarray:
@@ -92,8 +116,9 @@ def _sample(datatype: str) -> np.ndarray:
     if datatype == "BOOL":
         return rng.random((2, 3)) > 0.5
     if datatype == "BYTES":
-        return np.array([[b"a", b"\xff\x00raw", b""], ["\u00e9t\u00e9".encode(), b"x", b"yz"]],
-                        dtype=object)
+        return np.array(
+            [[b"a", b"\xff\x00raw", b""], ["\u00e9t\u00e9".encode(), b"x", b"yz"]], dtype=object
+        )
     dtype = triton.triton_to_np_dtype(datatype)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
@@ -108,8 +133,9 @@ def test_round_trip_every_datatype(
 ) -> None:
     data = _sample(datatype)
     if datatype == "BYTES" and not binary:
-        data = np.array([[b"a", b"b c", b""], ["\u00e9t\u00e9".encode(), b"x", b"yz"]],
-                        dtype=object)
+        data = np.array(
+            [[b"a", b"b c", b""], ["\u00e9t\u00e9".encode(), b"x", b"yz"]], dtype=object
+        )
     tensor = triton.InferInput("t", list(data.shape), datatype)
     tensor.set_data_from_numpy(data, binary_data=binary)
     output = triton.InferRequestedOutput("t", binary_data=binary)
@@ -132,8 +158,12 @@ def test_default_outputs_are_binary_and_mixed_inputs(client: triton.InferenceSer
     np.testing.assert_array_equal(result.as_numpy("y"), x * 3)
     b = triton.InferInput("x", [2, 3], "FP32")
     b.set_data_from_numpy(x, binary_data=False)
-    result = client.infer("scale", [b], model_version="1",
-                          outputs=[triton.InferRequestedOutput("y", binary_data=False)])
+    result = client.infer(
+        "scale",
+        [b],
+        model_version="1",
+        outputs=[triton.InferRequestedOutput("y", binary_data=False)],
+    )
     np.testing.assert_array_equal(result.as_numpy("y"), x * 3)
 
 

@@ -62,7 +62,9 @@ def encode_response(
         if tensor.name in binary:
             chunk = encode_binary_tensor(tensor.data)
             chunks.append(chunk)
-            parameters["binary_data_size"] = len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+            parameters["binary_data_size"] = (
+                len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+            )
         else:
             entry["data"] = encode_json_data(tensor.data, tensor.name)
         if parameters:

@@ -74,7 +74,9 @@ def array_to_datatype(array: np.ndarray[Any, Any]) -> str:
     try:
         return _KIND_TO_DATATYPE[(kind, array.dtype.itemsize)]
     except KeyError:
-        raise ModelError(f"the model returned an array of unsupported dtype {array.dtype}") from None
+        raise ModelError(
+            f"the model returned an array of unsupported dtype {array.dtype}"
+        ) from None
 
 
 def check_shape(shape: Any, where: str) -> tuple[int, ...]:

@@ -16,7 +16,9 @@ async def read_body(request: Request, limit: int) -> bytes:
         if not declared.isdigit():
             raise BadRequest(f"invalid Content-Length {declared!r}")
         if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+            raise PayloadTooLarge(
+                f"request body of {declared} bytes exceeds the {limit}-byte limit"
+            )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():

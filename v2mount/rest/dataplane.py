@@ -10,16 +10,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-try:  # TEMP until codecs.content lands
-    from v2mount.codecs.content import check_content_types
-except ImportError:
-    def check_content_types(request: object) -> None: return None
 from v2mount.codecs.request import decode_request, parse_header_length
 from v2mount.codecs.response import HEADER_LENGTH, encode_response
 from v2mount.metadata import model_metadata
 from v2mount.rest.body import read_body
 from v2mount.rest.errors import json_response, v2_endpoint
-from v2mount.types import InferenceRequest, InferenceResponse
 
 if TYPE_CHECKING:
     from v2mount.rest.app import V2App
@@ -28,18 +23,6 @@ __all__ = ["dataplane_routes"]
 
 #: Bodies above this size are decoded and encoded in a worker thread, not on the loop.
 THREAD_CODEC_BYTES = 256 * 1024
-
-
-def _decode(body: bytes, header_length: int | None) -> InferenceRequest:
-    request = decode_request(body, header_length)
-    check_content_types(request)
-    return request
-
-
-def _encode(
-    response: InferenceResponse, request: InferenceRequest
-) -> tuple[bytes, dict[str, str]]:
-    return encode_response(response, request)
 
 
 def dataplane_routes(app: V2App) -> list[BaseRoute]:
@@ -96,20 +79,20 @@ def dataplane_routes(app: V2App) -> list[BaseRoute]:
         large = len(body) > THREAD_CODEC_BYTES
         if large:
             payload = await anyio.to_thread.run_sync(
-                _decode, body, header_length, limiter=app.codec_limiter
+                decode_request, body, header_length, limiter=app.codec_limiter
             )
         else:
-            payload = _decode(body, header_length)
+            payload = decode_request(body, header_length)
         decoded = time.perf_counter_ns()
         handle.stats.compute_input.add(decoded - started)
         response = await handle.infer(payload)
         encoding = time.perf_counter_ns()
         if large or any(t.data.nbytes > THREAD_CODEC_BYTES for t in response.outputs):
             content, headers = await anyio.to_thread.run_sync(
-                _encode, response, payload, limiter=app.codec_limiter
+                encode_response, response, payload, limiter=app.codec_limiter
             )
         else:
-            content, headers = _encode(response, payload)
+            content, headers = encode_response(response, payload)
         handle.stats.compute_output.add(time.perf_counter_ns() - encoding)
         return Response(content, headers=headers)
 

@@ -20,7 +20,9 @@ logger = logging.getLogger("v2mount")
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def json_response(document: object, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    document: object, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     return Response(json_dumps(document), status_code, headers, media_type="application/json")
 
 

@@ -86,9 +86,7 @@ def statistics_routes(app: V2App) -> list[BaseRoute]:
                 raise ModelNotFound(f"model {name!r} not found")
         else:
             handles = [app.registry.get(name, version)]
-        return json_response(
-            {"model_stats": [h.stats.as_dict(h.name, h.version) for h in handles]}
-        )
+        return json_response({"model_stats": [h.stats.as_dict(h.name, h.version) for h in handles]})
 
     return [
         Route("/v2/models/stats", statistics, methods=["GET"]),
