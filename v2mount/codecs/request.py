@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from v2mount.codecs.binary import decode_binary_tensor
+from v2mount.codecs.fastjson import load_json
 from v2mount.codecs.tensor import check_shape, datatype_to_dtype, decode_json_data
 from v2mount.errors import BadRequest
 from v2mount.types import InferenceRequest, Parameters, RequestedOutput, Tensor
@@ -57,10 +56,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
     """Decode a whole request body (``header_length`` from ``parse_header_length``)."""
     view = memoryview(body)
     header = view if header_length is None else view[:header_length]
-    try:
-        document = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON in request body: {exc}") from None
+    document = load_json(header)
     if not isinstance(document, dict):
         raise BadRequest("the request body must be a JSON object")
 

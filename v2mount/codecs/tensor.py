@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from v2mount.codecs.fastjson import SimdArray, array_from_simd
 from v2mount.errors import BadRequest, ModelError
 
 __all__ = [
@@ -107,6 +108,15 @@ def decode_json_data(
     """Turn a parsed JSON ``data`` value (flat or nested) into an array of ``shape``."""
     dtype = datatype_to_dtype(datatype)
     expected = math.prod(shape)
+    if isinstance(data, SimdArray):
+        array = array_from_simd(data, dtype)
+        if array is not None:
+            if array.size != expected:
+                raise BadRequest(
+                    f"{where}: shape {list(shape)} needs {expected} elements, data has {array.size}"
+                )
+            return array.reshape(shape)
+        data = data.as_list()
     if not isinstance(data, list):
         data = [data]
     if datatype == "BYTES":
