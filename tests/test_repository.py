@@ -1,0 +1,50 @@
+"""Scanning a model repository folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from v2mount.errors import SettingsError
+from v2mount.repository import ModelRepository, instantiate
+
+
+def write(folder: Path, document: dict[str, object]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model-settings.json").write_text(json.dumps(document))
+
+
+IMPL = "v2mount.demo.models.Identity"
+
+
+def test_names_and_versions_from_folders(tmp_path: Path) -> None:
+    write(tmp_path / "plain", {"implementation": IMPL})
+    write(tmp_path / "named", {"name": "other", "implementation": IMPL})
+    write(tmp_path / "multi" / "1", {"implementation": IMPL})
+    write(tmp_path / "multi" / "2", {"implementation": IMPL})
+    write(tmp_path / "12", {"implementation": IMPL})  # top-level digits: a name
+    found = {(s.name, s.version) for s in ModelRepository(tmp_path).scan()}
+    assert found == {("plain", None), ("other", None), ("multi", "1"), ("multi", "2"), ("12", None)}
+    assert [s.version for s in ModelRepository(tmp_path).find("multi")] == ["1", "2"]
+
+
+def test_duplicate_model_is_an_error(tmp_path: Path) -> None:
+    write(tmp_path / "a", {"name": "same", "implementation": IMPL})
+    write(tmp_path / "b", {"name": "same", "implementation": IMPL})
+    with pytest.raises(SettingsError, match="defined twice"):
+        ModelRepository(tmp_path).scan()
+
+
+def test_missing_folder_and_bad_implementation(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="not a folder"):
+        ModelRepository(tmp_path / "nope")
+    write(tmp_path / "m", {"implementation": "no_such_module.Model"})
+    (settings,) = ModelRepository(tmp_path).scan()
+    with pytest.raises(SettingsError, match="cannot import implementation"):
+        instantiate(settings)
+    write(tmp_path / "m", {"implementation": "json.dumps.__name__"})
+    (settings,) = ModelRepository(tmp_path).scan()
+    with pytest.raises(SettingsError):
+        instantiate(settings)
