@@ -32,7 +32,7 @@ def test_bad_environment_value_names_the_field(monkeypatch: pytest.MonkeyPatch) 
 def test_bad_settings_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "settings.json").write_text("{not json")
     monkeypatch.setenv("V2MOUNT_MODEL_REPOSITORY", str(tmp_path))
-    with pytest.raises(SettingsError, match="settings.json"):
+    with pytest.raises(SettingsError, match=r"settings\.json"):
         load_settings()
 
 
