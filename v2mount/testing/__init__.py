@@ -1,0 +1,40 @@
+"""Testing served models: clients with numpy in and out, and the pytest fixtures.
+
+The pytest plugin (``v2_client``, ``v2_async_client``) is registered by the package's
+``pytest11`` entry point; the pieces it is built from are here for use outside pytest
+or in fixtures of a wider scope::
+
+    with serve(MyModel, parallel_workers=2) as client:
+        client.infer("my-model", {"x": np.ones((2, 4), np.float32)})
+"""
+
+from __future__ import annotations
+
+from v2mount.testing.client import AsyncV2Client, InferResult, V2Client, V2HTTPError
+from v2mount.testing.serving import (
+    LifespanError,
+    ModelsNotReady,
+    Target,
+    build_app,
+    connect,
+    connect_async,
+    run_lifespan,
+    serve,
+    serve_async,
+)
+
+__all__ = [
+    "AsyncV2Client",
+    "InferResult",
+    "LifespanError",
+    "ModelsNotReady",
+    "Target",
+    "V2Client",
+    "V2HTTPError",
+    "build_app",
+    "connect",
+    "connect_async",
+    "run_lifespan",
+    "serve",
+    "serve_async",
+]
