@@ -1,26 +1,66 @@
-"""The metrics one app owns, in its own ``CollectorRegistry`` (never the global one)."""
+"""The metrics one app owns, in its own ``CollectorRegistry`` (never the global one).
+
+Seed metrics carry MLServer's names: ``model_infer_request_success`` / ``_failure``
+(labels ``model``, ``version``), ``batch_request_queue`` and ``parallel_request_queue``
+(read from the models' statistics at scrape time), ``rest_server_requests``,
+``rest_server_requests_duration_seconds`` and ``rest_server_requests_in_progress``
+(labels ``method``, ``path`` = the route template, ``status_code``), plus the inference
+latency and the adaptive batcher's batch sizes. Models add their own through
+``apply_custom``.
+
+Prometheus multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before anything imports
+``prometheus_client``) is honoured when scraping: ``exposition_registry`` then merges the
+files every process wrote, so any of several uvicorn workers answers for all of them.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from v2mount.metrics.custom import MetricUpdate
+from v2mount.metrics.queues import QueueCollector, QueueSource
 
-__all__ = ["AppMetrics"]
+__all__ = ["MULTIPROC_ENV", "AppMetrics"]
 
 logger = logging.getLogger("v2mount.metrics")
 
+#: The environment variable prometheus-client reads (at import) to enable multiprocess mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 _MODEL_LABELS = ("model", "version")
+_REST_LABELS = ("method", "path", "status_code")
+_KINDS: dict[str, type[Counter] | type[Gauge] | type[Histogram]] = {
+    "counter": Counter,
+    "gauge": Gauge,
+    "histogram": Histogram,
+}
 
 
 class AppMetrics:
-    """Seed metrics (MLServer's names) plus custom metrics that models record."""
+    """Seed metrics (MLServer's names) plus custom metrics that models record.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    ``registry`` defaults to a fresh ``CollectorRegistry``: two apps in one process never
+    clash, and the host's global ``REGISTRY`` is untouched unless it is passed here.
+    ``multiprocess_dir`` defaults to ``$PROMETHEUS_MULTIPROC_DIR`` (read, never written).
+    Every method is thread-safe (prometheus-client's metrics are; custom registration
+    takes a lock).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        multiprocess_dir: str | None = None,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = multiprocess_dir or os.environ.get(MULTIPROC_ENV) or None
         self.infer_success = Counter(
             "model_infer_request_success",
             "Successful inference requests",
@@ -46,7 +86,30 @@ class AppMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=self.registry,
         )
+        self.rest_requests = Counter(
+            "rest_server_requests",
+            "REST requests answered, by method, route template and status code",
+            _REST_LABELS,
+            registry=self.registry,
+        )
+        self.rest_duration = Histogram(
+            "rest_server_requests_duration_seconds",
+            "REST request latency, by method, route template and status code",
+            _REST_LABELS,
+            registry=self.registry,
+        )
+        self.rest_in_progress = Gauge(
+            "rest_server_requests_in_progress",
+            "REST requests being answered, by method and route template",
+            ("method", "path"),
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.queues = QueueCollector(registry=self.registry)
         self._custom: dict[str, tuple[str, tuple[str, ...], Any]] = {}
+        self._lock = threading.Lock()
+
+    # -- called by the registry and the REST layer ---------------------------------------
 
     def record_inference(self, model: str, version: str | None, ok: bool, seconds: float) -> None:
         labels = (model, version or "")
@@ -59,6 +122,10 @@ class AppMetrics:
     def observe_batch(self, model: str, version: str | None, rows: int) -> None:
         self.batch_size.labels(model, version or "").observe(rows)
 
+    def track_queues(self, sources: Callable[[], Iterable[QueueSource]]) -> None:
+        """Report the queues of whatever ``sources()`` returns at each scrape."""
+        self.queues.track(sources)
+
     def apply_custom(self, updates: list[MetricUpdate]) -> None:
         """Apply updates a model recorded; a bad one is logged, never raised."""
         for update in updates:
@@ -67,12 +134,27 @@ class AppMetrics:
             except ValueError as exc:
                 logger.warning("custom metric %r rejected: %s", update.name, exc)
 
+    # -- scraping -----------------------------------------------------------------------
+
+    def exposition_registry(self) -> CollectorRegistry:
+        """What ``/metrics`` renders: this app's registry, or in multiprocess mode every
+        process's files merged, plus this process's queue gauges."""
+        if self.multiprocess_dir is None:
+            return self.registry
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        merged.register(self.queues)
+        return merged
+
+    # -- custom metrics -----------------------------------------------------------------
+
     def _apply(self, update: MetricUpdate) -> None:
         labelnames = tuple(name for name, _ in update.labels)
-        entry = self._custom.get(update.name)
-        if entry is None:
-            entry = (update.kind, labelnames, self._register(update, labelnames))
-            self._custom[update.name] = entry
+        with self._lock:
+            entry = self._custom.get(update.name)
+            if entry is None:
+                entry = (update.kind, labelnames, self._register(update, labelnames))
+                self._custom[update.name] = entry
         kind, known_labels, metric = entry
         if kind != update.kind or known_labels != labelnames:
             raise ValueError(f"already registered as a {kind} with labels {list(known_labels)}")
@@ -85,11 +167,10 @@ class AppMetrics:
             child.observe(update.value)
 
     def _register(self, update: MetricUpdate, labelnames: tuple[str, ...]) -> Any:
-        kind = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}[update.kind]
         kwargs: dict[str, Any] = {}
         if update.kind == "histogram" and update.buckets is not None:
             kwargs["buckets"] = update.buckets
-        return kind(
+        return _KINDS[update.kind](
             update.name,
             update.documentation or f"custom metric {update.name}",
             labelnames,

@@ -8,12 +8,16 @@ app's metrics registry applies them. So a worker process needs no prometheus sta
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
 __all__ = ["CustomMetrics", "MetricUpdate"]
 
 Kind = Literal["counter", "gauge", "histogram"]
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 class MetricUpdate(NamedTuple):
@@ -26,7 +30,14 @@ class MetricUpdate(NamedTuple):
 
 
 class CustomMetrics:
-    """Records metric updates from model code; never touches prometheus itself."""
+    """Records metric updates from model code; never touches prometheus itself.
+
+    Names are checked here, so a typo raises ``ValueError`` in the model's own code
+    (in its worker process too) instead of a warning in the server's log. A name first
+    used as one kind with one set of label names keeps them: a later conflicting update
+    is dropped with a warning when the app applies it. Not thread-safe: a model records
+    from the thread that runs its ``load``/``predict``.
+    """
 
     def __init__(self) -> None:
         self._updates: list[MetricUpdate] = []
@@ -40,7 +51,12 @@ class CustomMetrics:
         labels: Mapping[str, str] | None,
         buckets: Sequence[float] | None = None,
     ) -> None:
+        if not _METRIC_NAME.fullmatch(name):
+            raise ValueError(f"invalid metric name {name!r}")
         label_items = tuple(sorted((str(k), str(v)) for k, v in (labels or {}).items()))
+        for label, _ in label_items:
+            if not _LABEL_NAME.fullmatch(label) or label.startswith("__"):
+                raise ValueError(f"invalid label name {label!r} for metric {name!r}")
         self._updates.append(
             MetricUpdate(
                 kind,

@@ -20,8 +20,10 @@ from v2mount.model import Model
 from v2mount.registry import ModelHandle, ModelRegistry, ModelState, version_key
 from v2mount.repository import ModelRepository, instantiate
 from v2mount.rest.dataplane import dataplane_routes
+from v2mount.rest.docs import docs_routes
 from v2mount.rest.errors import http_exception_handler
 from v2mount.rest.extensions import repository_routes, statistics_routes
+from v2mount.rest.metrics import RestMetricsMiddleware, metrics_routes
 from v2mount.settings import ModelSettings, Settings, load_settings
 
 __all__ = ["V2App"]
@@ -62,11 +64,13 @@ class V2App:
         self._started = False
         self._starting: anyio.Event | None = None
         self._stopping = False
-        self._router = Starlette(
+        router = Starlette(
             routes=self.routes(),
             exception_handlers={HTTPException: http_exception_handler},
             lifespan=self._lifespan,
         )
+        self._router = RestMetricsMiddleware(router, self.metrics, router.routes)
+        self.metrics.track_queues(self.registry.handles)
 
     def _add(self, model: Model) -> ModelHandle:
         handle = ModelHandle(model, self.settings, self.metrics)
@@ -76,6 +80,7 @@ class V2App:
     def routes(self) -> list[BaseRoute]:
         """Every route this app answers, relative to its mount point."""
         routes = [*statistics_routes(self), *repository_routes(self), *dataplane_routes(self)]
+        routes += [*docs_routes(self), *metrics_routes(self)]
         return routes
 
     def extensions(self) -> list[str]:

@@ -1,0 +1,90 @@
+"""``/metrics`` and the REST metrics middleware (count, latency, in progress per route).
+
+Requests are labelled by the *template* of the route that serves them
+(``/v2/models/{name}/infer``), never by the raw path, so model names in URLs cannot
+explode the label set. A path no route matches is labelled ``<unmatched>``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from v2mount.metrics.app import AppMetrics
+from v2mount.metrics.exposition import metrics_endpoint
+
+if TYPE_CHECKING:
+    from v2mount.rest.app import V2App
+
+__all__ = ["UNMATCHED", "RestMetricsMiddleware", "metrics_routes"]
+
+#: The ``path`` label of a request that no route matched.
+UNMATCHED = "<unmatched>"
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def metrics_routes(app: V2App) -> list[BaseRoute]:
+    """``GET {settings.metrics_path}``, or nothing when the path is ``None``."""
+    path = app.settings.metrics_path
+    if path is None:
+        return []
+    return [Route(path, metrics_endpoint(app.metrics), methods=["GET"], name="metrics")]
+
+
+class RestMetricsMiddleware:
+    """Pure ASGI middleware counting and timing every HTTP request of ``app``.
+
+    ``routes`` are the routes ``app`` dispatches to (in order); the first that fully
+    matches names the request, else the first that matches the path with another
+    method (Starlette answers 405), else ``<unmatched>``. The status is the one sent in
+    ``http.response.start``, or 500 when the app raised before sending any; a cancelled
+    request (client gone) is still counted and timed, with the status sent so far.
+    Methods outside the standard ones are labelled ``OTHER``. Other scope types pass
+    through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: AppMetrics, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    def template(self, scope: Scope) -> str:
+        partial: str | None = None
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return getattr(route, "path", UNMATCHED)
+            if match is Match.PARTIAL and partial is None:
+                partial = getattr(route, "path", UNMATCHED)
+        return partial if partial is not None else UNMATCHED
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method: str = scope["method"] if scope["method"] in _METHODS else "OTHER"
+        path = self.template(scope)
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        in_progress = self.metrics.rest_in_progress.labels(method, path)
+        in_progress.inc()
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - start
+            in_progress.dec()
+            labels = (method, path, str(status))
+            self.metrics.rest_requests.labels(*labels).inc()
+            self.metrics.rest_duration.labels(*labels).observe(elapsed)
