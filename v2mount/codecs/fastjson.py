@@ -61,7 +61,7 @@ def load_json(text: bytes | memoryview) -> Any:
             raise BadRequest(f"malformed JSON in request body: {exc}") from None
     try:
         document = simdjson.Parser().parse(bytes(text))
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: nesting too deep
         raise BadRequest(f"malformed JSON in request body: {exc}") from None
     if not isinstance(document, simdjson.Object):
         return _plain(document)
@@ -95,5 +95,8 @@ def array_from_simd(data: Any, dtype: np.dtype[Any]) -> np.ndarray[Any, Any] | N
         info = np.iinfo(dtype)
         if array.min() < info.min or array.max() > info.max:
             return None
-    with np.errstate(over="ignore"):
-        return array.astype(dtype)
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            return array.astype(dtype)
+    except FloatingPointError:
+        return None

@@ -130,8 +130,9 @@ def decode_json_data(
         array[:] = items
         return array.reshape(shape)
     try:
-        array = np.array(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
+        with np.errstate(over="raise", invalid="raise"):
+            array = np.array(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
         raise BadRequest(f"{where}: data is not valid {datatype}: {exc}") from None
     if array.size != expected:
         raise BadRequest(
