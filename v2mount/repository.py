@@ -22,10 +22,8 @@ __all__ = ["ModelRepository", "import_implementation", "instantiate"]
 
 def import_implementation(path: str) -> type[Model]:
     """Import ``"package.module.Class"`` (MLServer runtime names map to ours)."""
-    try:  # TEMP until runtimes land
-        from v2mount.runtimes import ALIASES
-    except ImportError:
-        ALIASES = {}
+    from v2mount.runtimes import ALIASES
+
     target = ALIASES.get(path, path)
     module_name, _, attr = target.rpartition(".")
     if not module_name:
