@@ -11,6 +11,7 @@ same for synchronous code, through an anyio blocking portal. ``connect`` and
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -27,6 +28,9 @@ from v2mount.model import Model
 from v2mount.rest.app import V2App
 from v2mount.settings import ModelSettings, Settings, load_settings
 from v2mount.testing.client import AsyncV2Client, V2Client
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
     "LifespanError",
@@ -173,19 +177,39 @@ async def run_lifespan(app: ASGIApp) -> AsyncIterator[dict[str, Any]]:
             raise errors[0]
         raise LifespanError(f"{expected} failed: {message.get('message', message['type'])}")
 
-    async with anyio.create_task_group() as tg, to_app, from_app:
-        tg.start_soon(run)
-        await to_app.send({"type": "lifespan.startup"})
-        await reply("lifespan.startup")
-        try:
-            yield state
-        finally:
-            with anyio.CancelScope(shield=True):
-                await to_app.send({"type": "lifespan.shutdown"})
-                await reply("lifespan.shutdown")
-                await finished.wait()
-        if errors:
-            raise errors[0]
+    try:
+        async with anyio.create_task_group() as tg, to_app, from_app:
+            tg.start_soon(run)
+            await to_app.send({"type": "lifespan.startup"})
+            await reply("lifespan.startup")
+            try:
+                yield state
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await to_app.send({"type": "lifespan.shutdown"})
+                    await reply("lifespan.shutdown")
+                    await finished.wait()
+            if errors:
+                raise errors[0]
+    except BaseExceptionGroup as group:
+        # The task group wraps whatever crosses it (trio's strict groups wrap even the
+        # block's own error); hand back the one error there is, as itself.
+        sole = _sole(group)
+        if sole is None:
+            raise
+        raise sole from sole.__cause__
+
+
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else None
 
 
 def _with_state(app: ASGIApp, state: dict[str, Any]) -> ASGIApp:
