@@ -106,6 +106,9 @@ class OnnxModel(FrameworkModel):
 
     def _feed(self, payload: InferenceRequest) -> dict[str, Any]:
         given = set(payload)
+        missing = [name for name in self._inputs if name not in given]
+        if missing:
+            raise BadRequest(f"missing inference input(s) {missing}")
         unexpected = sorted(given - set(self._inputs))
         if unexpected:
             raise BadRequest(
@@ -113,8 +116,6 @@ class OnnxModel(FrameworkModel):
             )
         feed: dict[str, Any] = {}
         for name, spec in self._inputs.items():
-            if name not in given:
-                raise BadRequest(f"missing inference input {name!r}")
             tensor = payload.input(name)
             if tensor.datatype != spec.datatype:
                 raise BadRequest(

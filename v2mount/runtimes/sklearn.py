@@ -50,11 +50,10 @@ class SKLearnModel(FrameworkModel):
 
     ``load`` reads the file with joblib (``model.joblib``, ``model.pickle`` or
     ``model.pkl`` when ``parameters.uri`` is a folder) and declares the outputs the
-    estimator has. Each ``predict`` call limits BLAS/OpenMP pools to
-    ``threads_per_worker`` threads (threadpoolctl), restoring them afterwards; those
-    pools are process-wide, so with ``parallel_workers: 0`` the limit holds for the
-    whole host process while a call runs. Only load a file you trust: unpickling runs
-    code.
+    estimator has. scikit-learn's native threads (BLAS, OpenMP) are process-wide: in a
+    worker process the pool sizes them to ``threads_per_worker``; in-process
+    (``parallel_workers: 0``) they are the host's and left alone. Only load a file you
+    trust: unpickling runs code.
     """
 
     platform = "sklearn"
@@ -62,14 +61,12 @@ class SKLearnModel(FrameworkModel):
 
     def load(self) -> None:
         joblib = import_extra("joblib", "sklearn")
-        threadpoolctl = import_extra("threadpoolctl", "sklearn")
         self._estimator = joblib.load(self.model_path())
         self._methods = [m for m in METHODS if callable(getattr(self._estimator, m, None))]
         if not self._methods:
             raise TypeError(
                 f"{type(self._estimator).__name__} has none of the methods {', '.join(METHODS)}"
             )
-        self._controller = threadpoolctl.ThreadpoolController()
         unknown = [s.name for s in self.settings.outputs if s.name not in self._methods]
         if unknown:
             raise SettingsError(
@@ -83,8 +80,7 @@ class SKLearnModel(FrameworkModel):
         names = self.wanted_outputs(payload, self._methods)
         features = decode_request(payload, self.settings, default="np")
         values: dict[str, Any] = {}
-        with self._controller.limit(limits=self.threads):
-            for name in names:
-                result = getattr(self._estimator, name)(features)
-                values[name] = result.toarray() if hasattr(result, "toarray") else result
+        for name in names:
+            result = getattr(self._estimator, name)(features)
+            values[name] = result.toarray() if hasattr(result, "toarray") else result
         return self.respond(payload, values)
