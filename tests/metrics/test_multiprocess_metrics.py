@@ -1,0 +1,98 @@
+"""Several uvicorn workers with prometheus-client's multiprocess mode: any worker's
+``/metrics`` answers for all of them.
+
+Multiprocess mode is process-global (``PROMETHEUS_MULTIPROC_DIR`` must be set before
+``prometheus_client`` is imported), so the server runs in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+HERE = Path(__file__).parent
+REQUESTS = 20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def fresh_get(url: str) -> httpx.Response:
+    """A request on a new connection, so the kernel may hand it to either worker."""
+    with httpx.Client() as client:
+        return client.get(url)
+
+
+def values(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+@pytest.mark.slow
+def test_every_worker_reports_the_total(tmp_path: Path) -> None:
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "uvicorn.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn", "--factory", "multiproc_server:create",
+                "--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port),
+                "--workers", "2",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        for _ in range(600):
+            assert process.poll() is None, log.read_text()
+            try:
+                if fresh_get(base + "/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
+        for _ in range(REQUESTS):
+            with httpx.Client() as client:
+                assert client.post(base + "/v2/models/doubler/infer", json=body).status_code == 200
+        scrapes = [values(fresh_get(base + "/metrics").text) for _ in range(4)]
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    model = frozenset({("model", "doubler"), ("version", "")})
+    infer = frozenset(
+        {("method", "POST"), ("path", "/v2/models/{name}/infer"), ("status_code", "200")}
+    )
+    for scraped in scrapes:
+        assert scraped[("model_infer_request_success_total", model)] == REQUESTS
+        assert scraped[("rest_server_requests_total", infer)] == REQUESTS
+        assert scraped[("rest_server_requests_duration_seconds_count", infer)] == REQUESTS
+        assert scraped[("rows_served_total", frozenset())] == REQUESTS
+        assert ("parallel_request_queue", model) in scraped  # the answering worker's queue
+        # a custom gauge is kept per worker: one series per process that served
+        seen = [dict(labels) for name, labels in scraped if name == "worker_seen"]
+        assert seen and all(set(labels) == {"pid"} for labels in seen)
+    assert list(directory.glob("counter_*.db"))
