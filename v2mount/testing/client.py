@@ -76,7 +76,9 @@ class InferResult:
         return self.outputs[name]
 
 
-def _input_array(name: str, value: Any) -> tuple[np.ndarray[Any, Any], str]:
+def _input_array(
+    name: str, value: Any, declared: str | None
+) -> tuple[np.ndarray[Any, Any], str]:
     try:
         if isinstance(value, Tensor):
             data = value.data
@@ -84,6 +86,10 @@ def _input_array(name: str, value: Any) -> tuple[np.ndarray[Any, Any], str]:
                 data = np.asarray(data, dtype=datatype_to_dtype(value.datatype))
             return to_output_array(data, name), value.datatype
         array = to_output_array(value, name)
+        if declared is not None and declared != "BYTES" and array.dtype.kind != "O":
+            target = datatype_to_dtype(declared)
+            if array.dtype != target and np.can_cast(array.dtype, target, "same_kind"):
+                array = array.astype(target)
         return array, array_to_datatype(array)
     except V2MountError as exc:
         raise TypeError(f"input {name!r}: {exc.message}") from None
@@ -96,14 +102,19 @@ def _encode_request(
     parameters: Mapping[str, Any] | None = None,
     id: str | None = None,
     binary: bool = False,
+    declared: Mapping[str, str] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """The body and headers of an inference request (JSON, or binary when asked)."""
+    """The body and headers of an inference request (JSON, or binary when asked).
+
+    ``declared`` maps input names to the model's datatypes: arrays of another dtype of
+    the same kind (float64 for FP32, int64 for INT32) are cast to them.
+    """
     if not inputs:
         raise ValueError("an inference request needs at least one input")
     entries: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
     for name, value in inputs.items():
-        array, datatype = _input_array(name, value)
+        array, datatype = _input_array(name, value, (declared or {}).get(name))
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
             chunk = encode_binary_tensor(array)
@@ -185,6 +196,7 @@ class AsyncV2Client:
             raise ValueError(f"prefix {prefix!r} must start with '/' and not end with '/'")
         self.http = http
         self.prefix = prefix
+        self._declared: dict[tuple[str, str | None], dict[str, str]] = {}
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Any request, ``path`` relative to the prefix (``"/v2/models/m"``)."""
@@ -219,6 +231,16 @@ class AsyncV2Client:
         """The repository extension's index: a list of name/version/state/reason."""
         return await self._json("POST", "/v2/repository/index", json={"ready": ready})
 
+    async def _declared_inputs(self, model: str, version: str | None) -> dict[str, str]:
+        key = (model, version)
+        if key not in self._declared:
+            response = await self.get(_model_path(model, version))
+            if response.status_code != 200:
+                return {}
+            specs = orjson.loads(response.content).get("inputs") or []
+            self._declared[key] = {spec["name"]: spec["datatype"] for spec in specs}
+        return self._declared[key]
+
     async def infer(
         self,
         model: str,
@@ -229,14 +251,19 @@ class AsyncV2Client:
         parameters: Mapping[str, Any] | None = None,
         id: str | None = None,
         binary: bool = False,
+        cast: bool = True,
     ) -> InferResult:
         """Infer with numpy arrays (or array-likes, or ``Tensor`` for an explicit datatype).
 
-        Each input's datatype follows its dtype (str and bytes arrays are BYTES).
+        Each input's datatype follows its dtype (str and bytes arrays are BYTES). With
+        ``cast``, an array whose dtype is of the same kind as the datatype the model
+        declares is cast to it (``np.ones((2, 4))`` goes as FP32 to an FP32 input; the
+        metadata is read once per model); a ``Tensor`` is sent as it is.
         ``binary=True`` sends and receives raw tensor bytes (the binary extension).
         """
+        declared = await self._declared_inputs(model, version) if cast else None
         body, headers = _encode_request(
-            inputs, outputs=outputs, parameters=parameters, id=id, binary=binary
+            inputs, outputs=outputs, parameters=parameters, id=id, binary=binary, declared=declared
         )
         response = await self.post(
             _model_path(model, version) + "/infer", content=body, headers=headers
@@ -293,6 +320,7 @@ class V2Client:
         parameters: Mapping[str, Any] | None = None,
         id: str | None = None,
         binary: bool = False,
+        cast: bool = True,
     ) -> InferResult:
         """See ``AsyncV2Client.infer``."""
         return self.portal.call(
@@ -304,5 +332,6 @@ class V2Client:
                 parameters=parameters,
                 id=id,
                 binary=binary,
+                cast=cast,
             )
         )
