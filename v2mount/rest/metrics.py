@@ -7,10 +7,12 @@ explode the label set. A path no route matches is labelled ``<unmatched>``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +27,7 @@ __all__ = ["UNMATCHED", "RestMetricsMiddleware", "metrics_routes"]
 #: The ``path`` label of a request that no route matched.
 UNMATCHED = "<unmatched>"
 
+_GROUP = re.compile(r"\(\?P<\w+>")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -34,6 +37,15 @@ def metrics_routes(app: V2App) -> list[BaseRoute]:
     if path is None:
         return []
     return [Route(path, metrics_endpoint(app.metrics), methods=["GET"], name="metrics")]
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below ``root_path``, as Starlette's routing computes it."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path) and path[len(root_path) :][:1] in ("/", ""):
+        return path[len(root_path) :]
+    return path
 
 
 class RestMetricsMiddleware:
@@ -51,9 +63,36 @@ class RestMetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: AppMetrics, routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.metrics = metrics
-        self.routes = routes
+        self.routes = list(routes)
+        # One regex for all routes (one match per request, not one per route): each
+        # route's own regex, its named groups made anonymous, wrapped in a group r<i>.
+        self._plain = all(isinstance(route, Route) for route in self.routes)
+        # Labelled children by label values (a bounded set: methods x templates x
+        # statuses), so a request skips prometheus-client's label lookup and its lock.
+        self._in_progress: dict[tuple[str, str], Gauge] = {}
+        self._answered: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._regex = re.compile(
+            "|".join(
+                f"(?P<r{i}>{_GROUP.sub('(?:', route.path_regex.pattern)})"
+                for i, route in enumerate(self.routes)
+                if isinstance(route, Route)
+            )
+        )
 
     def template(self, scope: Scope) -> str:
+        """The template of the route that answers ``scope``, or ``<unmatched>``."""
+        if not self._plain or not self.routes:
+            return self._scan(scope)
+        match = self._regex.match(_route_path(scope))
+        if match is None or match.lastgroup is None:
+            return UNMATCHED
+        route = self.routes[int(match.lastgroup[1:])]
+        assert isinstance(route, Route)
+        if route.methods is None or scope["method"] in route.methods:
+            return route.path
+        return self._scan(scope)  # a 405 here, or the same path with another method later
+
+    def _scan(self, scope: Scope) -> str:
         partial: str | None = None
         for route in self.routes:
             match, _ = route.matches(scope)
@@ -77,7 +116,10 @@ class RestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        in_progress = self.metrics.rest_in_progress.labels(method, path)
+        in_progress = self._in_progress.get((method, path))
+        if in_progress is None:
+            in_progress = self.metrics.rest_in_progress.labels(method, path)
+            self._in_progress[(method, path)] = in_progress
         in_progress.inc()
         start = time.perf_counter()
         try:
@@ -85,6 +127,13 @@ class RestMetricsMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             in_progress.dec()
-            labels = (method, path, str(status))
-            self.metrics.rest_requests.labels(*labels).inc()
-            self.metrics.rest_duration.labels(*labels).observe(elapsed)
+            children = self._answered.get((method, path, status))
+            if children is None:
+                labels = (method, path, str(status))
+                children = (
+                    self.metrics.rest_requests.labels(*labels),
+                    self.metrics.rest_duration.labels(*labels),
+                )
+                self._answered[(method, path, status)] = children
+            children[0].inc()
+            children[1].observe(elapsed)
