@@ -1,0 +1,209 @@
+"""The worker process: everything here is called in the child.
+
+A worker limits native thread pools, unpickles the model (dill bytes made by the parent),
+loads it once, then answers one framed request at a time until its pipe reaches EOF (the
+pool closed it, or the parent died). Its stdout and stderr are the pool's pipes; its log
+records travel as frames on the request pipe. It unlinks its arena if it finds itself
+orphaned, so even a SIGKILLed parent leaves no process and no shared memory behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import inspect
+import io
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from multiprocess.connection import Connection
+
+from v2mount.errors import V2MountError
+from v2mount.model import Model, build_response
+from v2mount.pool._ipc import (
+    Arena,
+    decode,
+    encode,
+    error_to_wire,
+    request_from_wire,
+    response_to_wire,
+    unlink_quietly,
+)
+from v2mount.pool._shipping import ModelPackage, unpack_model
+
+__all__ = ["THREAD_VARIABLES", "WorkerSpec", "worker_main"]
+
+#: Environment variables that size native thread pools, set in the worker only.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_ORPHAN_CHECK_SECONDS = 1.0
+
+logger = logging.getLogger("v2mount.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs besides its pipes and the model bytes."""
+
+    worker_id: int
+    parent_pid: int
+    arena_path: str | None
+    shm_threshold: int
+    threads: int | None
+    log_level: int
+
+
+class _Link:
+    """The worker's end of the request pipe; sends are locked (log records come from any thread)."""
+
+    def __init__(self, conn: Connection, arena: Arena | None, threshold: int) -> None:
+        self.conn = conn
+        self.arena = arena
+        self.threshold = threshold
+        self._lock = threading.Lock()
+
+    def send(self, message: tuple[Any, ...], *, shared: bool = False) -> None:
+        frame = encode(message, self.arena if shared else None, self.threshold)
+        with self._lock:
+            self.conn.send_bytes(frame)
+
+
+class _ForwardHandler(logging.Handler):
+    """Sends each log record of the worker to the parent as a ``log`` frame."""
+
+    def __init__(self, link: _Link) -> None:
+        super().__init__()
+        self._link = link
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text = f"{text}\n{logging.Formatter().formatException(record.exc_info)}"
+            self._link.send(("log", record.levelno, record.name, text))
+        except Exception:
+            self.handleError(record)
+
+
+def _limit_threads(threads: int | None) -> None:
+    """Size native thread pools: environment for libraries loaded later, threadpoolctl now."""
+    if threads is None:
+        return
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=threads)
+
+
+def _watch_parent(parent_pid: int, arena_path: str | None) -> None:
+    """Exit if the parent died while this worker was busy (its pipe EOF comes only when idle)."""
+    while True:
+        time.sleep(_ORPHAN_CHECK_SECONDS)
+        if os.getppid() != parent_pid:
+            if arena_path is not None:
+                unlink_quietly(arena_path)
+            os._exit(0)
+
+
+class _Runner:
+    """Runs the model's (plain or async) methods; async ones share one loop for life."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self, method: Callable[..., Any], *args: Any) -> Any:
+        result = method(*args)
+        if inspect.isawaitable(result):
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            result = self._loop.run_until_complete(result)
+        return result
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+
+
+def _serve(link: _Link, runner: _Runner) -> None:
+    model = runner.model
+    while True:
+        try:
+            frame = link.conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        seq, wire = decode(frame, link.arena)
+        try:
+            request = request_from_wire(wire)
+            response = build_response(model, request, runner.run(model.predict, request))
+            reply: tuple[Any, ...] = ("result", seq, response_to_wire(response))
+        except Exception as exc:
+            if not isinstance(exc, V2MountError):
+                logger.exception("predict raised")
+            reply = ("error", seq, error_to_wire(exc))
+        reply = (*reply, model.metrics.drain())
+        try:
+            link.send(reply, shared=True)
+        except (OSError, EOFError):
+            return
+        except Exception as exc:  # the result itself would not pickle
+            link.send(("error", seq, error_to_wire(exc), reply[-1]))
+
+
+def worker_main(
+    conn: Connection,
+    stdout: Connection,
+    stderr: Connection,
+    package: ModelPackage,
+    spec: WorkerSpec,
+) -> None:
+    """Entry point of the worker process (called in the child)."""
+    os.dup2(stdout.fileno(), 1)
+    os.dup2(stderr.fileno(), 2)
+    stdout.close()
+    stderr.close()
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
+    faulthandler.enable()
+    # The parent decides when workers stop: Ctrl-C reaches the whole process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _limit_threads(spec.threads)
+
+    arena = Arena.attach(spec.arena_path) if spec.arena_path else None
+    link = _Link(conn, arena, spec.shm_threshold)
+    root = logging.getLogger()
+    root.handlers[:] = [_ForwardHandler(link)]
+    root.setLevel(spec.log_level)
+    threading.Thread(
+        target=_watch_parent, args=(spec.parent_pid, spec.arena_path), daemon=True
+    ).start()
+
+    runner: _Runner | None = None
+    try:
+        try:
+            model = unpack_model(package)
+            runner = _Runner(model)
+            runner.run(model.load)
+        except Exception as exc:
+            logger.error("loading the model failed", exc_info=True)
+            drained = runner.model.metrics.drain() if runner is not None else []
+            link.send(("load_failed", str(exc) or type(exc).__name__, drained))
+            return
+        link.send(("ready", model.metrics.drain()))
+        _serve(link, runner)
+    finally:
+        if runner is not None:
+            runner.close()
+        if arena is not None:
+            # The parent unlinks it too; doing it here covers a parent that died.
+            arena.close()
+            arena.unlink()
