@@ -16,6 +16,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from v2mount import InferenceRequest, Model, V2App, V2Middleware
+from v2mount.errors import SettingsError
 from v2mount.metrics import metrics_endpoint
 from v2mount.rest.metrics import UNMATCHED
 
@@ -226,8 +227,11 @@ async def test_metrics_path_is_configurable_and_can_be_off(serve: Any, scrape: A
         assert m.value(
             "rest_server_requests_total", method="GET", path=UNMATCHED, status_code="404"
         ) == 1
-    async with serve(make_app(metrics_path=None)) as client:
-        assert (await client.get("/metrics")).status_code == 404
+    for off in (None, ""):
+        async with serve(make_app(metrics_path=off)) as client:
+            assert (await client.get("/metrics")).status_code == 404
+    with pytest.raises(SettingsError, match="must start with '/'"):
+        make_app(metrics_path="metrics")
 
 
 async def test_openmetrics_and_gzip_on_request(serve: Any) -> None:

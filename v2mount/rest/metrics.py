@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from v2mount.errors import SettingsError
 from v2mount.metrics.app import AppMetrics
 from v2mount.metrics.exposition import metrics_endpoint
 
@@ -32,10 +33,13 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 def metrics_routes(app: V2App) -> list[BaseRoute]:
-    """``GET {settings.metrics_path}``, or nothing when the path is ``None``."""
+    """``GET {settings.metrics_path}``; nothing when the path is ``None`` or empty (the
+    way to turn it off from the environment: ``V2MOUNT_METRICS_PATH=``)."""
     path = app.settings.metrics_path
-    if path is None:
+    if not path:
         return []
+    if not path.startswith("/"):
+        raise SettingsError(f"metrics_path {path!r} must start with '/'")
     return [Route(path, metrics_endpoint(app.metrics), methods=["GET"], name="metrics")]
 
 
