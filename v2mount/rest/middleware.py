@@ -53,16 +53,20 @@ class V2Middleware:
     this one (so outside it: auth, CORS, logging) applies to the OIP routes too.
 
     Give the arguments of ``V2App`` (``models``, ``repository``, ``settings``, setting
-    overrides), or a ready ``v2app``. The host's lifespan, which Starlette and FastAPI
-    pass through their middleware, starts the models once the host's own start-up is
-    complete, and stops them (shielded from cancellation) when the host's shutdown
-    completes or fails, or its lifespan ends any other way. Without a lifespan, models
-    start on the first OIP request.
+    overrides), or a ready ``v2app``. (``app`` is positional-only so that type checkers
+    accept ``Middleware(V2Middleware, **options)`` and ``add_middleware``.)
+
+    The host's lifespan, which Starlette and FastAPI pass through their middleware,
+    starts the models once the host's own start-up is complete, and stops them
+    (shielded from cancellation) when the host's shutdown completes or fails, or its
+    lifespan ends any other way. Without a lifespan, models start on the first OIP
+    request.
     """
 
     def __init__(
         self,
         app: ASGIApp,
+        /,
         models: Sequence[Model | ModelSettings] = (),
         *,
         prefix: str = "",
