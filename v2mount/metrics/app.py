@@ -142,7 +142,7 @@ class AppMetrics:
         if self.multiprocess_dir is None:
             return self.registry
         merged = CollectorRegistry()
-        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
         merged.register(self.queues)
         return merged
 

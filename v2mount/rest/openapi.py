@@ -385,7 +385,7 @@ def _methods(route: Route) -> list[str]:
 
 def documented_operations(routes: Sequence[BaseRoute]) -> list[tuple[str, str, Route]]:
     """``(method, OpenAPI path, route)`` for every route that belongs in the schema."""
-    found = []
+    found: list[tuple[str, str, Route]] = []
     for route in routes:
         if isinstance(route, Route) and route.include_in_schema:
             path = _PARAM.sub(r"{\1}", route.path)
