@@ -73,6 +73,10 @@ def request(request_id: str = "r", **params: Any) -> InferenceRequest:
     )
 
 
+def ignore(updates: list[MetricUpdate]) -> None:
+    """A metrics sink for pools whose updates no test reads."""
+
+
 def our_arenas(pid: int | None = None) -> set[str]:
     """The shared-memory arenas the pools of process ``pid`` (this one by default) hold."""
     prefix = f"v2mount-{pid or os.getpid()}-"
@@ -122,13 +126,13 @@ def echo(sink: list[MetricUpdate]) -> Iterator[WorkerPool]:
 
 @pytest.fixture(scope="module")
 def sleepy() -> Iterator[WorkerPool]:
-    pool = WorkerPool(Sleepy(), 1, max_queue_size=1, metrics_sink=list, hard_timeout=2.0)
+    pool = WorkerPool(Sleepy(), 1, max_queue_size=1, metrics_sink=ignore, hard_timeout=2.0)
     yield from started(pool)
 
 
 @pytest.fixture(scope="module")
 def crashy() -> Iterator[WorkerPool]:
-    yield from started(WorkerPool(Echo(), 2, max_queue_size=64, metrics_sink=list))
+    yield from started(WorkerPool(Echo(), 2, max_queue_size=64, metrics_sink=ignore))
 
 
 def seconds(value: float) -> InferenceRequest:
@@ -203,7 +207,7 @@ async def test_native_threads_are_limited_in_the_worker_only(echo: WorkerPool) -
 
 async def test_async_model_keeps_one_loop_and_stop_leaves_nothing() -> None:
     before = our_arenas()
-    pool = WorkerPool(AsyncDouble(), 1, max_queue_size=4, metrics_sink=list)
+    pool = WorkerPool(AsyncDouble(), 1, max_queue_size=4, metrics_sink=ignore)
     await pool.start()
     pids = pool.pids()
     assert pool.ready and pool.reason is None and len(pids) == 1
@@ -348,7 +352,7 @@ async def test_a_stuck_worker_is_killed_after_the_hard_timeout(sleepy: WorkerPoo
 )
 async def test_load_failure_is_reported_without_hanging(model: Any, reason: str) -> None:
     before = our_arenas()
-    pool = WorkerPool(model, 2, max_queue_size=4, metrics_sink=list)
+    pool = WorkerPool(model, 2, max_queue_size=4, metrics_sink=ignore)
     with anyio.fail_after(60), pytest.raises(ModelNotReady, match=reason):
         await pool.start()
     assert not pool.ready and reason in (pool.reason or "")
@@ -359,7 +363,7 @@ async def test_load_failure_is_reported_without_hanging(model: Any, reason: str)
 
 
 async def test_stop_fails_queued_requests_and_lets_running_ones_finish() -> None:
-    pool = WorkerPool(Sleepy(), 1, max_queue_size=4, metrics_sink=list)
+    pool = WorkerPool(Sleepy(), 1, max_queue_size=4, metrics_sink=ignore)
     await pool.start()
     outcomes: list[Any] = []
 
@@ -398,7 +402,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
                     return payload["x"]
 
             async def main():
-                pool = WorkerPool(MainModel(), 2, max_queue_size=4, metrics_sink=list)
+                pool = WorkerPool(MainModel(), 2, max_queue_size=4, metrics_sink=lambda _: None)
                 await pool.start()
                 x = np.ones(1 << 18, np.float32)
                 answer = await pool.infer(InferenceRequest([Tensor("x", "FP32", x.shape, x)]))

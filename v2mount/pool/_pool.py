@@ -373,9 +373,7 @@ class WorkerPool:
     def _spawn(self, *, initial: bool = False) -> None:
         assert self._package is not None and self._selector is not None
         worker_id = next(self._worker_ids)
-        arena = None
-        if self._shm_threshold > 0:
-            arena = Arena.create(f"v2mount-{os.getpid()}-{worker_id}")
+        arena = Arena.create(f"v2mount-{os.getpid()}-{worker_id}")
         spec = WorkerSpec(
             worker_id=worker_id,
             parent_pid=os.getpid(),
@@ -548,7 +546,7 @@ class WorkerPool:
         if job is not None:
             self._resolve([job], self._broken(worker, how, stopping))
         if worker.loaded:
-            if not stopping:
+            if not stopping and threading.main_thread().is_alive():
                 logger.warning(
                     "worker %d of model %r (pid %d) %s; replacing it",
                     worker.id,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import multiprocess
 from multiprocess.connection import Connection
 
 from v2mount.errors import V2MountError
@@ -176,6 +177,9 @@ def worker_main(
     faulthandler.enable()
     # The parent decides when workers stop: Ctrl-C reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Daemonic in the parent (so its exit terminates us); not here, so that a model
+    # may start processes of its own with multiprocess.
+    multiprocess.current_process().daemon = False
     _limit_threads(spec.threads)
 
     arena = Arena.attach(spec.arena_path) if spec.arena_path else None

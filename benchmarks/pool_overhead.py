@@ -1,0 +1,235 @@
+"""What a worker pool costs and buys: ``WorkerPool.infer`` against ``InProcessRunner.infer``.
+
+No HTTP: each figure times the runner call alone, so it shows the pool's own cost.
+
+- ``latency``: sequential calls with a tiny model (one FP32[4] input returned as is);
+  p50 / p99 of one call in-process and through a one-worker pool, and the difference.
+- ``4 MB``: one FP32[1048576] identity round trip through a one-worker pool, through
+  shared memory and (threshold raised above the tensor) through the pipe alone.
+  MB/s counts the tensor's 4 MiB once per round trip.
+- ``scaling``: a CPU-bound predict (about 10 ms of single-threaded numpy), 8 concurrent
+  callers, throughput with 1 and with 2 workers.
+- ``wake-up``: how long a plain thread takes to wake a task waiting on an event loop,
+  non-blocking (``run_sync_soon``, what the pool uses) or blocking
+  (``anyio.from_thread.run_sync``), for the record.
+
+Run from the repository root (the workers are spawned, so the models defined here
+travel to them by value):
+
+    python -m benchmarks.pool_overhead                 # asyncio
+    python -m benchmarks.pool_overhead --backend trio
+    python -m benchmarks.pool_overhead --quick         # fewer calls
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import numpy as np
+from anyio.lowlevel import EventLoopToken, current_token
+
+from v2mount.metrics.custom import MetricUpdate
+from v2mount.model import Model
+from v2mount.pool import WorkerPool
+from v2mount.runner import InProcessRunner, Runner
+from v2mount.types import InferenceRequest, Tensor
+
+
+class Identity(Model):
+    name = "identity"
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        return {t.name: t.data for t in payload.inputs}
+
+
+class Burn(Model):
+    """About 10 ms of single-threaded numpy work per call (run with one BLAS thread)."""
+
+    name = "burn"
+
+    def load(self) -> None:
+        rng = np.random.default_rng(0)
+        self.a = rng.random((160, 160))
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        x = self.a
+        for _ in range(int(payload["rounds"][0])):
+            x = np.tanh(x @ self.a) / 160
+        return {"y": np.array([x.sum()])}
+
+
+def ignore(updates: list[MetricUpdate]) -> None:
+    """The metrics sink: these models record none."""
+
+
+def fp32(n: int) -> InferenceRequest:
+    data = np.random.default_rng(1).random(n, dtype=np.float32)
+    return InferenceRequest([Tensor("x", "FP32", (n,), data)])
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = np.array(samples) * 1e3
+    return float(np.percentile(ordered, 50)), float(np.percentile(ordered, 99))
+
+
+async def timed_calls(runner: Runner, request: InferenceRequest, calls: int) -> list[float]:
+    for _ in range(min(50, calls)):  # warm up: threads, arena pages, caches
+        await runner.infer(request)
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        await runner.infer(request)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+async def pool_of(model: Model, workers: int, **options: Any) -> WorkerPool:
+    pool = WorkerPool(model, workers, max_queue_size=1024, metrics_sink=ignore, **options)
+    await pool.start()
+    return pool
+
+
+async def latency(calls: int) -> None:
+    request = fp32(4)
+    inproc = InProcessRunner(Identity(), 1024, ignore)
+    await inproc.start()
+    base = percentiles(await timed_calls(inproc, request, calls))
+    pool = await pool_of(Identity(), 1)
+    try:
+        through = percentiles(await timed_calls(pool, request, calls))
+    finally:
+        await pool.stop()
+    print(f"tiny model, {calls} sequential calls (ms)      p50      p99")
+    print(f"  InProcessRunner.infer                    {base[0]:7.3f}  {base[1]:7.3f}")
+    print(f"  WorkerPool.infer (1 worker)              {through[0]:7.3f}  {through[1]:7.3f}")
+    print(
+        f"  added by the pool                        {through[0] - base[0]:7.3f}  "
+        f"{through[1] - base[1]:7.3f}"
+    )
+
+
+async def big_tensor(calls: int) -> None:
+    request = fp32(1 << 20)
+    mebibytes = request.inputs[0].data.nbytes / (1 << 20)
+    print(f"4 MiB FP32 identity round trip, {calls} calls     p50 ms  p99 ms    MB/s")
+    for label, threshold in (("shared memory", 64 * 1024), ("pipe only", 1 << 62)):
+        pool = await pool_of(Identity(), 1, shm_threshold=threshold)
+        try:
+            p50, p99 = percentiles(await timed_calls(pool, request, calls))
+        finally:
+            await pool.stop()
+        print(f"  {label:<40} {p50:7.2f} {p99:7.2f} {mebibytes / p50 * 1e3:7.0f}")
+
+
+async def closed_loop(pool: WorkerPool, request: InferenceRequest, calls: int) -> float:
+    """Requests per second that 8 concurrent callers get, ``calls`` in all."""
+    done = 0
+
+    async def caller() -> None:
+        nonlocal done
+        while done < calls:
+            done += 1
+            await pool.infer(request)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as group:
+        for _ in range(8):
+            group.start_soon(caller)
+    return calls / (time.perf_counter() - start)
+
+
+async def scaling(calls: int, rounds: int) -> None:
+    request = InferenceRequest([Tensor("rounds", "INT64", (1,), np.array([rounds]))])
+    throughput = {}
+    one_call = 0.0
+    for workers in (1, 2):
+        pool = await pool_of(Burn(), workers, threads_per_worker=1)
+        try:
+            if workers == 1:
+                one_call = percentiles(await timed_calls(pool, request, 20))[0]
+            throughput[workers] = await closed_loop(pool, request, calls)
+        finally:
+            await pool.stop()
+    print(f"CPU-bound predict ({one_call:.1f} ms a call, alone), 8 callers, {calls} calls")
+    for workers, rate in throughput.items():
+        print(f"  {workers} worker(s)                              {rate:7.1f} req/s")
+    print(f"  ratio 2 / 1                              {throughput[2] / throughput[1]:7.2f}")
+
+
+Wake = Callable[[anyio.Event, EventLoopToken], None]
+
+
+def _blocking(event: anyio.Event, token: EventLoopToken) -> None:
+    anyio.from_thread.run_sync(event.set, token=token)
+
+
+def _soon(event: anyio.Event, token: EventLoopToken) -> None:
+    token.backend_class.run_sync_soon(event.set, (), token.native_token)
+
+
+async def wake_latency(wake: Wake, calls: int) -> list[float]:
+    """A plain thread wakes a waiting task ``calls`` times; seconds per wake-up."""
+    token = current_token()
+    armed = threading.Event()
+    pending: list[tuple[anyio.Event, float]] = []
+
+    def thread() -> None:
+        for _ in range(calls):
+            armed.wait()
+            armed.clear()
+            event = pending[-1][0]
+            pending[-1] = (event, time.perf_counter())
+            wake(event, token)
+
+    waker = threading.Thread(target=thread)
+    waker.start()
+    samples = []
+    for _ in range(calls):
+        event = anyio.Event()
+        pending.append((event, 0.0))
+        armed.set()
+        await event.wait()
+        samples.append(time.perf_counter() - pending[-1][1])
+    waker.join()
+    return samples
+
+
+async def wake_ups(calls: int) -> None:
+    print(f"thread -> task wake-up, {calls} times          p50 us  p99 us")
+    for label, wake in (
+        ("run_sync_soon (non-blocking)", _soon),
+        ("from_thread.run_sync (blocking)", _blocking),
+    ):
+        p50, p99 = percentiles(await wake_latency(wake, calls))
+        print(f"  {label:<40} {p50 * 1e3:7.1f} {p99 * 1e3:7.1f}")
+
+
+async def main(quick: bool) -> None:
+    scale = 4 if quick else 1
+    steps: list[Callable[[], Awaitable[None]]] = [
+        lambda: latency(2000 // scale),
+        lambda: big_tensor(200 // scale),
+        lambda: scaling(400 // scale, rounds=12),
+        lambda: wake_ups(2000 // scale),
+    ]
+    for step in steps:
+        await step()
+        print()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument("--uvloop", action="store_true", help="asyncio with uvloop")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(f"python {platform.python_version()}, {args.backend}, uvloop={args.uvloop}\n")
+    options = {"use_uvloop": True} if args.uvloop else {}
+    anyio.run(main, args.quick, backend=args.backend, backend_options=options)
