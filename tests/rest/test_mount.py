@@ -166,7 +166,7 @@ async def test_two_apps_in_one_host_keep_their_own_models_and_metrics(
 
     host = Starlette(routes=[Mount("/a", first), Mount("/b", second)], lifespan=lifespan)
     a = await v2_async_client(host, prefix="/a")
-    b = AsyncV2Client(a.http, "/b")
+    b = a.with_prefix("/b")
     await a.infer("identity", {"x": np.ones(3)})
     assert await b.ready("other") and not await b.ready("identity")
     assert 'model_infer_request_success_total{model="identity",version=""} 1.0' in (

@@ -198,6 +198,10 @@ class AsyncV2Client:
         self.prefix = prefix
         self._declared: dict[tuple[str, str | None], dict[str, str]] = {}
 
+    def with_prefix(self, prefix: str) -> AsyncV2Client:
+        """A client on the same connection for another mount point (``""``: the host)."""
+        return AsyncV2Client(self.http, prefix)
+
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Any request, ``path`` relative to the prefix (``"/v2/models/m"``)."""
         return await self.http.request(method, self.prefix + path, **kwargs)
@@ -287,6 +291,10 @@ class V2Client:
     @property
     def prefix(self) -> str:
         return self.aclient.prefix
+
+    def with_prefix(self, prefix: str) -> V2Client:
+        """A client on the same connection for another mount point (``""``: the host)."""
+        return V2Client(self.portal, self.aclient.with_prefix(prefix))
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Any request, ``path`` relative to the prefix; the raw response."""

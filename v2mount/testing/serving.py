@@ -165,29 +165,29 @@ async def run_lifespan(app: ASGIApp) -> AsyncIterator[dict[str, Any]]:
         finally:
             finished.set()
 
-    async def reply(expected: str) -> None:
+    async def ask(event: str) -> None:
+        """Send ``lifespan.<event>`` and wait for the app's answer."""
         try:
+            await to_app.send({"type": f"lifespan.{event}"})
             message = await from_app.receive()
-        except anyio.EndOfStream:
-            message = {"type": "(returned)"}
-        if message["type"] == f"{expected}.complete":
+        except (anyio.BrokenResourceError, anyio.EndOfStream):
+            message = {"type": "(the app returned)"}
+        if message["type"] == f"lifespan.{event}.complete":
             return
         await finished.wait()
         if errors:
             raise errors[0]
-        raise LifespanError(f"{expected} failed: {message.get('message', message['type'])}")
+        raise LifespanError(f"{event} failed: {message.get('message', message['type'])}")
 
     try:
         async with anyio.create_task_group() as tg, to_app, from_app:
             tg.start_soon(run)
-            await to_app.send({"type": "lifespan.startup"})
-            await reply("lifespan.startup")
+            await ask("startup")
             try:
                 yield state
             finally:
                 with anyio.CancelScope(shield=True):
-                    await to_app.send({"type": "lifespan.shutdown"})
-                    await reply("lifespan.shutdown")
+                    await ask("shutdown")
                     await finished.wait()
             if errors:
                 raise errors[0]
