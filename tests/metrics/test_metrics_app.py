@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
 
+import v2mount.metrics
 from v2mount import V2App
 from v2mount.metrics import AppMetrics, CustomMetrics, MetricUpdate, QueueCollector
 
@@ -153,3 +155,34 @@ def test_queue_collector_names_clash_like_any_metric() -> None:
     QueueCollector(registry)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         QueueCollector(registry)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "v2mount.metrics",
+        "v2mount.metrics.app",
+        "v2mount.metrics.custom",
+        "v2mount.metrics.exposition",
+        "v2mount.metrics.queues",
+        "v2mount.rest.docs",
+        "v2mount.rest.metrics",
+        "v2mount.rest.openapi",
+    ],
+)
+def test_exports_exist_and_are_sorted(name: str) -> None:
+    module = importlib.import_module(name)
+    assert module.__all__ == sorted(module.__all__)
+    assert all(hasattr(module, attribute) for attribute in module.__all__)
+
+
+def test_metrics_package_surface() -> None:
+    assert v2mount.metrics.__all__ == [
+        "AppMetrics",
+        "CustomMetrics",
+        "MetricUpdate",
+        "QueueCollector",
+        "QueueSource",
+        "metrics_endpoint",
+        "render",
+    ]

@@ -27,7 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.metrics.queues import QueueCollector, QueueSource
 
-__all__ = ["MULTIPROC_ENV", "AppMetrics"]
+__all__ = ["AppMetrics"]
 
 logger = logging.getLogger("v2mount.metrics")
 

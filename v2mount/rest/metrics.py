@@ -23,7 +23,7 @@ from v2mount.metrics.exposition import metrics_endpoint
 if TYPE_CHECKING:
     from v2mount.rest.app import V2App
 
-__all__ = ["UNMATCHED", "RestMetricsMiddleware", "metrics_routes"]
+__all__ = ["RestMetricsMiddleware", "metrics_routes"]
 
 #: The ``path`` label of a request that no route matched.
 UNMATCHED = "<unmatched>"
