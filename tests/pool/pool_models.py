@@ -38,6 +38,10 @@ class Echo(Model):
             raise BadRequest("you asked for it")
         elif action == "exit":
             os._exit(3)
+        elif action == "segfault":
+            import ctypes
+
+            ctypes.string_at(0)
         elif action == "log":
             logger.warning("predict saw %s", payload.id)
             print("to stderr", file=sys.stderr, flush=True)

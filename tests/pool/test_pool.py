@@ -323,10 +323,17 @@ async def test_sigkill_under_load_answers_every_request_and_refills(crashy: Work
     assert not alive(victim)
 
 
-async def test_os_exit_in_predict_is_a_broken_worker(crashy: WorkerPool) -> None:
+@pytest.mark.parametrize(
+    ("action", "how"), [("exit", "exited with code 3"), ("segfault", "was killed by SIGSEGV")]
+)
+async def test_a_worker_dying_in_predict_is_a_broken_worker(
+    crashy: WorkerPool, action: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
     await eventually(lambda: crashy.statistics().live_workers == 2)
-    with pytest.raises(BrokenWorker, match=r"worker \d+ of model 'echo' .* exited with code 3"):
-        await crashy.infer(request(action="exit"))
+    with pytest.raises(BrokenWorker, match=rf"worker \d+ of model 'echo' \(pid \d+\) {how}"):
+        await crashy.infer(request(action=action))
+    if action == "segfault":  # faulthandler's report reaches the log
+        assert any("Segmentation fault" in r.getMessage() for r in caplog.records)
     assert crashy.ready  # the other worker still serves
     assert (await crashy.infer(request("next"))).id == "next"
     await eventually(lambda: crashy.statistics().live_workers == 2)

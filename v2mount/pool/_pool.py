@@ -81,10 +81,14 @@ class _Job:
         self.outcome: InferenceResponse | V2MountError | None = None
 
 
-def _unlink_all(paths: Iterable[str]) -> None:
-    """At interpreter exit without ``stop``: remove whatever arenas are left."""
-    for path in list(paths):
-        unlink_quietly(path)
+def _unlink_all(owner: int, paths: Iterable[str]) -> None:
+    """At interpreter exit without ``stop``: remove whatever arenas are left.
+
+    Not in a forked copy of the process, whose exit must not touch the owner's arenas.
+    """
+    if os.getpid() == owner:
+        for path in list(paths):
+            unlink_quietly(path)
 
 
 class WorkerPool:
@@ -136,7 +140,7 @@ class WorkerPool:
         self._wake_pending = False
         self._seq = itertools.count()
         self._arena_paths: set[str] = set()
-        weakref.finalize(self, _unlink_all, self._arena_paths)
+        weakref.finalize(self, _unlink_all, os.getpid(), self._arena_paths)
 
         # Owned by the monitor thread.
         self._selector: selectors.BaseSelector | None = None

@@ -10,6 +10,7 @@ orphaned, so even a SIGKILLed parent leaves no process and no shared memory behi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import inspect
 import io
@@ -88,6 +89,8 @@ class _ForwardHandler(logging.Handler):
             if record.exc_info:
                 text = f"{text}\n{logging.Formatter().formatException(record.exc_info)}"
             self._link.send(("log", record.levelno, record.name, text))
+        except (OSError, EOFError):
+            pass  # the parent is gone or closed the pipe: nobody to tell
         except Exception:
             self.handleError(record)
 
@@ -200,9 +203,13 @@ def worker_main(
         except Exception as exc:
             logger.error("loading the model failed", exc_info=True)
             drained = runner.model.metrics.drain() if runner is not None else []
-            link.send(("load_failed", str(exc) or type(exc).__name__, drained))
+            with contextlib.suppress(OSError):
+                link.send(("load_failed", str(exc) or type(exc).__name__, drained))
             return
-        link.send(("ready", model.metrics.drain()))
+        try:
+            link.send(("ready", model.metrics.drain()))
+        except OSError:
+            return  # stopped while loading
         _serve(link, runner)
     finally:
         if runner is not None:
