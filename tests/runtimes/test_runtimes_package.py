@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -22,6 +23,25 @@ def test_public_surface() -> None:
         "SKLearnModel",
         "XGBoostModel",
     ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "v2mount.codecs.content",
+        "v2mount.runtimes",
+        "v2mount.runtimes.callable",
+        "v2mount.runtimes.lightgbm",
+        "v2mount.runtimes.onnx",
+        "v2mount.runtimes.sklearn",
+        "v2mount.runtimes.xgboost",
+    ],
+)
+def test_every_export_exists(name: str) -> None:
+    module = importlib.import_module(name)
+    assert module.__all__ == sorted(module.__all__)
+    for attribute in module.__all__:
+        assert hasattr(module, attribute), f"{name}.{attribute}"
 
 
 @pytest.mark.parametrize(
