@@ -29,9 +29,7 @@ _ALIASES = {"model_repository": "--repository"}
 
 def _optional(annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
-    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(
-        annotation
-    )
+    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
 
 
 def _metavar(annotation: Any) -> str:

@@ -138,9 +138,7 @@ def test_owns_the_v2app_routes_below_the_prefix(path: str, root_path: str, owned
 
 
 def test_metrics_path_and_docs_follow_the_settings() -> None:
-    middleware = V2Middleware(
-        Recorder(), [Doubler()], metrics_path="/ops/prom", docs_enabled=False
-    )
+    middleware = V2Middleware(Recorder(), [Doubler()], metrics_path="/ops/prom", docs_enabled=False)
     assert middleware.owns(http_scope("/ops/prom"))
     assert not middleware.owns(http_scope("/metrics"))
     assert not middleware.owns(http_scope("/v2/docs"))

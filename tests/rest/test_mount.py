@@ -112,9 +112,7 @@ def composing_host(v2app: V2App, events: list[str]) -> Starlette:
     return Starlette(routes=[Route("/", hello), Mount("/ml", v2app)], lifespan=lifespan)
 
 
-async def test_a_composed_lifespan_loads_before_the_first_request_and_stops_with_the_host() -> (
-    None
-):
+async def test_a_composed_lifespan_loads_before_the_first_request_and_stops_with_the_host() -> None:
     v2app = V2App([Identity()], model_parallel_workers=0)
     events: list[str] = []
     async with run_lifespan(composing_host(v2app, events)):
@@ -169,9 +167,10 @@ async def test_two_apps_in_one_host_keep_their_own_models_and_metrics(
     b = a.with_prefix("/b")
     await a.infer("identity", {"x": np.ones(3)})
     assert await b.ready("other") and not await b.ready("identity")
-    assert 'model_infer_request_success_total{model="identity",version=""} 1.0' in (
-        await a.get("/metrics")
-    ).text
+    assert (
+        'model_infer_request_success_total{model="identity",version=""} 1.0'
+        in (await a.get("/metrics")).text
+    )
     assert "model_infer_request_success_total{" not in (await b.get("/metrics")).text
 
 

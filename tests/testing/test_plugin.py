@@ -161,7 +161,9 @@ def test_parallel_workers_serve_from_worker_processes(v2_client: SyncFactory) ->
     assert pid != os.getpid() and alive(pid)
 
 
-FAILING_TEST = PID_MODEL + """
+FAILING_TEST = (
+    PID_MODEL
+    + """
 
 def test_fails(v2_client):
     client = v2_client(Pid, parallel_workers=1)
@@ -170,6 +172,7 @@ def test_fails(v2_client):
         file.write(str(pid))
     assert pid == os.getpid(), "fails on purpose"
 """
+)
 
 
 @pytest.mark.slow

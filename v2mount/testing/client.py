@@ -47,8 +47,10 @@ class V2HTTPError(Exception):
         self.response = response
         self.status_code = response.status_code
         self.error = _error_text(response)
-        super().__init__(f"{response.request.method} {response.request.url.path}: "
-                         f"{self.status_code} {self.error}")
+        super().__init__(
+            f"{response.request.method} {response.request.url.path}: "
+            f"{self.status_code} {self.error}"
+        )
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -76,9 +78,7 @@ class InferResult:
         return self.outputs[name]
 
 
-def _input_array(
-    name: str, value: Any, declared: str | None
-) -> tuple[np.ndarray[Any, Any], str]:
+def _input_array(name: str, value: Any, declared: str | None) -> tuple[np.ndarray[Any, Any], str]:
     try:
         if isinstance(value, Tensor):
             data = value.data

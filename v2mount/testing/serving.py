@@ -85,9 +85,7 @@ def _model(item: type[Model] | Model, updates: dict[str, Any]) -> Model:
     raise TypeError(f"expected a Model subclass or instance, got {item!r}")
 
 
-def _server_settings(
-    given: Settings | Mapping[str, Any] | None, extra: dict[str, Any]
-) -> Settings:
+def _server_settings(given: Settings | Mapping[str, Any] | None, extra: dict[str, Any]) -> Settings:
     if isinstance(given, Settings):
         return given.model_copy(update=extra) if extra else given
     return load_settings(**{**TEST_DEFAULTS, **dict(given or {}), **extra})
@@ -286,9 +284,7 @@ async def serve_async(
 
 
 @asynccontextmanager
-async def connect_async(
-    url: str, *, http_timeout: float = 30.0
-) -> AsyncIterator[AsyncV2Client]:
+async def connect_async(url: str, *, http_timeout: float = 30.0) -> AsyncIterator[AsyncV2Client]:
     """A client for a running server: ``connect_async("http://127.0.0.1:8000/ml")``."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
