@@ -126,7 +126,7 @@ def echo(sink: list[MetricUpdate]) -> Iterator[WorkerPool]:
 
 @pytest.fixture(scope="module")
 def sleepy() -> Iterator[WorkerPool]:
-    pool = WorkerPool(Sleepy(), 1, max_queue_size=1, metrics_sink=ignore, hard_timeout=2.0)
+    pool = WorkerPool(Sleepy(), 1, max_queue_size=1, metrics_sink=ignore, hard_timeout=1.5)
     yield from started(pool)
 
 
@@ -236,7 +236,7 @@ async def test_a_sleeping_model_does_not_hold_up_another(
     finished: list[str] = []
 
     async def slow() -> None:
-        await sleepy.infer(seconds(1.0))
+        await sleepy.infer(seconds(0.5))
         finished.append("sleepy")
 
     async with anyio.create_task_group() as group:
@@ -342,7 +342,7 @@ async def test_a_worker_dying_in_predict_is_a_broken_worker(
 async def test_a_stuck_worker_is_killed_after_the_hard_timeout(sleepy: WorkerPool) -> None:
     pid = sleepy.pids()[0]
     with pytest.raises(
-        InferenceTimeout, match=r"ran this request for more than 2\.0 s and was killed"
+        InferenceTimeout, match=r"ran this request for more than 1\.5 s and was killed"
     ):
         await sleepy.infer(seconds(30.0))
     await eventually(lambda: sleepy.ready and sleepy.pids() != [pid])
@@ -351,15 +351,17 @@ async def test_a_stuck_worker_is_killed_after_the_hard_timeout(sleepy: WorkerPoo
 
 
 @pytest.mark.parametrize(
-    ("model", "reason"),
+    ("model", "workers", "reason"),
     [
-        (FailsToLoad(), "failed to load: weights file is missing"),
-        (DiesInLoad(), "exited with code 7"),
+        (FailsToLoad(), 2, "failed to load: weights file is missing"),
+        (DiesInLoad(), 1, "exited with code 7"),
     ],
 )
-async def test_load_failure_is_reported_without_hanging(model: Any, reason: str) -> None:
+async def test_load_failure_is_reported_without_hanging(
+    model: Any, workers: int, reason: str
+) -> None:
     before = our_arenas()
-    pool = WorkerPool(model, 2, max_queue_size=4, metrics_sink=ignore)
+    pool = WorkerPool(model, workers, max_queue_size=4, metrics_sink=ignore)
     with anyio.fail_after(60), pytest.raises(ModelNotReady, match=reason):
         await pool.start()
     assert not pool.ready and reason in (pool.reason or "")
