@@ -20,6 +20,7 @@ PUBLIC_MODULES = [
     "v2mount.metadata",
     "v2mount.codecs",
     "v2mount.rest",
+    "v2mount.metrics",
 ]
 
 

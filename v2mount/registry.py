@@ -168,13 +168,13 @@ class ModelHandle:
             raise ModelNotReady(self.not_ready_message())
         if not runner.ready:
             raise ModelNotReady(self.not_ready_message())
-        validate_request(self.settings, request)
-        check_content_types(request, self.settings)
         timeout = float(self._setting("inference_timeout"))
         start = time.perf_counter_ns()
         self._in_flight += 1
         ok = False
         try:
+            validate_request(self.settings, request)
+            check_content_types(request, self.settings)
             with anyio.fail_after(timeout):
                 response = await executor.infer(request)
             response = select_outputs(response, request)
