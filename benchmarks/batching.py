@@ -1,19 +1,22 @@
-"""Adaptive batching in-process: throughput and p99 with batching off and on.
+"""Adaptive batching in-process: throughput, p99 and CPU per request, batching off and on.
 
 Calls ``AdaptiveBatcher.infer`` (or, batching off, ``InProcessRunner.infer``) directly
 from N closed-loop client tasks, so the figures show what batching itself buys and
 costs, with no HTTP in the way. The model is a two-layer perceptron (64 → 1536 → 1536
 → 1, float32): one row costs about as much as a few dozen, because reading the 9 MB
 hidden weight matrix dominates, which is how vectorised numpy / ONNX / torch models
-behave. ``overhead`` rows time a model that does nothing, with ``max_batch_size=1``,
-so every request is its own batch: that is the batcher's own cost per request.
+behave. The ``overhead`` points serve a model that does nothing with
+``max_batch_time=0``: at concurrency 1 every request is a batch of its own, so the
+difference to batching off is the batcher's own cost per batch.
 
+Every point runs ``--repeat`` times, the rounds interleaved, and the report gives the
+median: on a shared machine wall-clock figures move a lot, CPU time per request less.
 Run with one BLAS thread so the model uses one core, like a pool worker:
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python -m benchmarks.batching
     python -m benchmarks.batching --quick --backend trio   # a smaller grid
 
-It prints a Markdown report (``--json FILE`` also writes the raw figures).
+It prints a Markdown report (``--json FILE`` also writes every measurement).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -39,10 +43,10 @@ from v2mount.types import InferenceRequest, InferenceResponse, Tensor
 FEATURES = 64
 HIDDEN = 1536
 CONCURRENCIES = (1, 16, 64)
-SIZES = (4, 8, 16, 32, 64)
-TIMES = (0.0005, 0.001, 0.002, 0.005)
-QUICK_SIZES = (8, 32)
-QUICK_TIMES = (0.001, 0.005)
+SIZES = (8, 16, 32, 64)
+TIMES = (0.0, 0.0005, 0.001, 0.002, 0.005)
+QUICK_SIZES = (16, 32)
+QUICK_TIMES = (0.0, 0.002)
 
 Infer = Callable[[InferenceRequest], Awaitable[InferenceResponse]]
 
@@ -75,153 +79,194 @@ class Nothing(Model):
 
 
 @dataclass(frozen=True)
-class Figure:
-    mode: str  # "off", "on" or "overhead-off" / "overhead-on"
+class Point:
+    mode: str  # "off", "on", "overhead-off" or "overhead-on"
     concurrency: int
-    max_batch_size: int
-    max_batch_time: float
+    max_batch_size: int = 0
+    max_batch_time: float = 0.0
+
+    @property
+    def batching(self) -> bool:
+        return self.mode.endswith("on")
+
+
+@dataclass(frozen=True)
+class Figure:
+    point: Point
     requests: int
     throughput: float  # requests per second
     p50_ms: float
     p99_ms: float
+    cpu_us: float  # process CPU time (all threads) per request
     mean_batch_rows: float
 
 
 async def closed_loop(
-    infer: Infer, concurrency: int, duration: float
-) -> tuple[int, float, list[float]]:
-    """``concurrency`` clients, each sending its next request when the last is answered."""
+    infer: Infer, concurrency: int, duration: float, think: float
+) -> tuple[int, float, float, list[float]]:
+    """``concurrency`` clients, each sending its next request when the last is answered.
+
+    With several clients, each pauses a random ``0 .. think`` seconds (asyncio rounds
+    timers up to the millisecond) between requests, so that clients answered by the same
+    batch do not all come back in lock-step, as HTTP clients don't. Returns the requests
+    answered, the seconds and CPU seconds they took, and their latencies.
+    """
     latencies: list[float] = []
     rng = np.random.default_rng(concurrency)
+    pauses = (rng.random(4096) * think).tolist() if concurrency > 1 else [0.0]
     requests = [
         InferenceRequest([Tensor("x", "FP32", (1, FEATURES), row[None, :])], id=str(index))
         for index, row in enumerate(rng.standard_normal((concurrency, FEATURES), np.float32))
     ]
 
     async def client(request: InferenceRequest, stop_at: float, record: bool) -> None:
+        turn = int(request.id or 0)
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
             await infer(request)
             if record:
                 latencies.append(time.perf_counter() - started)
+            turn += 1
+            if pauses[turn % len(pauses)]:
+                await anyio.sleep(pauses[turn % len(pauses)])
 
-    for record, seconds in ((False, min(0.3, duration)), (True, duration)):
-        started = time.perf_counter()
+    for record, seconds in ((False, min(0.2, duration)), (True, duration)):
+        started, cpu = time.perf_counter(), time.process_time()
         async with anyio.create_task_group() as group:
             for request in requests:
                 group.start_soon(client, request, started + seconds, record)
-        elapsed = time.perf_counter() - started
-    return len(latencies), elapsed, latencies
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return len(latencies), elapsed, cpu, latencies
 
 
-async def measure(
-    model: Model,
-    mode: str,
-    concurrency: int,
-    duration: float,
-    max_batch_size: int = 0,
-    max_batch_time: float = 0.0,
-) -> Figure:
+async def measure(model: Model, point: Point, duration: float, think: float) -> Figure:
     runner = InProcessRunner(model, max_queue_size=100_000, metrics_sink=lambda updates: None)
     await runner.start()
     infer: Infer = runner.infer
     batches: list[int] = []
-    if mode.endswith("on"):
+    if point.batching:
         batcher = AdaptiveBatcher(
             runner,
-            max_batch_size=max_batch_size,
-            max_batch_time=max_batch_time,
+            max_batch_size=point.max_batch_size,
+            max_batch_time=point.max_batch_time,
             on_batch=batches.append,
         )
         infer = batcher.infer
-    count, elapsed, latencies = await closed_loop(infer, concurrency, duration)
+    count, elapsed, cpu, latencies = await closed_loop(infer, point.concurrency, duration, think)
     await runner.stop()
-    ordered = np.sort(np.asarray(latencies)) * 1000
+    milliseconds = np.asarray(latencies) * 1000
     return Figure(
-        mode=mode,
-        concurrency=concurrency,
-        max_batch_size=max_batch_size,
-        max_batch_time=max_batch_time,
+        point=point,
         requests=count,
         throughput=count / elapsed,
-        p50_ms=float(np.percentile(ordered, 50)),
-        p99_ms=float(np.percentile(ordered, 99)),
+        p50_ms=float(np.percentile(milliseconds, 50)),
+        p99_ms=float(np.percentile(milliseconds, 99)),
+        cpu_us=cpu / count * 1e6,
         mean_batch_rows=float(np.mean(batches)) if batches else 1.0,
     )
 
 
-async def run_all(
-    sizes: Sequence[int], times: Sequence[float], duration: float, log: Callable[[str], None]
-) -> list[Figure]:
-    figures: list[Figure] = []
-
-    async def add(*args: Any, **kwargs: Any) -> None:
-        figure = await measure(*args, **kwargs)
-        figures.append(figure)
-        log(
-            f"{figure.mode:>12} c={figure.concurrency:<3} size={figure.max_batch_size:<3}"
-            f" time={figure.max_batch_time * 1000:g}ms  {figure.throughput:8.0f} req/s"
-            f"  p99 {figure.p99_ms:7.2f} ms  rows/batch {figure.mean_batch_rows:.1f}"
-        )
-
-    for concurrency in (1, 16):
-        await add(Nothing(), "overhead-off", concurrency, duration)
-        await add(Nothing(), "overhead-on", concurrency, duration, 1, 0.0)
-    perceptron = Perceptron()
+def grid(sizes: Sequence[int], times: Sequence[float]) -> list[Point]:
+    points = [
+        Point(mode, concurrency, 64 if mode == "overhead-on" else 0)
+        for concurrency in (1, 16)
+        for mode in ("overhead-off", "overhead-on")
+    ]
     for concurrency in CONCURRENCIES:
-        await add(perceptron, "off", concurrency, duration)
-        for size in sizes:
-            for seconds in times:
-                await add(perceptron, "on", concurrency, duration, size, seconds)
+        points.append(Point("off", concurrency))
+        points += [Point("on", concurrency, s, t) for s in sizes for t in times]
+    return points
+
+
+async def run_all(
+    points: Sequence[Point],
+    repeat: int,
+    duration: float,
+    think: float,
+    log: Callable[[str], None],
+) -> list[Figure]:
+    models = {"overhead": Nothing(), "model": Perceptron()}
+    figures: list[Figure] = []
+    for round_ in range(1, repeat + 1):
+        for point in points:
+            model = models["overhead" if point.mode.startswith("overhead") else "model"]
+            f = await measure(model, point, duration, think)
+            figures.append(f)
+            log(
+                f"[{round_}/{repeat}] {point.mode:>12} c={point.concurrency:<3}"
+                f" size={point.max_batch_size:<3} time={point.max_batch_time * 1000:<4g}ms"
+                f" {f.throughput:7.0f} req/s  p99 {f.p99_ms:7.2f} ms"
+                f"  cpu {f.cpu_us:6.0f} us/req  rows/batch {f.mean_batch_rows:.1f}"
+            )
     return figures
 
 
-def best_setting(figures: Sequence[Figure]) -> tuple[int, float, float]:
-    """The (size, time) with the best geometric mean of throughput gain over all loads."""
-    off = {f.concurrency: f.throughput for f in figures if f.mode == "off"}
-    scores: dict[tuple[int, float], list[float]] = {}
+def medians(figures: Sequence[Figure]) -> dict[Point, Figure]:
+    """One figure per point: the median of its rounds, field by field."""
+    rounds: dict[Point, list[Figure]] = {}
     for f in figures:
-        if f.mode == "on":
-            scores.setdefault((f.max_batch_size, f.max_batch_time), []).append(
-                math.log(f.throughput / off[f.concurrency])
-            )
-    (size, seconds), logs = max(scores.items(), key=lambda item: sum(item[1]))
-    return size, seconds, math.exp(sum(logs) / len(logs))
+        rounds.setdefault(f.point, []).append(f)
+    return {
+        point: Figure(
+            point=point,
+            requests=sum(f.requests for f in runs),
+            throughput=statistics.median(f.throughput for f in runs),
+            p50_ms=statistics.median(f.p50_ms for f in runs),
+            p99_ms=statistics.median(f.p99_ms for f in runs),
+            cpu_us=statistics.median(f.cpu_us for f in runs),
+            mean_batch_rows=statistics.median(f.mean_batch_rows for f in runs),
+        )
+        for point, runs in rounds.items()
+    }
 
 
-def report(figures: Sequence[Figure], backend: str, duration: float) -> str:
+def best_setting(table: dict[Point, Figure]) -> tuple[int, float, float]:
+    """The (size, time) with the best geometric mean of throughput gain over all loads."""
+    off = {p.concurrency: f.throughput for p, f in table.items() if p.mode == "off"}
+    logs: dict[tuple[int, float], list[float]] = {}
+    for p, f in table.items():
+        if p.mode == "on":
+            gain = math.log(f.throughput / off[p.concurrency])
+            logs.setdefault((p.max_batch_size, p.max_batch_time), []).append(gain)
+    (size, seconds), gains = max(logs.items(), key=lambda item: sum(item[1]))
+    return size, seconds, math.exp(sum(gains) / len(gains))
+
+
+def report(table: dict[Point, Figure], args: argparse.Namespace) -> str:
     lines = [
-        f"# Adaptive batching, in-process ({backend}, {platform.python_version()},"
-        f" {duration:g} s per point)",
+        f"# Adaptive batching, in-process ({args.backend}, Python"
+        f" {platform.python_version()}, median of {args.repeat} x {args.duration:g} s per"
+        f" point, think time 0-{args.think * 1000:g} ms)",
         "",
         "| mode | concurrency | max_batch_size | max_batch_time (ms) | req/s | p50 (ms)"
-        " | p99 (ms) | rows/batch |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " | p99 (ms) | CPU µs/req | rows/batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for f in figures:
-        size = str(f.max_batch_size) if f.mode.endswith("on") else "-"
-        wait = f"{f.max_batch_time * 1000:g}" if f.mode.endswith("on") else "-"
+    for p, f in table.items():
+        size = str(p.max_batch_size) if p.batching else "-"
+        wait = f"{p.max_batch_time * 1000:g}" if p.batching else "-"
         lines.append(
-            f"| {f.mode} | {f.concurrency} | {size} | {wait} | {f.throughput:.0f}"
-            f" | {f.p50_ms:.2f} | {f.p99_ms:.2f} | {f.mean_batch_rows:.1f} |"
+            f"| {p.mode} | {p.concurrency} | {size} | {wait} | {f.throughput:.0f}"
+            f" | {f.p50_ms:.2f} | {f.p99_ms:.2f} | {f.cpu_us:.0f} | {f.mean_batch_rows:.1f} |"
         )
     lines += ["", "Best per concurrency (highest req/s with batching on):", ""]
     for concurrency in CONCURRENCIES:
-        off = next(f for f in figures if f.mode == "off" and f.concurrency == concurrency)
+        off = table[Point("off", concurrency)]
         on = max(
-            (f for f in figures if f.mode == "on" and f.concurrency == concurrency),
+            (f for p, f in table.items() if p.mode == "on" and p.concurrency == concurrency),
             key=lambda f: f.throughput,
         )
         lines.append(
-            f"- c={concurrency}: off {off.throughput:.0f} req/s (p99 {off.p99_ms:.2f} ms);"
-            f" on {on.throughput:.0f} req/s (p99 {on.p99_ms:.2f} ms) with"
-            f" max_batch_size={on.max_batch_size}, max_batch_time={on.max_batch_time:g}"
+            f"- c={concurrency}: off {off.throughput:.0f} req/s, p99 {off.p99_ms:.2f} ms;"
+            f" on {on.throughput:.0f} req/s, p99 {on.p99_ms:.2f} ms with"
+            f" max_batch_size={on.point.max_batch_size},"
+            f" max_batch_time={on.point.max_batch_time:g}"
         )
-    size, seconds, gain = best_setting(figures)
+    best_size, best_time, gain = best_setting(table)
     lines += [
         "",
         f"Best overall (geometric mean of the gain over c = {', '.join(map(str, CONCURRENCIES))}):"
-        f" max_batch_size={size}, max_batch_time={seconds:g} ({gain:.2f}x).",
+        f" max_batch_size={best_size}, max_batch_time={best_time:g} ({gain:.2f}x).",
     ]
     return "\n".join(lines)
 
@@ -229,18 +274,24 @@ def report(figures: Sequence[Figure], backend: str, duration: float) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
-    parser.add_argument("--duration", type=float, default=2.0, help="seconds per point")
+    parser.add_argument("--duration", type=float, default=1.0, help="seconds per point")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds over the grid")
     parser.add_argument("--quick", action="store_true", help="a 2 x 2 grid of settings")
-    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument(
+        "--think", type=float, default=0.0005, help="max seconds a client pauses between requests"
+    )
+    parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args(argv)
-    sizes, times = (QUICK_SIZES, QUICK_TIMES) if args.quick else (SIZES, TIMES)
+    points = grid(*((QUICK_SIZES, QUICK_TIMES) if args.quick else (SIZES, TIMES)))
 
     def log(line: str) -> None:
         print(line, flush=True)
 
-    figures = anyio.run(run_all, sizes, times, args.duration, log, backend=args.backend)
+    figures = anyio.run(
+        run_all, points, args.repeat, args.duration, args.think, log, backend=args.backend
+    )
     print()
-    print(report(figures, args.backend, args.duration))
+    print(report(medians(figures), args))
     if args.json:
         args.json.write_text(json.dumps([asdict(f) for f in figures], indent=1))
 

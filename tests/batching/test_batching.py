@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from v2mount.batching import AdaptiveBatcher, BatcherStatistics
 from v2mount.codecs.tensor import array_to_datatype
-from v2mount.errors import ModelError
+from v2mount.errors import ModelError, Overloaded
 from v2mount.model import Model
 from v2mount.runner import InProcessRunner, RunnerStatistics
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
@@ -398,16 +398,19 @@ async def test_batched_answers_equal_unbatched_answers(
     assert batcher.statistics().queued_requests == 0
 
 
-class BrokenRunner:
-    """A runner that breaks the contract by raising a plain exception."""
+class FailingRunner:
+    """A runner whose every call raises ``error``."""
 
     ready = True
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
     async def start(self) -> None:
         pass
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        raise RuntimeError("lost the plot")
+        raise self.error
 
     async def stop(self) -> None:
         pass
@@ -417,9 +420,21 @@ class BrokenRunner:
 
 
 async def test_a_plain_exception_from_the_runner_becomes_a_model_error() -> None:
-    batcher = AdaptiveBatcher(BrokenRunner(), max_batch_size=2, max_batch_time=LONG)
+    runner = FailingRunner(RuntimeError("lost the plot"))  # breaks the Runner contract
+    batcher = AdaptiveBatcher(runner, max_batch_size=2, max_batch_time=LONG)
     results = await infer_all(batcher, [make_request([[1]]), make_request([[2]])])
     for result in results:
         assert isinstance(result, ModelError)
         assert result.message == "RuntimeError: lost the plot"
     assert batcher.statistics().in_flight_batches == 0
+
+
+async def test_every_caller_gets_its_own_copy_of_the_runners_error() -> None:
+    runner = FailingRunner(Overloaded("model 'm' has 9 requests queued", retry_after=3))
+    batcher = AdaptiveBatcher(runner, max_batch_size=2, max_batch_time=LONG)
+    first, second = await infer_all(batcher, [make_request([[1]]), make_request([[2]])])
+    for result in (first, second):
+        assert isinstance(result, Overloaded)
+        assert result.message == "model 'm' has 9 requests queued"
+        assert result.headers() == {"Retry-After": "3"}
+    assert first is not second
