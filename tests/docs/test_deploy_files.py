@@ -1,0 +1,102 @@
+"""docs/deploy/: the Dockerfile and manifests start the server this package really has.
+
+No container runtime or cluster here: each file is parsed, its command line goes
+through ``python -m v2mount``'s own parser and settings, and its ports, probes and
+environment variables are checked against what the server answers and reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from v2mount import Model, V2App, V2Middleware
+from v2mount.__main__ import build_parser, settings_overrides
+from v2mount.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "docs" / "deploy"
+DOCS_PAGE = DEPLOY.parent / "deploying.md"
+
+
+class Nothing(Model):
+    def predict(self, payload: Any) -> Any:
+        return {}
+
+
+def check_command(command: list[str], env: dict[str, str], public: bool = True) -> int:
+    """The port the command serves on, once its flags and variables are known settings."""
+    assert command[:3] == ["python", "-m", "v2mount"], command
+    args = build_parser().parse_args(command[3:])
+    assert args.host == "0.0.0.0" or not public  # a container must listen beyond loopback
+    Settings(**settings_overrides(args))
+    for name, value in env.items():
+        if name.startswith("V2MOUNT_"):
+            field = name.removeprefix("V2MOUNT_").lower()
+            assert field in Settings.model_fields, name
+            Settings(**{field: value})
+    return int(args.port)
+
+
+def answered(path: str) -> bool:
+    """Whether a V2App answers ``path`` (the middleware's own route test)."""
+    middleware = V2Middleware(V2App([]), v2app=V2App([Nothing()]))
+    return middleware.owns({"type": "http", "path": path, "root_path": ""})
+
+
+def containers(document: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = document["spec"]
+    if document["kind"] == "Deployment":
+        spec = spec["template"]["spec"]
+    return list(spec["containers"])
+
+
+def test_the_dockerfile_runs_the_server_on_its_exposed_port() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    env = dict(re.findall(r"(V2MOUNT_\w+)=(\S+)", text))
+    assert env == {"V2MOUNT_MODEL_REPOSITORY": "/models"}
+    port = check_command(cmd, {})
+    assert re.search(rf"^EXPOSE {port}$", text, re.MULTILINE)
+    assert "python /models/iris/train.py" in text
+
+
+@pytest.mark.parametrize("name", ["kubernetes.yaml", "kserve-servingruntime.yaml"])
+def test_manifests_start_the_server_and_probe_real_routes(name: str) -> None:
+    documents = list(yaml.safe_load_all((DEPLOY / name).read_text()))
+    kinds = [document["kind"] for document in documents]
+    served = [d for d in documents if d["kind"] in ("Deployment", "ServingRuntime")]
+    assert len(served) == 1, kinds
+    (container,) = containers(served[0])
+    env = {item["name"]: item["value"] for item in container.get("env", [])}
+    port = check_command(container["args"], env)
+    ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
+    assert list(ports.values()) == [port]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        if probe in container:
+            get = container[probe]["httpGet"]
+            assert answered(get["path"]), (probe, get["path"])
+            assert get["port"] in (port, *ports), probe
+    if served[0]["kind"] == "ServingRuntime":
+        assert served[0]["spec"]["protocolVersions"] == ["v2"]
+        assert "/mnt/models" in container["args"]
+        (service,) = [d for d in documents if d["kind"] == "InferenceService"]
+        model = service["spec"]["predictor"]["model"]
+        assert model["runtime"] == served[0]["metadata"]["name"]
+        formats = {f["name"] for f in served[0]["spec"]["supportedModelFormats"]}
+        assert model["modelFormat"]["name"] in formats
+
+
+def test_the_deploying_page_shows_the_files_as_they_are() -> None:
+    page = DOCS_PAGE.read_text()
+    for name in ("Dockerfile", "kubernetes.yaml", "kserve-servingruntime.yaml"):
+        assert f"deploy/{name}" in page, name
+    commands = re.findall(r"^python -m v2mount .*$", page, re.MULTILINE)
+    assert commands
+    for line in commands:
+        check_command(shlex.split(line.split("  #")[0]), {}, public=False)
