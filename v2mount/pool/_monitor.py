@@ -1,0 +1,487 @@
+"""The monitor: the one thread of a pool that owns its processes, pipes and arenas.
+
+It spawns the workers, hands each queued request to an idle worker (a worker holds at
+most one request, so an idle one is the least loaded), reads replies and worker output,
+notices a death at once (pidfd, or the process sentinel) and replaces the dead, kills a
+worker stuck past ``hard_timeout``, and runs the shutdown. Everything here runs in that
+thread; it talks to callers only through ``PoolState`` and their waiters.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+import selectors
+import threading
+import time
+from typing import Any
+
+from multiprocess.context import SpawnContext
+
+from v2mount.errors import BadRequest, BrokenWorker, InferenceTimeout, ModelNotReady, V2MountError
+from v2mount.metrics.custom import MetricUpdate
+from v2mount.model import Model
+from v2mount.pool._ipc import Arena, decode, encode, error_from_wire, response_from_wire
+from v2mount.pool._process import WorkerProcess
+from v2mount.pool._shipping import ModelPackage, pack_model
+from v2mount.pool._state import (
+    DONE,
+    QUEUED,
+    RUNNING,
+    SENT,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    Job,
+    PoolState,
+    resolve,
+)
+from v2mount.pool._worker import WorkerSpec
+from v2mount.runner import MetricsSink
+from v2mount.types import InferenceResponse
+
+__all__ = ["EXIT_GRACE", "STOP_GRACE", "Monitor"]
+
+logger = logging.getLogger("v2mount.pool")
+worker_logger = logging.getLogger("v2mount.worker")
+
+#: How long a stop lets running requests finish, then how long workers get to exit.
+STOP_GRACE = 5.0
+EXIT_GRACE = 2.0
+_MAX_BACKOFF = 60.0
+
+_WAKE, _REPLY, _OUTPUT, _EXIT = range(4)
+
+
+class Monitor:
+    """Runs one pool's processes from its own thread (``run``)."""
+
+    def __init__(
+        self,
+        state: PoolState,
+        model: Model,
+        *,
+        context: SpawnContext,
+        metrics_sink: MetricsSink,
+        shm_threshold: int,
+        threads_per_worker: int | None,
+        hard_timeout: float | None,
+        arena_paths: set[str],
+    ) -> None:
+        self._state = state
+        self._name = state.name
+        self._model = model
+        self._context = context
+        self._sink = metrics_sink
+        self._shm_threshold = shm_threshold
+        self._threads = threads_per_worker
+        self._hard_timeout = hard_timeout
+        #: Arenas that exist now; the pool's finalizer removes them if the process exits.
+        self._arena_paths = arena_paths
+        self._selector: selectors.BaseSelector | None = None
+        self._package: ModelPackage | None = None
+        self._worker_ids = itertools.count(1)
+        self._loading_initial: set[int] = set()
+        self._respawns: list[float] = []
+        self._load_failures = 0
+        self._drain_deadline: float | None = None
+        self._kill_deadline: float | None = None
+
+    def run(self) -> None:
+        """The thread's body; whatever happens, ``_finish`` leaves nothing behind."""
+        selector = self._selector = selectors.DefaultSelector()
+        selector.register(self._state.wake_read, selectors.EVENT_READ, (_WAKE, None))
+        try:
+            try:
+                self._package = pack_model(self._model)
+            except Exception as exc:
+                with self._state.lock:
+                    self._state.reason = (
+                        f"model {self._name!r} cannot be sent to worker processes: {exc}"
+                    )
+            else:
+                for _ in range(self._state.size):
+                    self._spawn(initial=True)
+            self._settle_start()
+            while not (self._state.phase == STOPPING and not self._state.workers):
+                for key, _ in selector.select(self._timeout()):
+                    kind, worker = key.data
+                    if kind == _WAKE:
+                        self._on_wake()
+                    elif not worker.disposed:
+                        self._on_worker_event(kind, worker, key.fd)
+                self._on_timers()
+        except BaseException:
+            logger.exception("the worker pool of model %r failed", self._name)
+            with self._state.lock:
+                self._state.reason = f"model {self._name!r}: its worker pool failed"
+        finally:
+            self._finish()
+
+    def _on_worker_event(self, kind: int, worker: WorkerProcess, fd: int) -> None:
+        try:
+            if kind == _REPLY:
+                self._on_reply(worker)
+            elif kind == _OUTPUT:
+                if not worker.read_output(fd):
+                    self._unregister(fd)
+            else:
+                self._on_exit(worker)
+        except Exception:
+            logger.exception(
+                "model %r: talking to worker %d failed; killing it", self._name, worker.id
+            )
+            worker.retiring = True
+            worker.kill()
+
+    def _unregister(self, fd: int) -> None:
+        assert self._selector is not None
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _log(self, worker_id: int, level: int, text: str) -> None:
+        worker_logger.log(
+            level,
+            "[model %s, worker %d] %s",
+            self._name,
+            worker_id,
+            text,
+            extra={"model_name": self._name, "worker_id": worker_id},
+        )
+
+    def _apply_metrics(self, updates: list[MetricUpdate]) -> None:
+        if updates:
+            try:
+                self._sink(updates)
+            except Exception:
+                logger.exception("model %r: the metrics sink raised", self._name)
+
+    def _spawn(self, *, initial: bool = False) -> None:
+        assert self._package is not None and self._selector is not None
+        worker_id = next(self._worker_ids)
+        arena = Arena.create(f"v2mount-{os.getpid()}-{worker_id}")
+        spec = WorkerSpec(
+            worker_id=worker_id,
+            parent_pid=os.getpid(),
+            arena_path=arena.path if arena is not None else None,
+            shm_threshold=self._shm_threshold,
+            threads=self._threads,
+            log_level=worker_logger.getEffectiveLevel(),
+        )
+        if arena is not None:
+            self._arena_paths.add(arena.path)
+        try:
+            worker = WorkerProcess(
+                self._context,
+                spec,
+                arena,
+                self._package,
+                f"v2mount-{self._name}-{worker_id}",
+                functools.partial(self._log, worker_id),
+            )
+        except Exception as exc:
+            if arena is not None:
+                arena.close()
+                arena.unlink()
+                self._arena_paths.discard(arena.path)
+            self._load_failed(f"model {self._name!r}: cannot start a worker process: {exc}")
+            return
+        self._selector.register(worker.conn.fileno(), selectors.EVENT_READ, (_REPLY, worker))
+        self._selector.register(worker.exit_fd, selectors.EVENT_READ, (_EXIT, worker))
+        for fd in worker.output_fds:
+            self._selector.register(fd, selectors.EVENT_READ, (_OUTPUT, worker))
+        with self._state.lock:
+            self._state.workers[worker_id] = worker
+        if initial:
+            self._loading_initial.add(worker_id)
+
+    def _on_wake(self) -> None:
+        try:
+            while os.read(self._state.wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._state.woken()
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand queued jobs to idle workers (each idle worker is a least-loaded one)."""
+        while True:
+            with self._state.lock:
+                if not self._state.queue or not self._state.idle:
+                    return
+                job = self._state.queue.popleft()
+                worker = self._state.idle.pop()
+                job.state = SENT
+                worker.job = job
+                self._state.running += 1
+            self._send(worker, job)
+
+    def _send(self, worker: WorkerProcess, job: Job) -> None:
+        try:
+            frame = encode((job.seq, job.wire), worker.arena, self._shm_threshold)
+        except Exception as exc:
+            self._complete(worker, BadRequest(f"the request cannot be sent to a worker: {exc}"))
+            return
+        worker.started = time.monotonic()
+        try:
+            worker.conn.send_bytes(frame)
+        except OSError:
+            # The request never reached the worker, so it is safe to give to another one.
+            with self._state.lock:
+                worker.job = None
+                self._state.running -= 1
+                if job.state == SENT:
+                    job.state = QUEUED
+                    self._state.queue.appendleft(job)
+            worker.retiring = True
+            worker.kill()
+            return
+        job.wire = None
+
+    def _on_reply(self, worker: WorkerProcess) -> bool:
+        """Handle one message of the worker; ``False`` at EOF (its exit fd will fire)."""
+        try:
+            frame = worker.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._unregister(worker.conn.fileno())
+            return False
+        message: tuple[Any, ...] = decode(frame, worker.arena)
+        kind = message[0]
+        if kind == "log":
+            _, level, name, text = message
+            self._log(worker.id, level, f"{name}: {text}")
+        elif kind == "ready":
+            self._apply_metrics(message[1])
+            with self._state.lock:
+                worker.loaded = True
+                self._state.live += 1
+                if not worker.retiring:
+                    self._state.idle.append(worker)
+                self._state.start_ok = True
+            self._load_failures = 0
+            self._loading_initial.discard(worker.id)
+            self._settle_start()
+            self._dispatch()
+        elif kind == "load_failed":
+            _, text, updates = message
+            self._apply_metrics(updates)
+            worker.load_error = f"model {self._name!r} failed to load: {text}"
+        else:
+            _, seq, payload, updates = message
+            if worker.job is None or worker.job.seq != seq:
+                raise RuntimeError(f"reply to request {seq}, which this worker does not hold")
+            outcome = response_from_wire(payload) if kind == "result" else error_from_wire(payload)
+            self._apply_metrics(updates)
+            self._complete(worker, outcome)
+            self._dispatch()
+        return True
+
+    def _complete(self, worker: WorkerProcess, outcome: InferenceResponse | V2MountError) -> None:
+        with self._state.lock:
+            job = worker.job
+            worker.job = None
+            self._state.running -= 1
+            if not worker.retiring:
+                self._state.idle.append(worker)
+            if job is None or job.state != SENT:
+                return
+            job.state = DONE
+        resolve([job], outcome)
+
+    def _on_exit(self, worker: WorkerProcess) -> None:
+        # The worker's last words first: messages still in the pipe, then its output.
+        worker.retiring = True
+        try:
+            while not worker.conn.closed and worker.conn.poll(0) and self._on_reply(worker):
+                pass
+        except Exception:
+            logger.exception("model %r: reading worker %d's last messages", self._name, worker.id)
+        for fd in worker.output_fds:
+            worker.read_output(fd)
+            self._unregister(fd)
+        if not worker.conn.closed:
+            self._unregister(worker.conn.fileno())
+        self._unregister(worker.exit_fd)
+        worker.reap(EXIT_GRACE)
+        how = worker.describe_exit()
+        stopping = self._state.phase == STOPPING
+        with self._state.lock:
+            self._state.workers.pop(worker.id, None)
+            if worker in self._state.idle:
+                self._state.idle.remove(worker)
+            if worker.loaded:
+                self._state.live -= 1
+            job = worker.job
+            worker.job = None
+            if job is not None:
+                self._state.running -= 1
+                if job.state != SENT:
+                    job = None
+                else:
+                    job.state = DONE
+            if worker.loaded and self._state.live == 0 and not stopping:
+                self._state.reason = (
+                    f"model {self._name!r} has no live worker: worker {worker.id} {how}; "
+                    "a replacement is starting"
+                )
+        if worker.arena is not None:
+            self._arena_paths.discard(worker.arena.path)
+        worker.dispose()
+        if job is not None:
+            resolve([job], self._broken(worker, how, stopping))
+        if worker.loaded:
+            if not stopping and threading.main_thread().is_alive():
+                logger.warning(
+                    "worker %d of model %r (pid %d) %s; replacing it",
+                    worker.id,
+                    self._name,
+                    worker.pid,
+                    how,
+                )
+        else:
+            reason = worker.load_error
+            if reason is None:
+                reason = f"model {self._name!r} failed to load: its worker process {how}"
+            self._load_failed(reason)
+        self._loading_initial.discard(worker.id)
+        self._settle_start()
+
+    def _broken(self, worker: WorkerProcess, how: str, stopping: bool) -> V2MountError:
+        where = f"worker {worker.id} of model {self._name!r} (pid {worker.pid})"
+        if worker.timed_out:
+            return InferenceTimeout(
+                f"{where} ran this request for more than {self._hard_timeout} s and was killed"
+            )
+        if stopping:
+            return BrokenWorker(f"{where} was stopped while running this request")
+        return BrokenWorker(f"{where} {how} while running this request")
+
+    def _load_failed(self, reason: str) -> None:
+        logger.warning("%s", reason)
+        self._load_failures += 1
+        with self._state.lock:
+            if self._state.live == 0:
+                self._state.reason = reason
+
+    def _settle_start(self) -> None:
+        """Once every initial worker loaded or failed, let ``start`` return."""
+        if self._loading_initial:
+            return
+        with self._state.lock:
+            if self._state.phase != STARTING:
+                return
+            if self._state.start_ok:
+                self._state.phase = RUNNING
+                dropped: list[Job] = []
+            else:
+                dropped = self._state.begin_stop(self._state.reason)
+            waiter, self._state.start_waiter = self._state.start_waiter, None
+        resolve(dropped, ModelNotReady(self._state.reason))
+        if waiter is not None:
+            waiter.fire()
+
+    def _timeout(self) -> float | None:
+        deadlines = list(self._respawns)
+        if self._hard_timeout is not None:
+            deadlines += [
+                w.started + self._hard_timeout
+                for w in self._state.workers.values()
+                if w.job is not None and not w.timed_out
+            ]
+        if self._state.phase == STOPPING:
+            deadlines += [d for d in (self._drain_deadline, self._kill_deadline) if d is not None]
+            if self._drain_deadline is None:
+                deadlines.append(0.0)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _on_timers(self) -> None:
+        now = time.monotonic()
+        if self._hard_timeout is not None:
+            for worker in list(self._state.workers.values()):
+                if (
+                    worker.job is not None
+                    and not worker.timed_out
+                    and now - worker.started >= self._hard_timeout
+                ):
+                    worker.timed_out = worker.retiring = True
+                    worker.kill()
+        if self._state.phase == RUNNING:
+            self._replace_missing(now)
+        elif self._state.phase == STOPPING:
+            self._advance_stop(now)
+
+    def _replace_missing(self, now: float) -> None:
+        """Keep ``workers`` processes: respawn at once, or with backoff after load failures."""
+        if not threading.main_thread().is_alive():
+            return  # the interpreter is exiting
+        missing = self._state.size - len(self._state.workers) - len(self._respawns)
+        if missing > 0:
+            delay = 0.0
+            if self._load_failures:
+                delay = min(_MAX_BACKOFF, 0.5 * 2 ** (self._load_failures - 1))
+            self._respawns += [now + delay] * missing
+        due = sum(1 for t in self._respawns if t <= now)
+        self._respawns = [t for t in self._respawns if t > now]
+        for _ in range(due):
+            self._spawn()
+        if not self._state.workers:
+            # No worker is even loading: nothing will serve the queue for a while.
+            with self._state.lock:
+                dropped = self._state.take_queue()
+            resolve(dropped, ModelNotReady(self._state.reason))
+
+    def _advance_stop(self, now: float) -> None:
+        self._respawns = []
+        if self._drain_deadline is None:
+            self._drain_deadline = now + STOP_GRACE
+        if self._kill_deadline is None:
+            if self._state.running and now < self._drain_deadline:
+                return
+            for worker in self._state.workers.values():
+                if not worker.conn.closed:
+                    self._unregister(worker.conn.fileno())
+                    worker.close_input()
+            self._kill_deadline = now + EXIT_GRACE
+        elif now >= self._kill_deadline:
+            for worker in self._state.workers.values():
+                worker.kill()
+
+    def _finish(self) -> None:
+        """Last act of the monitor: no process, arena, fd or waiting task is left behind."""
+        for worker in list(self._state.workers.values()):
+            worker.kill()
+        for worker in list(self._state.workers.values()):
+            worker.reap(EXIT_GRACE)
+            if worker.arena is not None:
+                self._arena_paths.discard(worker.arena.path)
+            worker.dispose()
+        with self._state.lock:
+            running = [w.job for w in self._state.workers.values() if w.job and w.job.state == SENT]
+            self._state.workers.clear()
+            self._state.idle.clear()
+            self._state.live = self._state.running = 0
+            self._state.phase = STOPPED
+            if self._state.start_ok:
+                self._state.reason = f"model {self._name!r} is stopped"
+            waiters = self._state.stop_waiters
+            self._state.stop_waiters = []
+            if self._state.start_waiter is not None:
+                waiters.append(self._state.start_waiter)
+                self._state.start_waiter = None
+            self._state.close_wake_pipe()
+            for job in running:
+                job.state = DONE
+            queued = self._state.take_queue()
+        if self._selector is not None:
+            self._selector.close()
+        resolve(running, BrokenWorker(f"model {self._name!r} was stopped"))
+        resolve(queued, ModelNotReady(f"model {self._name!r} is stopped"))
+        for waiter in waiters:
+            waiter.fire()
