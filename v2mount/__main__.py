@@ -90,17 +90,17 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, build the app, run uvicorn until it stops; the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        import uvicorn
-    except ImportError:
-        print("python -m v2mount needs uvicorn: pip install 'v2mount[server]'", file=sys.stderr)
-        return 2
     from v2mount.standalone import create_app
 
     try:
         app = create_app(**settings_overrides(args))
     except SettingsError as exc:
         print(f"python -m v2mount: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+    except ImportError:
+        print("python -m v2mount needs uvicorn: pip install 'v2mount[server]'", file=sys.stderr)
         return 2
     uvicorn.run(
         app,

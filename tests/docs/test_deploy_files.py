@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from v2mount import Model, V2App, V2Middleware
 from v2mount.__main__ import build_parser, settings_overrides
@@ -39,7 +39,7 @@ def check_command(command: list[str], env: dict[str, str], public: bool = True) 
         if name.startswith("V2MOUNT_"):
             field = name.removeprefix("V2MOUNT_").lower()
             assert field in Settings.model_fields, name
-            Settings(**{field: value})
+            Settings.model_validate({field: value})
     return int(args.port)
 
 
