@@ -6,22 +6,30 @@ or in fixtures of a wider scope::
 
     with serve(MyModel, parallel_workers=2) as client:
         client.infer("my-model", {"x": np.ones((2, 4), np.float32)})
+
+The names are imported on first use: pytest imports ``v2mount.testing.plugin`` (so this
+package) in every run of every project installed beside v2mount, and that must neither
+cost the clients' imports nor fail where ``httpx`` is not installed.
 """
 
 from __future__ import annotations
 
-from v2mount.testing.client import AsyncV2Client, InferResult, V2Client, V2HTTPError
-from v2mount.testing.serving import (
-    LifespanError,
-    ModelsNotReady,
-    Target,
-    build_app,
-    connect,
-    connect_async,
-    run_lifespan,
-    serve,
-    serve_async,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from v2mount.testing.client import AsyncV2Client, InferResult, V2Client, V2HTTPError
+    from v2mount.testing.serving import (
+        LifespanError,
+        ModelsNotReady,
+        Target,
+        build_app,
+        connect,
+        connect_async,
+        run_lifespan,
+        serve,
+        serve_async,
+    )
 
 __all__ = [
     "AsyncV2Client",
@@ -38,3 +46,14 @@ __all__ = [
     "serve",
     "serve_async",
 ]
+
+_CLIENT = frozenset({"AsyncV2Client", "InferResult", "V2Client", "V2HTTPError"})
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'v2mount.testing' has no attribute {name!r}")
+    module = "client" if name in _CLIENT else "serving"
+    value = getattr(importlib.import_module(f"v2mount.testing.{module}"), name)
+    globals()[name] = value
+    return value
