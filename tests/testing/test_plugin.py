@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ ONE_ROW = {"x": np.ones((1, 2), np.float32)}
 
 PID_MODEL = """
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -185,3 +189,14 @@ def test_worker_processes_stop_when_the_test_fails(tmp_path: Path) -> None:
     assert code == pytest.ExitCode.TESTS_FAILED
     pid = int(record.read_text())
     assert pid != os.getpid() and not alive(pid)
+
+
+def test_the_plugin_loads_without_httpx_or_the_clients() -> None:
+    """pytest loads the plugin in every project installed beside v2mount."""
+    code = (
+        "import sys; sys.modules['httpx'] = None\n"
+        "import v2mount.testing.plugin\n"
+        "assert 'v2mount.testing.client' not in sys.modules, sorted(sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
