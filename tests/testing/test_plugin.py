@@ -99,8 +99,10 @@ def test_a_repository_takes_server_defaults_its_files_can_override(
         folder.mkdir()
         document = {"implementation": "v2mount_test_pid_model.Pid", **settings}
         (folder / "model-settings.json").write_text(json.dumps(document))
+    (tmp_path / "settings.json").write_text(json.dumps({"server_name": "from-the-file"}))
     client = v2_client(tmp_path, server_settings={"model_max_queue_size": 3})
     assert served_pid(client, "fixed") == os.getpid() == served_pid(client, "free")
+    assert client.metadata()["name"] == "from-the-file"
     stats = client.get("/v2/models/stats").json()["model_stats"]
     assert sorted(entry["name"] for entry in stats) == ["fixed", "free"]
     with pytest.raises(TypeError, match="for a repository use server_settings="):

@@ -116,10 +116,10 @@ def build_app(
                 "settings= sets a Model's settings; for a repository use server_settings= "
                 "(or edit its model-settings.json)"
             )
-        server = _server_settings(
-            server_settings, {f"model_{key}": value for key, value in shortcuts.items()}
-        )
-        return V2App(repository=Path(target), settings=server)
+        extra: dict[str, Any] = {f"model_{key}": value for key, value in shortcuts.items()}
+        # Named in the settings too, so the repository's settings.json is read.
+        extra["model_repository"] = Path(target)
+        return V2App(repository=Path(target), settings=_server_settings(server_settings, extra))
     items: Sequence[type[Model] | Model] | None = None
     if isinstance(target, (type, Model)):
         items = [target]
