@@ -174,10 +174,15 @@ async def test_two_apps_in_one_host_keep_their_own_models_and_metrics(
     assert "model_infer_request_success_total{" not in (await b.get("/metrics")).text
 
 
+def arenas() -> set[str]:
+    """This process's shared-memory files (the pools name them v2mount-<pid>-...)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"v2mount-{os.getpid()}-")}
+
+
 @pytest.mark.slow
-async def test_no_worker_process_survives_the_host_shutdown() -> None:
+async def test_no_worker_process_or_shared_memory_survives_the_host_shutdown() -> None:
     v2app = V2App([Identity({"parallel_workers": 1})])
-    pids: list[int] = []
+    before = arenas()
 
     async with run_lifespan(composing_host(v2app, [])):
         runner: Any = only(v2app)._runner
@@ -186,6 +191,13 @@ async def test_no_worker_process_survives_the_host_shutdown() -> None:
         transport = httpx.ASGITransport(app=v2app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             response = await http.post("/v2/models/identity/infer", json=INFER)
-        assert response.json()["outputs"][0]["data"] == [1.0, 2.0]
+            assert response.json()["outputs"][0]["data"] == [1.0, 2.0]
+            big = np.arange(100_000, dtype=np.float32)  # 400 kB: through shared memory
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [big.size]}]}
+            body["inputs"][0]["data"] = big.tolist()
+            response = await http.post("/v2/models/identity/infer", json=body)
+            assert response.json()["outputs"][0]["data"][-1] == 99_999.0
+        assert arenas() - before, "the pool holds a shared-memory arena"
     assert not alive(pids[0])
+    assert arenas() - before == set()
     assert only(v2app).state is ModelState.UNAVAILABLE
