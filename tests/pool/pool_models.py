@@ -14,6 +14,7 @@ import numpy as np
 
 from v2mount.errors import BadRequest
 from v2mount.model import Model
+from v2mount.settings import TensorSpec
 from v2mount.types import InferenceRequest
 
 logger = logging.getLogger("pool_models")
@@ -72,6 +73,7 @@ class AsyncDouble(Model):
     async def load(self) -> None:
         await anyio.lowlevel.checkpoint()
         self.loop_ids: set[int] = set()
+        self.settings.inputs = [TensorSpec(name="x", datatype="FP32", shape=[-1])]
 
     async def predict(self, payload: InferenceRequest) -> Any:
         import asyncio

@@ -207,10 +207,14 @@ async def test_native_threads_are_limited_in_the_worker_only(echo: WorkerPool) -
 
 async def test_async_model_keeps_one_loop_and_stop_leaves_nothing() -> None:
     before = our_arenas()
-    pool = WorkerPool(AsyncDouble(), 1, max_queue_size=4, metrics_sink=ignore)
+    model = AsyncDouble()
+    assert model.settings.inputs == []
+    pool = WorkerPool(model, 1, max_queue_size=4, metrics_sink=ignore)
     await pool.start()
     pids = pool.pids()
     assert pool.ready and pool.reason is None and len(pids) == 1
+    # What load declared in the worker is the parent's metadata too.
+    assert [(s.name, s.datatype, s.shape) for s in model.settings.inputs] == [("x", "FP32", [-1])]
     for _ in range(2):
         response = await pool.infer(request(x=np.array([1.5, -2.0], np.float32)))
     assert response.outputs[0].data.tolist() == [3.0, -4.0]

@@ -4,10 +4,24 @@
 N ``multiprocess`` workers (spawn context), requests wait in one bounded queue and go to
 an idle worker, large numpy buffers cross by shared memory, dead workers are replaced.
 See ``docs/parallel-inference.md``.
+
+``WorkerPool`` is imported on first use, so that a worker process, which imports this
+package only for the code it runs, does not pay for the parent's side.
 """
 
 from __future__ import annotations
 
-from v2mount.pool._pool import WorkerPool
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from v2mount.pool._pool import WorkerPool
 
 __all__ = ["WorkerPool"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WorkerPool":
+        from v2mount.pool._pool import WorkerPool
+
+        return WorkerPool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,6 +40,7 @@ from v2mount.pool._state import (
 )
 from v2mount.pool._worker import WorkerSpec
 from v2mount.runner import MetricsSink
+from v2mount.settings import TensorSpec
 from v2mount.types import InferenceResponse
 
 __all__ = ["EXIT_GRACE", "STOP_GRACE", "Monitor"]
@@ -256,7 +257,10 @@ class Monitor:
             _, level, name, text = message
             self._log(worker.id, level, f"{name}: {text}")
         elif kind == "ready":
-            self._apply_metrics(message[1])
+            _, updates, declared = message
+            self._apply_metrics(updates)
+            if declared is not None and not self._state.start_ok:
+                self._adopt(*declared)
             with self._state.lock:
                 worker.loaded = True
                 self._state.live += 1
@@ -280,6 +284,15 @@ class Monitor:
             self._complete(worker, outcome)
             self._dispatch()
         return True
+
+    def _adopt(self, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
+        """Give the parent's model the inputs and outputs its ``load`` declared in a worker.
+
+        Done once, before ``start`` returns, so readers of the settings see them settled.
+        """
+        settings = self._model.settings
+        settings.inputs = [TensorSpec.model_validate(spec) for spec in inputs]
+        settings.outputs = [TensorSpec.model_validate(spec) for spec in outputs]
 
     def _complete(self, worker: WorkerProcess, outcome: InferenceResponse | V2MountError) -> None:
         with self._state.lock:

@@ -138,6 +138,12 @@ class _Runner:
             self._loop.close()
 
 
+def _declared(model: Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model's declared inputs and outputs, as plain data for the parent."""
+    settings = model.settings
+    return [s.model_dump() for s in settings.inputs], [s.model_dump() for s in settings.outputs]
+
+
 def _serve(link: _Link, runner: _Runner) -> None:
     model = runner.model
     while True:
@@ -199,6 +205,7 @@ def worker_main(
         try:
             model = unpack_model(package)
             runner = _Runner(model)
+            declared = _declared(model)
             runner.run(model.load)
         except Exception as exc:
             logger.error("loading the model failed", exc_info=True)
@@ -207,7 +214,9 @@ def worker_main(
                 link.send(("load_failed", str(exc) or type(exc).__name__, drained))
             return
         try:
-            link.send(("ready", model.metrics.drain()))
+            # What load declared (an ONNX graph's inputs, say) is metadata the parent serves.
+            changed = _declared(model)
+            link.send(("ready", model.metrics.drain(), changed if changed != declared else None))
         except OSError:
             return  # stopped while loading
         _serve(link, runner)
