@@ -438,3 +438,40 @@ async def test_every_caller_gets_its_own_copy_of_the_runners_error() -> None:
         assert result.message == "model 'm' has 9 requests queued"
         assert result.headers() == {"Retry-After": "3"}
     assert first is not second
+
+
+async def test_many_requests_some_cancelled_all_others_answered_right() -> None:
+    model = Recorder()
+    batcher = AdaptiveBatcher(await runner_for(model), max_batch_size=8, max_batch_time=0.001)
+    rng = np.random.default_rng(4)
+    answered: dict[int, object] = {}
+
+    async def one(index: int, rows: int, cancel_after: int) -> None:
+        request = make_request(np.full((rows, 2), index), id=str(index))
+        with anyio.CancelScope() as scope:
+            if cancel_after >= 0:
+                # Cancel from a sibling after a few loop turns: before or after dispatch.
+                async def canceller() -> None:
+                    for _ in range(cancel_after):
+                        await anyio.lowlevel.checkpoint()
+                    scope.cancel()
+
+                group.start_soon(canceller)
+            answered[index] = await batcher.infer(request)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as group:
+            for index in range(300):
+                rows = int(rng.integers(1, 5))
+                cancel_after = int(rng.integers(0, 6)) if rng.random() < 0.3 else -1
+                group.start_soon(one, index, rows, cancel_after)
+                if index % 7 == 0:
+                    await anyio.lowlevel.checkpoint()
+    for index, response in answered.items():
+        out = outputs_of(response)["x_out"]
+        assert np.array_equal(out, np.full((len(out), 2), 2 * index))
+        assert getattr(response, "id", None) == str(index)
+    stats = batcher.statistics()
+    assert 100 < len(answered) < 300
+    assert (stats.queued_requests, stats.queued_rows, stats.in_flight_batches) == (0, 0, 0)
+    assert stats.batched_requests >= len(answered)
