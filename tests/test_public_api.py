@@ -21,6 +21,7 @@ PUBLIC_MODULES = [
     "v2mount.codecs",
     "v2mount.rest",
     "v2mount.metrics",
+    "v2mount.testing",
 ]
 
 

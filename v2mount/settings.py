@@ -33,13 +33,18 @@ SETTINGS_FILE = "settings.json"
 class TensorSpec(BaseModel):
     """A declared input or output: name, datatype, shape (``-1`` = any size)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
 
     name: str = Field(min_length=1)
+    """Tensor name, as the client sends it."""
     datatype: str
+    """One of the OIP datatypes (BOOL, UINT8 … FP64, BYTES)."""
     shape: list[int]
+    """Dimensions; ``-1`` marks a variable one (usually the batch)."""
     parameters: dict[str, Any] = Field(default_factory=dict)
+    """Free-form parameters shown in metadata (``content_type`` among them)."""
     optional: bool = False
+    """An input the client may leave out."""
 
     @field_validator("datatype")
     @classmethod
@@ -59,11 +64,14 @@ class TensorSpec(BaseModel):
 class ModelParameters(BaseModel):
     """MLServer's ``parameters`` block; unknown keys are kept for the model to read."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
     uri: str | None = None
+    """Artefact path; relative paths resolve against the settings file's folder."""
     version: str | None = None
+    """This model version's name (versions may also be numbered subfolders)."""
     content_type: str | None = None
+    """Default content type for decoding the request (``np``, ``str``, ``pd`` …)."""
 
 
 class ModelSettings(BaseModel):
@@ -73,23 +81,38 @@ class ModelSettings(BaseModel):
     ``inference_timeout`` left unset take the server-wide defaults from ``Settings``.
     """
 
-    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="ignore", arbitrary_types_allowed=True, use_attribute_docstrings=True
+    )
 
     name: str = Field(min_length=1)
+    """Model name in URLs; defaults to the folder name (no ``/``)."""
     implementation: Any = None
+    """Dotted path of the ``Model`` subclass (MLServer runtime names map to ours)."""
     platform: str = ""
+    """Informational ``platform`` string in the model metadata."""
     parameters: ModelParameters = Field(default_factory=ModelParameters)
+    """MLServer's parameters block: ``uri``, ``version``, ``content_type``, extras."""
     inputs: list[TensorSpec] = Field(default_factory=list)
+    """Declared inputs; requests are validated against them when present."""
     outputs: list[TensorSpec] = Field(default_factory=list)
+    """Declared outputs; responses are cast to their datatypes."""
     parallel_workers: int | None = Field(default=None, ge=0)
+    """Worker processes for this model (0: in the main process); unset: server default."""
     max_batch_size: int | None = Field(default=None, ge=0)
+    """Adaptive batching: rows per batch (≤ 1: off); unset: server default."""
     max_batch_time: float | None = Field(default=None, ge=0)
+    """Adaptive batching: seconds the oldest request may wait; unset: server default."""
     inference_timeout: float | None = Field(default=None, gt=0)
+    """Seconds before a request gets 504; unset: server default."""
     max_queue_size: int | None = Field(default=None, ge=1)
+    """Requests that may wait for this model before 503; unset: server default."""
     threads_per_worker: int | None = Field(default=None, ge=1)
+    """Native thread pools (BLAS, OpenMP, ONNX Runtime) per worker; unset: default."""
     default_version: bool = False
-    #: The folder the settings file was read from; relative ``parameters.uri`` resolve here.
+    """Serve this version for requests that name no version (else the latest)."""
     source_dir: Path | None = None
+    """Set by the loader: the folder the settings file was read from."""
 
     @field_validator("name")
     @classmethod
@@ -116,23 +139,47 @@ class ModelSettings(BaseModel):
 class Settings(BaseSettings):
     """Server-wide settings; each field is also ``V2MOUNT_<FIELD>`` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="V2MOUNT_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="V2MOUNT_", extra="ignore", use_attribute_docstrings=True
+    )
 
     server_name: str = "v2mount"
+    """``name`` in the server metadata."""
     server_version: str = "0.1.0"
+    """``version`` in the server metadata."""
     model_repository: Path | None = None
-    load_models_at_startup: bool = True
+    """Folder scanned for ``model-settings.json`` files."""
+    route_prefix: str = ""
+    """Standalone server only: serve every route under this path (e.g. ``/ml``)."""
     model_parallel_workers: int = Field(default=4, ge=0)
+    """Default worker processes per model (0: inference in the main process)."""
     model_max_batch_size: int = Field(default=0, ge=0)
+    """Default adaptive-batching rows per batch (≤ 1: batching off)."""
     model_max_batch_time: float = Field(default=0.0, ge=0)
+    """Default seconds the oldest request of a batch may wait."""
     model_inference_timeout: float = Field(default=60.0, gt=0)
+    """Default seconds before an inference gets 504 (a stuck worker is replaced at 2×)."""
     model_max_queue_size: int = Field(default=1024, ge=1)
+    """Default requests that may wait per model before 503 + ``Retry-After``."""
     model_threads_per_worker: int = Field(default=1, ge=1)
+    """Default native threads (BLAS, OpenMP, ONNX Runtime) in each worker process."""
     max_request_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
+    """Largest request body accepted; larger ones get 413."""
     shm_threshold_bytes: int = Field(default=64 * 1024, ge=0)
+    """Arrays at least this large cross to workers by shared memory, not the pipe."""
     metrics_path: str | None = "/metrics"
+    """Path of the Prometheus endpoint; empty or null turns it off."""
     docs_enabled: bool = True
+    """Serve Swagger UI at ``/v2/docs`` and per model."""
     repository_api_enabled: bool = True
+    """Serve the model repository extension (index, load, unload)."""
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value and (not value.startswith("/") or value.endswith("/")):
+            raise ValueError("must start with '/' and not end with '/'")
+        return value
 
 
 def _format_validation(exc: ValidationError, source: str) -> str:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.types import ASGIApp
 
 from v2mount.rest.app import V2App
 from v2mount.settings import load_settings
@@ -14,8 +20,21 @@ __all__ = ["DEMO_REPOSITORY", "create_app"]
 DEMO_REPOSITORY = Path(__file__).parent / "demo"
 
 
-def create_app(**overrides: Any) -> V2App:
-    """A ``V2App`` built from ``V2MOUNT_*`` settings (the demo models by default)."""
+def create_app(**overrides: Any) -> ASGIApp:
+    """The server built from ``V2MOUNT_*`` settings (the demo models by default).
+
+    A ``V2App``, or with ``route_prefix`` set a Starlette app mounting it there and
+    running its lifespan.
+    """
     settings = load_settings(**overrides)
     repository = settings.model_repository or DEMO_REPOSITORY
-    return V2App(repository=repository, settings=settings)
+    app = V2App(repository=repository, settings=settings)
+    if not settings.route_prefix:
+        return app
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        async with app.lifespan():
+            yield
+
+    return Starlette(routes=[Mount(settings.route_prefix, app=app)], lifespan=lifespan)

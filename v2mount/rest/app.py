@@ -90,7 +90,7 @@ class V2App:
         return served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._started:
+        if scope["type"] == "http" and not self._started and not self._stopping:
             await self.startup()
         await self._router(scope, receive, send)
 
@@ -104,6 +104,7 @@ class V2App:
         """
         if self._started:
             return
+        self._stopping = False
         if self._starting is not None:
             await self._starting.wait()
             return
@@ -120,6 +121,7 @@ class V2App:
     async def shutdown(self) -> None:
         """Drain in-flight requests and stop every model's workers (shielded)."""
         with anyio.CancelScope(shield=True):
+            self._stopping = True  # a late request must not start the models again
             async with anyio.create_task_group() as tg:
                 for handle in self.registry.handles():
                     tg.start_soon(handle.unload)
