@@ -216,7 +216,7 @@ async def main(quick: bool) -> None:
     steps: list[Callable[[], Awaitable[None]]] = [
         lambda: latency(2000 // scale),
         lambda: big_tensor(200 // scale),
-        lambda: scaling(400 // scale, rounds=12),
+        lambda: scaling(400 // scale, rounds=36),
         lambda: wake_ups(2000 // scale),
     ]
     for step in steps:

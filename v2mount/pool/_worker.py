@@ -31,6 +31,7 @@ from v2mount.errors import V2MountError
 from v2mount.model import Model, build_response
 from v2mount.pool._ipc import (
     Arena,
+    RequestWire,
     decode,
     encode,
     error_to_wire,
@@ -144,29 +145,41 @@ def _declared(model: Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return [s.model_dump() for s in settings.inputs], [s.model_dump() for s in settings.outputs]
 
 
-def _serve(link: _Link, runner: _Runner) -> None:
+def _answer(runner: _Runner, seq: int, wire: RequestWire) -> tuple[Any, ...]:
+    """The reply to one request: its result or its error, with the metrics recorded."""
     model = runner.model
+    try:
+        request = request_from_wire(wire)
+        response = build_response(model, request, runner.run(model.predict, request))
+        reply: tuple[Any, ...] = ("result", seq, response_to_wire(response))
+    except Exception as exc:
+        if not isinstance(exc, V2MountError):
+            logger.exception("predict raised")
+        reply = ("error", seq, error_to_wire(exc))
+    return (*reply, model.metrics.drain())
+
+
+def _serve(link: _Link, runner: _Runner) -> None:
+    """Answer requests one at a time until the pipe reaches EOF.
+
+    Each message is dropped as soon as it is used, so an idle worker holds no tensor.
+    """
     while True:
         try:
             frame = link.conn.recv_bytes()
         except (EOFError, OSError):
             return
         seq, wire = decode(frame, link.arena)
-        try:
-            request = request_from_wire(wire)
-            response = build_response(model, request, runner.run(model.predict, request))
-            reply: tuple[Any, ...] = ("result", seq, response_to_wire(response))
-        except Exception as exc:
-            if not isinstance(exc, V2MountError):
-                logger.exception("predict raised")
-            reply = ("error", seq, error_to_wire(exc))
-        reply = (*reply, model.metrics.drain())
+        del frame
+        reply = _answer(runner, seq, wire)
+        del wire
         try:
             link.send(reply, shared=True)
         except (OSError, EOFError):
             return
         except Exception as exc:  # the result itself would not pickle
             link.send(("error", seq, error_to_wire(exc), reply[-1]))
+        del reply
 
 
 def worker_main(
