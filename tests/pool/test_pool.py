@@ -77,9 +77,10 @@ def ignore(updates: list[MetricUpdate]) -> None:
     """A metrics sink for pools whose updates no test reads."""
 
 
-def our_arenas(pid: int | None = None) -> set[str]:
-    """The shared-memory arenas the pools of process ``pid`` (this one by default) hold."""
-    prefix = f"v2mount-{pid or os.getpid()}-"
+def our_arenas(model: str = "", pid: int | None = None) -> set[str]:
+    """The shared-memory arenas that pools of process ``pid`` (this one by default) hold,
+    for the model ``model`` (all models by default)."""
+    prefix = f"v2mount-{pid or os.getpid()}-{model}"
     return {name for name in os.listdir(SHM_DIR) if name.startswith(prefix)}
 
 
@@ -206,7 +207,6 @@ async def test_native_threads_are_limited_in_the_worker_only(echo: WorkerPool) -
 
 
 async def test_async_model_keeps_one_loop_and_stop_leaves_nothing() -> None:
-    before = our_arenas()
     model = AsyncDouble()
     assert model.settings.inputs == []
     pool = WorkerPool(model, 1, max_queue_size=4, metrics_sink=ignore)
@@ -219,13 +219,13 @@ async def test_async_model_keeps_one_loop_and_stop_leaves_nothing() -> None:
         response = await pool.infer(request(x=np.array([1.5, -2.0], np.float32)))
     assert response.outputs[0].data.tolist() == [3.0, -4.0]
     assert response.outputs[1].data.tolist() == [1]  # both calls ran on the same loop
-    assert our_arenas() - before
+    assert our_arenas("async-double-")
 
     await pool.stop()
     await pool.stop()
     assert not any(alive(pid) for pid in pids)
     assert not any(child.pid in pids for child in multiprocess.active_children())
-    assert our_arenas() == before
+    assert not our_arenas("async-double-")
     assert not pool.ready and pool.pids() == []
     with pytest.raises(ModelNotReady, match="stopped"):
         await pool.infer(request())
@@ -364,12 +364,11 @@ async def test_a_stuck_worker_is_killed_after_the_hard_timeout(sleepy: WorkerPoo
 async def test_load_failure_is_reported_without_hanging(
     model: Any, workers: int, reason: str
 ) -> None:
-    before = our_arenas()
     pool = WorkerPool(model, workers, max_queue_size=4, metrics_sink=ignore)
     with anyio.fail_after(60), pytest.raises(ModelNotReady, match=reason):
         await pool.start()
     assert not pool.ready and reason in (pool.reason or "")
-    assert pool.pids() == [] and our_arenas() == before
+    assert pool.pids() == [] and not our_arenas(f"{model.settings.name}-")
     with pytest.raises(ModelNotReady):
         await pool.infer(request())
     await pool.stop()
@@ -438,8 +437,8 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
             assert host.stdout is not None
             pids = [int(pid) for pid in host.stdout.readline().split()]
             assert len(pids) == 2 and all(alive(pid) for pid in pids)
-            assert our_arenas(host.pid)
+            assert our_arenas(pid=host.pid)
         finally:
             host.kill()
     anyio.run(eventually, lambda: not any(alive(pid) for pid in pids), 15.0)
-    assert not our_arenas(host.pid)
+    assert not our_arenas(pid=host.pid)

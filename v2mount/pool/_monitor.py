@@ -13,6 +13,7 @@ import functools
 import itertools
 import logging
 import os
+import re
 import selectors
 import threading
 import time
@@ -73,6 +74,8 @@ class Monitor:
     ) -> None:
         self._state = state
         self._name = state.name
+        #: The model's name as it may appear in a file name (arenas are named after it).
+        self._file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", state.name)[:40]
         self._model = model
         self._context = context
         self._sink = metrics_sink
@@ -164,7 +167,7 @@ class Monitor:
     def _spawn(self, *, initial: bool = False) -> None:
         assert self._package is not None and self._selector is not None
         worker_id = next(self._worker_ids)
-        arena = Arena.create(f"v2mount-{os.getpid()}-{worker_id}")
+        arena = Arena.create(f"v2mount-{os.getpid()}-{self._file_name}-{worker_id}")
         spec = WorkerSpec(
             worker_id=worker_id,
             parent_pid=os.getpid(),
