@@ -24,6 +24,8 @@ travel to them by value):
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import threading
 import time
@@ -145,22 +147,41 @@ async def closed_loop(pool: WorkerPool, request: InferenceRequest, calls: int) -
     return calls / (time.perf_counter() - start)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds the processes ``pids`` used so far (Linux ``/proc``; NaN elsewhere)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return math.nan
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 async def scaling(calls: int, rounds: int) -> None:
+    """Throughput with 1 and 2 workers, and how many cores the workers got meanwhile."""
     request = InferenceRequest([Tensor("rounds", "INT64", (1,), np.array([rounds]))])
-    throughput = {}
+    throughput, cores = {}, {}
     one_call = 0.0
     for workers in (1, 2):
         pool = await pool_of(Burn(), workers, threads_per_worker=1)
         try:
             if workers == 1:
                 one_call = percentiles(await timed_calls(pool, request, 20))[0]
+            await timed_calls(pool, request, 4)
+            pids = pool.pids()
+            cpu, start = cpu_seconds(pids), time.perf_counter()
             throughput[workers] = await closed_loop(pool, request, calls)
+            cores[workers] = (cpu_seconds(pids) - cpu) / (time.perf_counter() - start)
         finally:
             await pool.stop()
     print(f"CPU-bound predict ({one_call:.1f} ms a call, alone), 8 callers, {calls} calls")
     for workers, rate in throughput.items():
-        print(f"  {workers} worker(s)                              {rate:7.1f} req/s")
-    print(f"  ratio 2 / 1                              {throughput[2] / throughput[1]:7.2f}")
+        got = cores[workers]
+        print(f"  {workers} worker(s)  {rate:7.1f} req/s; the workers got {got:4.2f} cores")
+    print(f"  ratio 2 / 1   {throughput[2] / throughput[1]:7.2f}")
 
 
 Wake = Callable[[anyio.Event, EventLoopToken], None]
