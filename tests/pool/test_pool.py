@@ -35,9 +35,13 @@ from v2mount.errors import (
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.pool import WorkerPool
 from v2mount.pool._ipc import SHM_DIR
+from v2mount.pool._worker import THREAD_VARIABLES
 from v2mount.types import InferenceRequest, Tensor
 
 pytestmark = pytest.mark.anyio
+
+#: The parent's thread settings before any pool started: workers must not change them.
+PARENT_THREAD_ENV = {name: os.environ.get(name) for name in THREAD_VARIABLES}
 
 
 def _load_models() -> ModuleType:
@@ -203,7 +207,7 @@ async def test_worker_logs_and_output_reach_the_parent(
 async def test_native_threads_are_limited_in_the_worker_only(echo: WorkerPool) -> None:
     response = await echo.infer(request(action="env"))
     assert response.outputs[0].data.tolist() == [b"1", b"1", b"1"]
-    assert os.environ.get("OMP_NUM_THREADS") != "1" or "OMP_NUM_THREADS" in os.environ
+    assert {name: os.environ.get(name) for name in THREAD_VARIABLES} == PARENT_THREAD_ENV
 
 
 async def test_async_model_keeps_one_loop_and_stop_leaves_nothing() -> None:
