@@ -86,22 +86,28 @@ async def test_examples_through_worker_pools(
             "data": ["setosa", "virginica"],
         }
 
-        # Errors raised by a runtime in its worker keep their status.
+        # The metadata declared by load() in the worker is checked by the server ...
         wrong = body("x", "FP64", ROWS, outputs=[{"name": "transform"}])
         r = await client.post("/v2/models/sklearn-iris/infer", json=wrong)
         assert r.status_code == 400
-        assert "offers the outputs 'predict', 'predict_proba'; 'transform'" in r.json()["error"]
+        assert "unexpected inference output 'transform'" in r.json()["error"]
+        # ... and a runtime's own BadRequest crosses the pool as a 400.
+        uneven = {
+            "parameters": {"content_type": "pd"},
+            "inputs": [
+                {"name": "a", "datatype": "FP64", "shape": [2], "data": [1.0, 2.0]},
+                {"name": "b", "datatype": "FP64", "shape": [1], "data": [1.0]},
+            ],
+        }
+        r = await client.post("/v2/models/sklearn-iris/infer", json=uneven)
+        assert r.status_code == 400
+        assert "input 'b' has 1 rows, the others 2" in r.json()["error"]
         unknown = body("x", "FP64", ROWS, parameters={"content_type": "parquet"})
         r = await client.post("/v2/models/sklearn-iris/infer", json=unknown)
         assert r.status_code == 400
         assert "unknown content type 'parquet'" in r.json()["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker pool does not yet send the inputs/outputs a runtime declares in "
-    "load() back to the parent, so metadata stays empty with parallel_workers > 0",
-)
 async def test_metadata_read_by_load_reaches_the_parent(
     serve: Serve, example_repository: Path
 ) -> None:
