@@ -22,6 +22,8 @@ PUBLIC_MODULES = [
     "v2mount.rest",
     "v2mount.metrics",
     "v2mount.testing",
+    "v2mount.runtimes",
+    "v2mount.codecs.content",
 ]
 
 

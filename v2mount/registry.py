@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from v2mount.codecs.content import check_content_types
+from v2mount.codecs.content import check_content_types, check_declared_content_types
 from v2mount.errors import (
     InferenceTimeout,
     ModelNotFound,
@@ -68,6 +68,7 @@ class ModelHandle:
         self.settings: ModelSettings = model.settings
         self.server = server
         self.metrics = metrics
+        check_declared_content_types(self.settings)
         self.state = ModelState.UNAVAILABLE
         self.reason = ""
         self.stats = InferenceStats()
@@ -93,6 +94,8 @@ class ModelHandle:
         return getattr(self.server, f"model_{field}") if value is None else value
 
     def _make_runner(self) -> Runner:
+        # Runtimes size their native thread pools from the model's own settings.
+        self.settings.threads_per_worker = self._setting("threads_per_worker")
         workers: int = self._setting("parallel_workers")
         queue: int = self._setting("max_queue_size")
         if workers == 0:
