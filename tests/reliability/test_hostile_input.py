@@ -158,3 +158,29 @@ async def test_app_answers_garbage_with_4xx(serve: Any) -> None:
         r = await client.post("/v2/models/echo/infer", content=b"{}", headers=huge_header)
         assert r.status_code == 400
         assert (await client.get("/v2/health/ready")).status_code == 200
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="check_shape (v2mount/codecs/tensor.py) accepts any rank and any dimension; "
+    "numpy's reshape then raises ValueError ('array is too big', 'Maximum allowed dimension "
+    "exceeded', 'maximum supported dimension for an ndarray is currently 64') in "
+    "decode_json_data (tensor.py) and decode_binary_tensor (binary.py), which "
+    "v2_endpoint answers with 500 'internal server error'",
+)
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize(
+    "shape", [[0, 2**62], [0, 2**63 - 1], [0] * 65, [1] * 65], ids=["2^62", "2^63", "65x0", "65x1"]
+)
+def test_shapes_numpy_cannot_hold_are_400(shape: list[int], binary: bool) -> None:
+    count = 0 if 0 in shape else 1
+    tensor: dict[str, Any] = {"name": "x", "datatype": "FP32", "shape": shape}
+    if binary:
+        tensor["parameters"] = {"binary_data_size": 4 * count}
+        head = json.dumps({"inputs": [tensor]}).encode()
+        body, header = head + b"\0" * 4 * count, len(head)
+    else:
+        tensor["data"] = [1.0] * count
+        body, header = json.dumps({"inputs": [tensor]}).encode(), None
+    with pytest.raises(BadRequest):
+        decode_request(body, header)
