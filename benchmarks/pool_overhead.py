@@ -8,7 +8,7 @@ No HTTP: each figure times the runner call alone, so it shows the pool's own cos
   shared memory and (threshold raised above the tensor) through the pipe alone.
   MB/s counts the tensor's 4 MiB once per round trip.
 - ``scaling``: a CPU-bound predict (about 10 ms of single-threaded numpy), 8 concurrent
-  callers, throughput with 1 and with 2 workers.
+  callers, throughput with 1 and with 2 workers (and the CPU the workers got).
 - ``wake-up``: how long a plain thread takes to wake a task waiting on an event loop,
   non-blocking (``run_sync_soon``, what the pool uses) or blocking
   (``anyio.from_thread.run_sync``), for the record.
@@ -19,6 +19,10 @@ travel to them by value):
     python -m benchmarks.pool_overhead                 # asyncio
     python -m benchmarks.pool_overhead --backend trio
     python -m benchmarks.pool_overhead --quick         # fewer calls
+    python -m benchmarks.pool_overhead --only scaling  # one figure
+
+On a shared machine other processes take cores from the workers: ``scaling`` prints
+the cores the workers actually got next to their throughput.
 """
 
 from __future__ import annotations
@@ -232,25 +236,27 @@ async def wake_ups(calls: int) -> None:
         print(f"  {label:<40} {p50 * 1e3:7.1f} {p99 * 1e3:7.1f}")
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, only: str | None) -> None:
     scale = 4 if quick else 1
-    steps: list[Callable[[], Awaitable[None]]] = [
-        lambda: latency(2000 // scale),
-        lambda: big_tensor(200 // scale),
-        lambda: scaling(400 // scale, rounds=36),
-        lambda: wake_ups(2000 // scale),
-    ]
-    for step in steps:
-        await step()
-        print()
+    steps: dict[str, Callable[[], Awaitable[None]]] = {
+        "latency": lambda: latency(2000 // scale),
+        "4mb": lambda: big_tensor(200 // scale),
+        "scaling": lambda: scaling(400 // scale, rounds=36),
+        "wake": lambda: wake_ups(2000 // scale),
+    }
+    for name, step in steps.items():
+        if only in (None, name):
+            await step()
+            print()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--uvloop", action="store_true", help="asyncio with uvloop")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the calls")
+    parser.add_argument("--only", choices=["latency", "4mb", "scaling", "wake"])
     args = parser.parse_args()
     print(f"python {platform.python_version()}, {args.backend}, uvloop={args.uvloop}\n")
     options = {"use_uvloop": True} if args.uvloop else {}
-    anyio.run(main, args.quick, backend=args.backend, backend_options=options)
+    anyio.run(main, args.quick, args.only, backend=args.backend, backend_options=options)
