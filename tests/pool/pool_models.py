@@ -47,8 +47,13 @@ class Echo(Model):
             logger.warning("predict saw %s", payload.id)
             print("to stderr", file=sys.stderr, flush=True)
         elif action == "env":
+            from threadpoolctl import threadpool_info
+
             names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-            return {"env": np.array([os.environ.get(n, "").encode() for n in names], object)}
+            return {
+                "env": np.array([os.environ.get(n, "").encode() for n in names], object),
+                "pools": np.array([pool["num_threads"] for pool in threadpool_info()]),
+            }
         elif action == "pid":
             return {"pid": np.array([os.getpid()], np.int64)}
         self.metrics.counter("echo_calls", labels={"model": "echo"})
