@@ -4,7 +4,8 @@ Loaded by path in the test process (``reliability_models`` fixture) and by name 
 ``python -m v2mount`` subprocess (its ``PYTHONPATH`` holds this folder). Each worker's
 ``load`` leaves a file named after its pid in ``parameters.marker_dir``, so a test can
 tell a *loaded* worker from one still starting without reaching into the pool (and
-takes a second longer while that folder holds a file ``slow-load``).
+takes a second longer while that folder holds a file ``slow-load``; ``Faulty``'s load
+fails, leaving ``failed-<pid>``, while it holds ``fail-load``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class Faulty(Model):
 
     def load(self) -> None:
         self.hoard: list[bytes] = []
+        folder = (self.settings.parameters.model_extra or {}).get("marker_dir")
+        if folder and Path(folder, "fail-load").exists():
+            Path(folder, f"failed-{os.getpid()}").touch()
+            raise RuntimeError("load refused")
         _mark_loaded(self)
 
     def predict(self, payload: InferenceRequest) -> Any:
