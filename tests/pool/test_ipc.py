@@ -11,7 +11,9 @@ import pytest
 
 from v2mount.errors import BadRequest, ModelError, Overloaded, V2MountError
 from v2mount.pool._ipc import (
+    SHM_DIR,
     Arena,
+    arena_path,
     decode,
     encode,
     error_from_wire,
@@ -32,11 +34,18 @@ class Refused(BadRequest):
 
 @pytest.fixture
 def arena(tmp_path: Path) -> Iterator[Arena]:
-    created = Arena.create("test", directory=str(tmp_path))
+    created = Arena.create(str(tmp_path / "arena"))
     assert created is not None
     yield created
     created.close()
     created.unlink()
+
+
+def test_arena_names_are_fresh_and_need_a_shared_memory_folder(tmp_path: Path) -> None:
+    first, second = arena_path("v2mount-1-m-1"), arena_path("v2mount-1-m-1")
+    assert first != second and first is not None and first.startswith(SHM_DIR)
+    assert arena_path("x", directory=str(tmp_path / "missing")) is None
+    assert Arena.create(str(tmp_path / "missing" / "arena")) is None
 
 
 def test_large_buffers_go_through_the_arena_and_come_back_as_private_copies(

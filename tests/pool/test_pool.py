@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -400,49 +399,59 @@ async def test_stop_fails_queued_requests_and_lets_running_ones_finish() -> None
     assert outcomes[1] == [0.5]
 
 
+HOST = """
+import sys, time
+import anyio
+import numpy as np
+from v2mount.model import Model
+from v2mount.pool import WorkerPool
+from v2mount.types import InferenceRequest, Tensor
+
+class MainModel(Model):  # defined in __main__: dill sends it by value
+    def load(self):
+        time.sleep(60 if sys.argv[1] == "loading" else 0)
+
+    def predict(self, payload):
+        time.sleep(float(payload.parameters.get("sleep", 0)))
+        return payload["x"]
+
+async def serve(pool):
+    await pool.start()
+    x = np.ones(1 << 18, np.float32)
+    answer = await pool.infer(InferenceRequest([Tensor("x", "FP32", x.shape, x)]))
+    assert answer.outputs[0].data.sum() == x.size
+    busy = InferenceRequest([Tensor("x", "FP32", (1,), x[:1])], parameters={"sleep": 60})
+    await pool.infer(busy)  # one worker busy, one idle
+
+async def main():
+    pool = WorkerPool(MainModel(), 2, max_queue_size=4, metrics_sink=lambda _: None)
+    async with anyio.create_task_group() as group:
+        group.start_soon(serve, pool)
+        busy = 1 if sys.argv[1] == "serving" else 0
+        while len(pool.pids()) < 2 or pool.statistics().in_flight < busy:
+            await anyio.sleep(0.05)
+        await anyio.sleep(0.3)
+        print(*pool.pids(), flush=True)
+        await anyio.sleep(120)
+
+if __name__ == "__main__":
+    anyio.run(main)
+"""
+
+
 @pytest.mark.slow
-def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["loading", "serving"])
+def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, stage: str) -> None:
     script = tmp_path / "host.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import sys, time
-            import anyio
-            from v2mount.model import Model
-            from v2mount.pool import WorkerPool
-            from v2mount.types import InferenceRequest, Tensor
-            import numpy as np
-
-            class MainModel(Model):  # defined in __main__: dill sends it by value
-                def predict(self, payload):
-                    time.sleep(float(payload.parameters.get("sleep", 0)))
-                    return payload["x"]
-
-            async def main():
-                pool = WorkerPool(MainModel(), 2, max_queue_size=4, metrics_sink=lambda _: None)
-                await pool.start()
-                x = np.ones(1 << 18, np.float32)
-                answer = await pool.infer(InferenceRequest([Tensor("x", "FP32", x.shape, x)]))
-                assert answer.outputs[0].data.sum() == x.size
-                one = [Tensor("x", "FP32", (1,), x[:1])]
-                busy = InferenceRequest(one, parameters={"sleep": 60})
-                async with anyio.create_task_group() as group:
-                    group.start_soon(pool.infer, busy)  # one worker is busy, one idle
-                    await anyio.sleep(0.5)
-                    print(*pool.pids(), flush=True)
-                    await anyio.sleep(120)
-
-            if __name__ == "__main__":
-                anyio.run(main)
-            """
-        )
-    )
-    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True) as host:
+    script.write_text(HOST)
+    command = [sys.executable, str(script), stage]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as host:
         try:
             assert host.stdout is not None
             pids = [int(pid) for pid in host.stdout.readline().split()]
             assert len(pids) == 2 and all(alive(pid) for pid in pids)
-            assert our_arenas(pid=host.pid)
+            if stage == "serving":
+                assert our_arenas(pid=host.pid)
         finally:
             host.kill()
     anyio.run(eventually, lambda: not any(alive(pid) for pid in pids), 15.0)

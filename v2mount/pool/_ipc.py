@@ -30,6 +30,7 @@ from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, 
 __all__ = [
     "SHM_DIR",
     "Arena",
+    "arena_path",
     "decode",
     "encode",
     "error_from_wire",
@@ -69,20 +70,16 @@ class Arena:
         self._map: mmap.mmap | None = None
 
     @classmethod
-    def create(cls, prefix: str, directory: str = SHM_DIR) -> Arena | None:
-        """Called in the parent: a new empty arena, or ``None`` where there is no usable shm."""
-        if not hasattr(os, "posix_fallocate") or not os.path.isdir(directory):
-            return None
-        path = os.path.join(directory, f"{prefix}-{uuid.uuid4().hex[:12]}")
+    def create(cls, path: str) -> Arena | None:
+        """Called in the worker: a new empty arena, or ``None`` if it cannot be made."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            return cls(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError:
             return None
-        return cls(path, fd)
 
     @classmethod
     def attach(cls, path: str) -> Arena | None:
-        """Called in the worker: open the parent's arena (``None`` if it is gone)."""
+        """Called in the parent: open a worker's arena (``None`` if it is gone)."""
         try:
             return cls(path, os.open(path, os.O_RDWR))
         except OSError:
@@ -139,6 +136,17 @@ class Arena:
 
     def unlink(self) -> None:
         unlink_quietly(self.path)
+
+
+def arena_path(prefix: str, directory: str = SHM_DIR) -> str | None:
+    """Called in the parent: a fresh name for a worker's arena, ``None`` without usable shm.
+
+    The worker creates the file once it has loaded the model (and removes it when it
+    exits), so a worker that dies while starting, even with its parent, leaves nothing.
+    """
+    if not hasattr(os, "posix_fallocate") or not os.path.isdir(directory):
+        return None
+    return os.path.join(directory, f"{prefix}-{uuid.uuid4().hex[:12]}")
 
 
 def unlink_quietly(path: str) -> None:

@@ -24,7 +24,7 @@ from multiprocess.context import SpawnContext
 from v2mount.errors import BadRequest, BrokenWorker, InferenceTimeout, ModelNotReady, V2MountError
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
-from v2mount.pool._ipc import Arena, decode, encode, error_from_wire, response_from_wire
+from v2mount.pool._ipc import Arena, arena_path, decode, encode, error_from_wire, response_from_wire
 from v2mount.pool._process import WorkerProcess
 from v2mount.pool._shipping import ModelPackage, pack_model
 from v2mount.pool._state import (
@@ -167,31 +167,28 @@ class Monitor:
     def _spawn(self, *, initial: bool = False) -> None:
         assert self._package is not None and self._selector is not None
         worker_id = next(self._worker_ids)
-        arena = Arena.create(f"v2mount-{os.getpid()}-{self._file_name}-{worker_id}")
+        path = arena_path(f"v2mount-{os.getpid()}-{self._file_name}-{worker_id}")
         spec = WorkerSpec(
             worker_id=worker_id,
             parent_pid=os.getpid(),
-            arena_path=arena.path if arena is not None else None,
+            arena_path=path,
             shm_threshold=self._shm_threshold,
             threads=self._threads,
             log_level=worker_logger.getEffectiveLevel(),
         )
-        if arena is not None:
-            self._arena_paths.add(arena.path)
+        if path is not None:
+            self._arena_paths.add(path)
         try:
             worker = WorkerProcess(
                 self._context,
                 spec,
-                arena,
                 self._package,
                 f"v2mount-{self._name}-{worker_id}",
                 functools.partial(self._log, worker_id),
             )
         except Exception as exc:
-            if arena is not None:
-                arena.close()
-                arena.unlink()
-                self._arena_paths.discard(arena.path)
+            if path is not None:
+                self._arena_paths.discard(path)
             self._load_failed(f"model {self._name!r}: cannot start a worker process: {exc}")
             return
         self._selector.register(worker.conn.fileno(), selectors.EVENT_READ, (_REPLY, worker))
@@ -260,7 +257,9 @@ class Monitor:
             _, level, name, text = message
             self._log(worker.id, level, f"{name}: {text}")
         elif kind == "ready":
-            _, updates, declared = message
+            _, updates, declared, has_arena = message
+            if has_arena and worker.arena_path is not None:
+                worker.arena = Arena.attach(worker.arena_path)
             self._apply_metrics(updates)
             if declared is not None and not self._state.start_ok:
                 self._adopt(*declared)
@@ -345,9 +344,8 @@ class Monitor:
                     f"model {self._name!r} has no live worker: worker {worker.id} {how}; "
                     "a replacement is starting"
                 )
-        if worker.arena is not None:
-            self._arena_paths.discard(worker.arena.path)
         worker.dispose()
+        self._arena_paths.discard(worker.arena_path or "")
         if job is not None:
             resolve([job], self._broken(worker, how, stopping))
         if worker.loaded:
@@ -475,9 +473,8 @@ class Monitor:
             worker.kill()
         for worker in list(self._state.workers.values()):
             worker.reap(EXIT_GRACE)
-            if worker.arena is not None:
-                self._arena_paths.discard(worker.arena.path)
             worker.dispose()
+            self._arena_paths.discard(worker.arena_path or "")
         with self._state.lock:
             running = [w.job for w in self._state.workers.values() if w.job and w.job.state == SENT]
             self._state.workers.clear()

@@ -72,7 +72,6 @@ class WorkerPool:
         self._state = PoolState(self._name, workers, max_queue_size)
         self._seq = itertools.count()
         arena_paths: set[str] = set()
-        weakref.finalize(self, _unlink_all, os.getpid(), arena_paths)
         self._monitor = Monitor(
             self._state,
             model,
@@ -83,6 +82,8 @@ class WorkerPool:
             hard_timeout=hard_timeout,
             arena_paths=arena_paths,
         )
+        # Tied to the monitor, which its thread keeps alive while any arena exists.
+        weakref.finalize(self._monitor, _unlink_all, os.getpid(), arena_paths)
 
     @property
     def ready(self) -> bool:

@@ -11,7 +11,7 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from v2mount.pool._ipc import Arena
+from v2mount.pool._ipc import Arena, unlink_quietly
 from v2mount.pool._shipping import ModelPackage
 from v2mount.pool._worker import WorkerSpec, worker_main
 
@@ -59,13 +59,14 @@ class WorkerProcess:
         self,
         context: SpawnContext,
         spec: WorkerSpec,
-        arena: Arena | None,
         package: ModelPackage,
         name: str,
         log: LogSink,
     ) -> None:
         self.id = spec.worker_id
-        self.arena = arena
+        #: Where the worker makes its arena, and the arena once the worker reports it made it.
+        self.arena_path = spec.arena_path
+        self.arena: Arena | None = None
         self.conn, child_conn = context.Pipe(duplex=True)
         out_read, out_write = context.Pipe(duplex=False)
         err_read, err_write = context.Pipe(duplex=False)
@@ -163,6 +164,7 @@ class WorkerProcess:
             self._pidfd = -1
         if self.arena is not None:
             self.arena.close()
-            self.arena.unlink()
-        if self.process.exitcode is not None:
-            self.process.close()
+        if self.arena_path is not None:
+            unlink_quietly(self.arena_path)
+        # No ``process.close()``: at interpreter exit, multiprocess may still be joining
+        # this process from the main thread; the Popen frees its fd when collected.

@@ -1,10 +1,11 @@
 """The worker process: everything here is called in the child.
 
 A worker limits native thread pools, unpickles the model (dill bytes made by the parent),
-loads it once, then answers one framed request at a time until its pipe reaches EOF (the
-pool closed it, or the parent died). Its stdout and stderr are the pool's pipes; its log
-records travel as frames on the request pipe. It unlinks its arena if it finds itself
-orphaned, so even a SIGKILLed parent leaves no process and no shared memory behind.
+loads it once, creates its shared-memory arena, then answers one framed request at a time
+until its pipe reaches EOF (the pool closed it, or the parent died). Its stdout and
+stderr are the pool's pipes; its log records travel as frames on the request pipe. It
+removes its arena when it exits, and exits by itself when orphaned, so even a SIGKILLed
+parent leaves no process and no shared memory behind.
 """
 
 from __future__ import annotations
@@ -204,8 +205,7 @@ def worker_main(
     multiprocess.current_process().daemon = False
     _limit_threads(spec.threads)
 
-    arena = Arena.attach(spec.arena_path) if spec.arena_path else None
-    link = _Link(conn, arena, spec.shm_threshold)
+    link = _Link(conn, None, spec.shm_threshold)
     root = logging.getLogger()
     root.handlers[:] = [_ForwardHandler(link)]
     root.setLevel(spec.log_level)
@@ -226,17 +226,25 @@ def worker_main(
             with contextlib.suppress(OSError):
                 link.send(("load_failed", str(exc) or type(exc).__name__, drained))
             return
+        if spec.arena_path is not None:
+            link.arena = Arena.create(spec.arena_path)
+        # What load declared (an ONNX graph's inputs, say) is metadata the parent serves.
+        changed = _declared(model)
+        ready = (
+            "ready",
+            model.metrics.drain(),
+            changed if changed != declared else None,
+            link.arena is not None,
+        )
         try:
-            # What load declared (an ONNX graph's inputs, say) is metadata the parent serves.
-            changed = _declared(model)
-            link.send(("ready", model.metrics.drain(), changed if changed != declared else None))
+            link.send(ready)
         except OSError:
             return  # stopped while loading
         _serve(link, runner)
     finally:
         if runner is not None:
             runner.close()
-        if arena is not None:
+        if link.arena is not None:
             # The parent unlinks it too; doing it here covers a parent that died.
-            arena.close()
-            arena.unlink()
+            link.arena.close()
+            link.arena.unlink()
