@@ -257,8 +257,14 @@ class PoolWatch:
         return {p for p in descendants(self.parent) if is_spawned_worker(p)}
 
     def loaded(self) -> set[int]:
-        pids = (int(p.name) for p in self.markers.iterdir() if p.name.isdigit())
-        return {pid for pid in pids if alive(pid)}
+        found = set()
+        for marker in self.markers.iterdir():
+            if marker.name.isdigit():
+                fields = _stat(int(marker.name))
+                # Alive, and the very process that wrote the marker (pids are reused).
+                if fields and fields[0] != "Z" and fields[19] == marker.read_text():
+                    found.add(int(marker.name))
+        return found
 
     def whole(self) -> bool:
         return len(self.loaded()) == self.size

@@ -2,7 +2,8 @@
 
 Loaded by path in the test process (``reliability_models`` fixture) and by name in a
 ``python -m v2mount`` subprocess (its ``PYTHONPATH`` holds this folder). Each worker's
-``load`` leaves a file named after its pid in ``parameters.marker_dir``, so a test can
+``load`` leaves a file named after its pid (holding its start time, so a reused pid is
+not taken for it) in ``parameters.marker_dir``, so a test can
 tell a *loaded* worker from one still starting without reaching into the pool (and
 takes a second longer while that folder holds a file ``slow-load``; ``Faulty``'s load
 fails, leaving ``failed-<pid>``, while it holds ``fail-load``).
@@ -20,7 +21,13 @@ import numpy as np
 from v2mount.model import Model
 from v2mount.types import InferenceRequest
 
-__all__ = ["Faulty", "Slow"]
+__all__ = ["Faulty", "Slow", "start_time"]
+
+
+def start_time(pid: int) -> str:
+    """When ``pid`` started (``/proc/<pid>/stat`` field 22): a pid reused later differs."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[19]
 
 
 def _mark_loaded(model: Model) -> None:
@@ -28,7 +35,7 @@ def _mark_loaded(model: Model) -> None:
     if folder:
         if Path(folder, "slow-load").exists():
             time.sleep(1.0)
-        Path(folder, str(os.getpid())).touch()
+        Path(folder, str(os.getpid())).write_text(start_time(os.getpid()))
 
 
 class Faulty(Model):

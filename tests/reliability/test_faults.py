@@ -293,12 +293,15 @@ def test_sigkill_storm_under_load(
     )
     assert tally.lost == 0 and tally.refused == 0, tally
     assert not tally.malformed
-    assert set(tally.statuses) <= {500, 503}, tally.errors
+    assert set(tally.statuses) <= {500, 503, 504}, tally.errors
     # A worker holds one request at a time: a kill costs at most that one.
     assert tally.statuses[500] <= len(kills), (tally.statuses, len(kills))
     for error in tally.errors:
         if error.startswith("500"):
             assert "was killed by SIGKILL while running this request" in error, error
+        elif error.startswith("504"):
+            # Queued past the deadline while no worker could take it.
+            assert "did not answer within N s" in error, error
         else:
             # ModelNotReady (its text: test_a_pool_without_live_worker_says_why).
             assert "no live worker" in error or "is not ready" in error, error
