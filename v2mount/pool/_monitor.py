@@ -348,8 +348,11 @@ class Monitor:
         self._arena_paths.discard(worker.arena_path or "")
         if job is not None:
             resolve([job], self._broken(worker, how, stopping))
+        replace = self._state.phase == RUNNING and threading.main_thread().is_alive()
         if worker.loaded:
-            if not stopping and threading.main_thread().is_alive():
+            # The model loads fine: whatever killed this worker, replace it at once.
+            if replace:
+                self._respawns.append(time.monotonic())
                 logger.warning(
                     "worker %d of model %r (pid %d) %s; replacing it",
                     worker.id,
@@ -362,6 +365,8 @@ class Monitor:
             if reason is None:
                 reason = f"model {self._name!r} failed to load: its worker process {how}"
             self._load_failed(reason)
+            if replace:
+                self._respawns.append(time.monotonic() + self._backoff())
         self._loading_initial.discard(worker.id)
         self._settle_start()
 
@@ -431,20 +436,27 @@ class Monitor:
         elif self._state.phase == STOPPING:
             self._advance_stop(now)
 
+    def _backoff(self) -> float:
+        """How long a worker that failed to load (or to start) waits to be replaced."""
+        if not self._load_failures:
+            return 0.0
+        return float(min(_MAX_BACKOFF, 0.5 * 2 ** (self._load_failures - 1)))
+
     def _replace_missing(self, now: float) -> None:
-        """Keep ``workers`` processes: respawn at once, or with backoff after load failures."""
+        """Keep ``workers`` processes: spawn those due, schedule those not yet scheduled.
+
+        ``_on_exit`` schedules a worker that had loaded for now and one that failed to
+        load after the backoff; slots left empty otherwise (failed at start, or the
+        process could not be started) count as load failures too.
+        """
         if not threading.main_thread().is_alive():
             return  # the interpreter is exiting
-        missing = self._state.size - len(self._state.workers) - len(self._respawns)
-        if missing > 0:
-            delay = 0.0
-            if self._load_failures:
-                delay = min(_MAX_BACKOFF, 0.5 * 2 ** (self._load_failures - 1))
-            self._respawns += [now + delay] * missing
         due = sum(1 for t in self._respawns if t <= now)
         self._respawns = [t for t in self._respawns if t > now]
         for _ in range(due):
             self._spawn()
+        missing = self._state.size - len(self._state.workers) - len(self._respawns)
+        self._respawns += [now + self._backoff()] * missing
         if not self._state.workers:
             # No worker is even loading: nothing will serve the queue for a while.
             with self._state.lock:
