@@ -359,6 +359,27 @@ async def test_a_stuck_worker_is_killed_after_the_hard_timeout(sleepy: WorkerPoo
 
 
 @pytest.mark.parametrize(
+    ("limit", "expected"),
+    [({"max_requests_per_worker": 2}, [0, 0, 1, 1, 2]), ({"max_worker_memory_mb": 1}, [0, 1, 2])],
+)
+async def test_worn_out_workers_are_recycled_without_failing_a_request(
+    limit: dict[str, Any], expected: list[int]
+) -> None:
+    pool = WorkerPool(Echo(), 1, max_queue_size=4, metrics_sink=ignore, **limit)
+    await pool.start()
+    try:
+        pids = []
+        for _ in expected:
+            answer = await pool.infer(request(action="pid"))
+            pids.append(int(answer.outputs[0].data[0]))
+    finally:
+        await pool.stop()
+    order = list(dict.fromkeys(pids))
+    assert [order.index(pid) for pid in pids] == expected
+    assert not any(alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize(
     ("model", "workers", "reason"),
     [
         (FailsToLoad(), 2, "failed to load: weights file is missing"),

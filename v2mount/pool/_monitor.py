@@ -70,6 +70,8 @@ class Monitor:
         shm_threshold: int,
         threads_per_worker: int | None,
         hard_timeout: float | None,
+        max_requests_per_worker: int | None,
+        max_worker_memory_mb: float | None,
         arena_paths: set[str],
     ) -> None:
         self._state = state
@@ -82,6 +84,8 @@ class Monitor:
         self._shm_threshold = shm_threshold
         self._threads = threads_per_worker
         self._hard_timeout = hard_timeout
+        self._max_requests = max_requests_per_worker
+        self._max_memory = max_worker_memory_mb
         #: Arenas that exist now; the pool's finalizer removes them if the process exits.
         self._arena_paths = arena_paths
         self._selector: selectors.BaseSelector | None = None
@@ -91,7 +95,7 @@ class Monitor:
         self._respawns: list[float] = []
         self._load_failures = 0
         self._drain_deadline: float | None = None
-        self._kill_deadline: float | None = None
+        self._inputs_closed = False
 
     def run(self) -> None:
         """The thread's body; whatever happens, ``_finish`` leaves nothing behind."""
@@ -297,16 +301,47 @@ class Monitor:
         settings.outputs = [TensorSpec.model_validate(spec) for spec in outputs]
 
     def _complete(self, worker: WorkerProcess, outcome: InferenceResponse | V2MountError) -> None:
+        worker.served += 1
+        worker.recycled = self._worn_out(worker)
         with self._state.lock:
             job = worker.job
             worker.job = None
             self._state.running -= 1
-            if not worker.retiring:
+            if not (worker.retiring or worker.recycled):
                 self._state.idle.append(worker)
-            if job is None or job.state != SENT:
-                return
-            job.state = DONE
-        resolve([job], outcome)
+            if job is not None and job.state == SENT:
+                job.state = DONE
+            else:
+                job = None
+        if worker.recycled and not worker.retiring:
+            logger.info(
+                "worker %d of model %r (pid %d) %s; replacing it",
+                worker.id,
+                self._name,
+                worker.pid,
+                worker.recycled,
+            )
+            self._retire(worker)
+        if job is not None:
+            resolve([job], outcome)
+
+    def _worn_out(self, worker: WorkerProcess) -> str | None:
+        """Why a healthy worker should be replaced now (gunicorn's ``max_requests``)."""
+        if self._max_requests is not None and worker.served >= self._max_requests:
+            return f"served {worker.served} requests"
+        if self._max_memory is not None:
+            resident = worker.resident_mb()
+            if resident is not None and resident > self._max_memory:
+                return f"holds {resident:.0f} MB, more than {self._max_memory:g} MB"
+        return None
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        """Close the worker's pipe (it exits at EOF once idle); kill it if it lingers."""
+        worker.retiring = True
+        if not worker.conn.closed:
+            self._unregister(worker.conn.fileno())
+            worker.close_input()
+        worker.exit_deadline = time.monotonic() + EXIT_GRACE
 
     def _on_exit(self, worker: WorkerProcess) -> None:
         # The worker's last words first: messages still in the pipe, then its output.
@@ -350,9 +385,10 @@ class Monitor:
             resolve([job], self._broken(worker, how, stopping))
         replace = self._state.phase == RUNNING and threading.main_thread().is_alive()
         if worker.loaded:
-            # The model loads fine: whatever killed this worker, replace it at once.
+            # The model loads fine: whatever ended this worker, replace it at once.
             if replace:
                 self._respawns.append(time.monotonic())
+            if replace and not worker.recycled:
                 logger.warning(
                     "worker %d of model %r (pid %d) %s; replacing it",
                     worker.id,
@@ -412,10 +448,11 @@ class Monitor:
                 for w in self._state.workers.values()
                 if w.job is not None and not w.timed_out
             ]
+        deadlines += [
+            w.exit_deadline for w in self._state.workers.values() if w.exit_deadline is not None
+        ]
         if self._state.phase == STOPPING:
-            deadlines += [d for d in (self._drain_deadline, self._kill_deadline) if d is not None]
-            if self._drain_deadline is None:
-                deadlines.append(0.0)
+            deadlines.append(0.0 if self._drain_deadline is None else self._drain_deadline)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -431,6 +468,9 @@ class Monitor:
                 ):
                     worker.timed_out = worker.retiring = True
                     worker.kill()
+        for worker in list(self._state.workers.values()):
+            if worker.exit_deadline is not None and now >= worker.exit_deadline:
+                worker.kill()
         if self._state.phase == RUNNING:
             self._replace_missing(now)
         elif self._state.phase == STOPPING:
@@ -464,20 +504,16 @@ class Monitor:
             resolve(dropped, ModelNotReady(self._state.reason))
 
     def _advance_stop(self, now: float) -> None:
+        """Let running requests finish (up to ``STOP_GRACE``), then retire every worker."""
         self._respawns = []
         if self._drain_deadline is None:
             self._drain_deadline = now + STOP_GRACE
-        if self._kill_deadline is None:
-            if self._state.running and now < self._drain_deadline:
-                return
-            for worker in self._state.workers.values():
-                if not worker.conn.closed:
-                    self._unregister(worker.conn.fileno())
-                    worker.close_input()
-            self._kill_deadline = now + EXIT_GRACE
-        elif now >= self._kill_deadline:
-            for worker in self._state.workers.values():
-                worker.kill()
+        if self._inputs_closed or (self._state.running and now < self._drain_deadline):
+            return
+        for worker in list(self._state.workers.values()):
+            if worker.exit_deadline is None:
+                self._retire(worker)
+        self._inputs_closed = True
 
     def _finish(self) -> None:
         """Last act of the monitor: no process, arena, fd or waiting task is left behind."""

@@ -44,7 +44,9 @@ class WorkerPool:
     The unloaded model is pickled with dill and loaded once in each worker. Requests
     wait in one bounded queue and go to an idle live worker; numpy buffers of at least
     ``shm_threshold`` bytes cross by shared memory. A dead worker is replaced at once;
-    one busy with a request for more than ``hard_timeout`` seconds is killed first.
+    one busy with a request for more than ``hard_timeout`` seconds is killed first. A
+    worker that answered ``max_requests_per_worker`` requests, or whose resident memory
+    passed ``max_worker_memory_mb`` (Linux), is retired once idle and replaced.
     Each worker limits its native thread pools to ``threads_per_worker`` (``None``:
     leave them alone).
 
@@ -63,6 +65,8 @@ class WorkerPool:
         shm_threshold: int = 64 * 1024,
         threads_per_worker: int | None = 1,
         hard_timeout: float | None = None,
+        max_requests_per_worker: int | None = None,
+        max_worker_memory_mb: float | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("a WorkerPool needs at least one worker")
@@ -80,6 +84,8 @@ class WorkerPool:
             shm_threshold=shm_threshold,
             threads_per_worker=threads_per_worker,
             hard_timeout=hard_timeout,
+            max_requests_per_worker=max_requests_per_worker,
+            max_worker_memory_mb=max_worker_memory_mb,
             arena_paths=arena_paths,
         )
         # Tied to the monitor, which its thread keeps alive while any arena exists.

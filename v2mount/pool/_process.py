@@ -109,6 +109,11 @@ class WorkerProcess:
         self.retiring = False
         #: Killed for running one request longer than the pool's ``hard_timeout``.
         self.timed_out = False
+        #: Why the pool retired this healthy worker (served enough requests, grew too big).
+        self.recycled: str | None = None
+        #: Requests answered; when a retired worker must have exited (else it is killed).
+        self.served = 0
+        self.exit_deadline: float | None = None
         self.disposed = False
 
     @property
@@ -133,6 +138,15 @@ class WorkerProcess:
     def close_input(self) -> None:
         """Close the request pipe: an idle worker exits when it reads EOF."""
         self.conn.close()
+
+    def resident_mb(self) -> float | None:
+        """The worker's resident memory now (Linux ``/proc``; ``None`` elsewhere)."""
+        try:
+            with open(f"/proc/{self.pid}/statm") as statm:
+                pages = int(statm.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
     def kill(self) -> None:
         if self.process.exitcode is None:
