@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -385,17 +386,19 @@ class Server:
 
     def close(self) -> None:
         """Kill the server and whatever it left behind (the tests check it left nothing)."""
-        if self.process is None:
-            return
-        left = descendants(self.pid)
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        for pid in left:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+        if self.process is None or self.process.poll() is not None:
+            return  # exited: its descendants were checked (or were orphaned) by the test
+        left = {pid: _stat(pid) for pid in descendants(self.pid)}
+        self.process.kill()
+        self.process.wait()
+        for pid, fields in left.items():
+            now = _stat(pid)
+            # Only the very process seen above: a pid may have been reused since.
+            if fields is not None and now is not None and now[19] == fields[19]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 @pytest.fixture(scope="module")
