@@ -360,7 +360,7 @@ async def test_a_stuck_worker_is_killed_after_the_hard_timeout(sleepy: WorkerPoo
 
 @pytest.mark.parametrize(
     ("limit", "expected"),
-    [({"max_requests_per_worker": 2}, [0, 0, 1, 1, 2]), ({"max_worker_memory_mb": 1}, [0, 1, 2])],
+    [({"max_requests_per_worker": 2}, [0, 0, 1, 1]), ({"max_worker_memory_mb": 1}, [0, 1])],
 )
 async def test_worn_out_workers_are_recycled_without_failing_a_request(
     limit: dict[str, Any], expected: list[int]

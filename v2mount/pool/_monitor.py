@@ -168,7 +168,7 @@ class Monitor:
             except Exception:
                 logger.exception("model %r: the metrics sink raised", self._name)
 
-    def _spawn(self, *, initial: bool = False) -> None:
+    def _spawn(self, *, initial: bool = False) -> WorkerProcess | None:
         assert self._package is not None and self._selector is not None
         worker_id = next(self._worker_ids)
         path = arena_path(f"v2mount-{os.getpid()}-{self._file_name}-{worker_id}")
@@ -194,7 +194,7 @@ class Monitor:
             if path is not None:
                 self._arena_paths.discard(path)
             self._load_failed(f"model {self._name!r}: cannot start a worker process: {exc}")
-            return
+            return None
         self._selector.register(worker.conn.fileno(), selectors.EVENT_READ, (_REPLY, worker))
         self._selector.register(worker.exit_fd, selectors.EVENT_READ, (_EXIT, worker))
         for fd in worker.output_fds:
@@ -203,6 +203,7 @@ class Monitor:
             self._state.workers[worker_id] = worker
         if initial:
             self._loading_initial.add(worker_id)
+        return worker
 
     def _on_wake(self) -> None:
         try:
@@ -275,6 +276,9 @@ class Monitor:
                 self._state.start_ok = True
             self._load_failures = 0
             self._loading_initial.discard(worker.id)
+            predecessor, worker.predecessor = worker.predecessor, None
+            if predecessor is not None and not predecessor.disposed:
+                self._retire(predecessor)
             self._settle_start()
             self._dispatch()
         elif kind == "load_failed":
@@ -302,26 +306,24 @@ class Monitor:
 
     def _complete(self, worker: WorkerProcess, outcome: InferenceResponse | V2MountError) -> None:
         worker.served += 1
-        worker.recycled = self._worn_out(worker)
+        recycle = (
+            not worker.retiring
+            and self._state.phase == RUNNING
+            and not self._load_failures  # replacements would not load: keep this one
+            and self._worn_out(worker)
+        )
         with self._state.lock:
             job = worker.job
             worker.job = None
             self._state.running -= 1
-            if not (worker.retiring or worker.recycled):
+            if not (worker.retiring or recycle):
                 self._state.idle.append(worker)
             if job is not None and job.state == SENT:
                 job.state = DONE
             else:
                 job = None
-        if worker.recycled and not worker.retiring:
-            logger.info(
-                "worker %d of model %r (pid %d) %s; replacing it",
-                worker.id,
-                self._name,
-                worker.pid,
-                worker.recycled,
-            )
-            self._retire(worker)
+        if recycle:
+            self._recycle(worker, recycle)
         if job is not None:
             resolve([job], outcome)
 
@@ -334,6 +336,29 @@ class Monitor:
             if resident is not None and resident > self._max_memory:
                 return f"holds {resident:.0f} MB, more than {self._max_memory:g} MB"
         return None
+
+    def _recycle(self, worker: WorkerProcess, why: str) -> None:
+        """Take a worn-out worker out of service and start its successor.
+
+        It stays alive (the model stays ready) until the successor has loaded, then it is
+        retired; if the successor cannot load, it goes back to work.
+        """
+        where = f"worker {worker.id} of model {self._name!r} (pid {worker.pid})"
+        logger.info("%s %s; replacing it", where, why)
+        worker.recycled = why
+        successor = self._spawn()
+        if successor is None:
+            self._reinstate(worker)
+        else:
+            successor.predecessor, worker.successor = worker, successor
+
+    def _reinstate(self, worker: WorkerProcess) -> None:
+        """Put a worker whose recycling failed back to work."""
+        worker.recycled, worker.successor = None, None
+        if not worker.disposed and not worker.retiring:
+            with self._state.lock:
+                self._state.idle.append(worker)
+            self._dispatch()
 
     def _retire(self, worker: WorkerProcess) -> None:
         """Close the worker's pipe (it exits at EOF once idle); kill it if it lingers."""
@@ -383,12 +408,18 @@ class Monitor:
         self._arena_paths.discard(worker.arena_path or "")
         if job is not None:
             resolve([job], self._broken(worker, how, stopping))
-        replace = self._state.phase == RUNNING and threading.main_thread().is_alive()
+        if worker.predecessor is not None:  # a successor that did not load
+            self._reinstate(worker.predecessor)
+            worker.predecessor = None
+        # A recycled worker's successor is already there: only replace what is missing.
+        missing = self._state.size - len(self._state.workers) - len(self._respawns)
+        exiting = not threading.main_thread().is_alive()  # the interpreter, that is
+        replace = missing > 0 and self._state.phase == RUNNING and not exiting
         if worker.loaded:
             # The model loads fine: whatever ended this worker, replace it at once.
             if replace:
                 self._respawns.append(time.monotonic())
-            if replace and not worker.recycled:
+            if not (stopping or exiting or worker.recycled):
                 logger.warning(
                     "worker %d of model %r (pid %d) %s; replacing it",
                     worker.id,

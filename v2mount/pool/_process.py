@@ -109,8 +109,11 @@ class WorkerProcess:
         self.retiring = False
         #: Killed for running one request longer than the pool's ``hard_timeout``.
         self.timed_out = False
-        #: Why the pool retired this healthy worker (served enough requests, grew too big).
+        #: Why the pool is replacing this healthy worker (served enough, grew too big);
+        #: it takes no more requests and exits once ``successor`` has loaded.
         self.recycled: str | None = None
+        self.successor: WorkerProcess | None = None
+        self.predecessor: WorkerProcess | None = None
         #: Requests answered; when a retired worker must have exited (else it is killed).
         self.served = 0
         self.exit_deadline: float | None = None
