@@ -306,12 +306,10 @@ class Monitor:
 
     def _complete(self, worker: WorkerProcess, outcome: InferenceResponse | V2MountError) -> None:
         worker.served += 1
-        recycle = (
-            not worker.retiring
-            and self._state.phase == RUNNING
-            and not self._load_failures  # replacements would not load: keep this one
-            and self._worn_out(worker)
-        )
+        recycle = None
+        # While loads fail, a successor would not load either: keep the worn-out worker.
+        if not worker.retiring and self._state.phase == RUNNING and not self._load_failures:
+            recycle = self._worn_out(worker)
         with self._state.lock:
             job = worker.job
             worker.job = None
