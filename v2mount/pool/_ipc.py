@@ -3,10 +3,12 @@
 Each request and each reply is one frame: a pickle (protocol 5) of plain tuples, never of
 pydantic objects. numpy buffers of at least ``threshold`` bytes go out of band into the
 worker's *arena*: one file in ``/dev/shm`` that both processes map and reuse for every
-message. The arena is grown with ``posix_fallocate``, so a full ``/dev/shm`` is an error
-caught here (the frame then carries the buffers itself) instead of a SIGBUS later; it is
-never registered with a resource tracker, so no process exit can unlink it under the other
-(cpython#82300); a request costs no segment creation and, once warm, no page fault.
+message. The worker creates it once loaded, and the parent removes its name as soon as it
+has opened it too: from then on no crash of either process can leave it behind. It is
+grown with ``posix_fallocate``, so a full ``/dev/shm`` is an error caught here (the frame
+then carries the buffers itself) instead of a SIGBUS later; it is never registered with a
+resource tracker, so no process exit can unlink it under the other (cpython#82300); a
+request costs no segment creation and, once warm, no page fault.
 
 Only one side writes the arena at a time: the parent writes a request only to an idle
 worker; the worker copies the request out, runs predict and writes its reply; the parent

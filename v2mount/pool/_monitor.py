@@ -24,7 +24,15 @@ from multiprocess.context import SpawnContext
 from v2mount.errors import BadRequest, BrokenWorker, InferenceTimeout, ModelNotReady, V2MountError
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
-from v2mount.pool._ipc import Arena, arena_path, decode, encode, error_from_wire, response_from_wire
+from v2mount.pool._ipc import (
+    Arena,
+    arena_path,
+    decode,
+    encode,
+    error_from_wire,
+    response_from_wire,
+    unlink_quietly,
+)
 from v2mount.pool._process import WorkerProcess
 from v2mount.pool._shipping import ModelPackage, pack_model
 from v2mount.pool._state import (
@@ -265,6 +273,8 @@ class Monitor:
             _, updates, declared, has_arena = message
             if has_arena and worker.arena_path is not None:
                 worker.arena = Arena.attach(worker.arena_path)
+                # Both ends hold it open now: without a name, no crash can leak it.
+                unlink_quietly(worker.arena_path)
             self._apply_metrics(updates)
             if declared is not None and not self._state.start_ok:
                 self._adopt(*declared)
