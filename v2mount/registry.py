@@ -99,7 +99,12 @@ class ModelHandle:
         workers: int = self._setting("parallel_workers")
         queue: int = self._setting("max_queue_size")
         if workers == 0:
-            return InProcessRunner(self.model, queue, self.metrics.apply_custom)
+            return InProcessRunner(
+                self.model,
+                queue,
+                self.metrics.apply_custom,
+                inline_budget=self.server.inline_predict_budget,
+            )
         from v2mount.pool import WorkerPool
 
         return WorkerPool(

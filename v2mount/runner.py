@@ -3,13 +3,15 @@
 A runner owns one loaded model version. ``WorkerPool`` (``v2mount.pool``) is the runner
 for ``parallel_workers > 0``; ``InProcessRunner`` serves ``parallel_workers == 0``: an
 ``async`` predict is awaited on the event loop, a plain one runs in a worker thread
-(through a per-model limiter, so the loop never blocks and Starlette's default thread
-pool is not drained).
+(through a per-model limiter, so the loop does not block and Starlette's default thread
+pool is not drained) — unless it has proved faster than the thread hop itself, see
+``_InlinePolicy``.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -60,15 +62,59 @@ class Runner(Protocol):
     def statistics(self) -> RunnerStatistics: ...
 
 
-class InProcessRunner:
-    """Runs the model in this process (``parallel_workers == 0``)."""
+class _InlinePolicy:
+    """Chooses between the event loop and a worker thread for a plain ``predict``.
 
-    def __init__(self, model: Model, max_queue_size: int, metrics_sink: MetricsSink) -> None:
+    A thread hop costs about 100 µs of CPU and more of latency, more than a tiny model's
+    whole predict. After ``WARMUP`` threaded calls whose moving average is under
+    ``budget`` seconds, calls run on the loop; the first inline call slower than
+    ``10 * budget`` sends them back to the thread (and the count restarts), so a model
+    that turns slow blocks the loop for one call at most. ``budget == 0``: always thread.
+    """
+
+    WARMUP = 20
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.inline = False
+        self._average = 0.0
+        self._samples = 0
+
+    def record(self, seconds: float, inline: bool) -> None:
+        if inline:
+            if seconds > 10 * self.budget:
+                self.inline, self._samples = False, 0
+            return
+        self._average = seconds if self._samples == 0 else 0.8 * self._average + 0.2 * seconds
+        self._samples += 1
+        self.inline = self._samples >= self.WARMUP and self._average < self.budget
+
+
+def _timed_predict(model: Model, request: InferenceRequest) -> tuple[InferenceResponse, float]:
+    start = time.perf_counter()
+    response = call_predict_sync(model, request)
+    return response, time.perf_counter() - start
+
+
+class InProcessRunner:
+    """Runs the model in this process (``parallel_workers == 0``).
+
+    ``inline_budget``: see ``_InlinePolicy`` (server setting ``inline_predict_budget``).
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        max_queue_size: int,
+        metrics_sink: MetricsSink,
+        inline_budget: float = 0.0,
+    ) -> None:
         self._model = model
         self._max_queue_size = max_queue_size
         self._sink = metrics_sink
         self._limiter = anyio.CapacityLimiter(1)
         self._async = inspect.iscoroutinefunction(model.predict)
+        self._policy = _InlinePolicy(inline_budget)
         self._pending = 0
         self._ready = False
 
@@ -96,9 +142,17 @@ class InProcessRunner:
         try:
             if self._async:
                 return await call_predict(self._model, request)
-            return await anyio.to_thread.run_sync(
-                call_predict_sync, self._model, request, limiter=self._limiter
+            if self._policy.inline and self._limiter.borrowed_tokens == 0:
+                start = time.perf_counter()
+                try:
+                    return call_predict_sync(self._model, request)
+                finally:
+                    self._policy.record(time.perf_counter() - start, inline=True)
+            response, seconds = await anyio.to_thread.run_sync(
+                _timed_predict, self._model, request, limiter=self._limiter
             )
+            self._policy.record(seconds, inline=False)
+            return response
         except V2MountError:
             raise
         except Exception as exc:

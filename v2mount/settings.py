@@ -158,11 +158,14 @@ class Settings(BaseSettings):
     model_max_batch_time: float = Field(default=0.0, ge=0)
     """Default seconds the oldest request of a batch may wait."""
     model_inference_timeout: float = Field(default=60.0, gt=0)
-    """Default seconds before an inference gets 504 (a stuck worker is replaced at 2×)."""
+    """Default seconds before an inference gets 504 (a stuck worker is replaced at twice that)."""
     model_max_queue_size: int = Field(default=1024, ge=1)
     """Default requests that may wait per model before 503 + ``Retry-After``."""
     model_threads_per_worker: int = Field(default=1, ge=1)
     """Default native threads (BLAS, OpenMP, ONNX Runtime) in each worker process."""
+    inline_predict_budget: float = Field(default=0.0002, ge=0)
+    """In-process models: a plain predict averaging under this many seconds runs on the
+    event loop, not a worker thread (the hop costs more); 0 always uses the thread."""
     max_request_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
     """Largest request body accepted; larger ones get 413."""
     shm_threshold_bytes: int = Field(default=64 * 1024, ge=0)
