@@ -195,8 +195,8 @@ def test_a_model_exception_shows_its_message_and_nothing_else(echoes: V2Client, 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="str(exc) of an OSError names its file, and v2mount/runner.py:105 "
-    "(InProcessRunner.infer: ModelError(f'{type}: {exc}')) and v2mount/pool/_ipc.py:257 "
+    reason="str(exc) of an OSError names its file, and v2mount/runner.py "
+    "(InProcessRunner.infer: ModelError(f'{type}: {exc}')) and v2mount/pool/_ipc.py "
     "(error_to_wire) send it to the client as is",
 )
 @pytest.mark.parametrize("model", ["pooled", "local"])

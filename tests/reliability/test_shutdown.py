@@ -55,7 +55,7 @@ def test_sigterm_under_load(
     server = launch(repository)
     processes = harness.descendants(server.pid)
     workers = server.workers()
-    assert len(workers) == 2 and len(server.arenas()) == 2
+    assert len(workers) == 2 and len(server.arenas()) <= 2
     load = harness.Load(server.url, 30, profile.concurrency)
     body = harness.infer_body(sleep=SLEEP)
     phase = "before"
