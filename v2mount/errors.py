@@ -3,7 +3,8 @@
 ```
 V2MountError                      base class; ``status_code`` is 500
 ├── BadRequest                    400 malformed body, tensor, datatype, shape, names
-│   └── PayloadTooLarge           413 body above ``max_request_bytes``
+│   ├── PayloadTooLarge           413 body above ``max_request_bytes``
+│   └── HeadersTooLarge           431 headers above ``max_header_bytes``
 ├── ModelNotFound                 404 unknown model, or unknown version of a known model
 ├── ModelNotReady                 503 model known but not loaded (or failed to load)
 ├── RepositoryDisabled            403 repository extension switched off
@@ -23,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "BadRequest",
     "BrokenWorker",
+    "HeadersTooLarge",
     "InferenceTimeout",
     "ModelError",
     "ModelNotFound",
@@ -32,6 +34,7 @@ __all__ = [
     "RepositoryDisabled",
     "SettingsError",
     "V2MountError",
+    "describe_exception",
 ]
 
 
@@ -54,6 +57,10 @@ class BadRequest(V2MountError):
 
 class PayloadTooLarge(BadRequest):
     status_code = 413
+
+
+class HeadersTooLarge(BadRequest):
+    status_code = 431
 
 
 class ModelNotFound(V2MountError):
@@ -93,3 +100,10 @@ class BrokenWorker(V2MountError):
 
 class SettingsError(V2MountError):
     """A settings file or field is wrong; raised at start-up, never sent to a client."""
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"Type: message"`` for a client; an ``OSError`` without its file name or path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"

@@ -115,6 +115,8 @@ class ModelHandle:
             shm_threshold=self.server.shm_threshold_bytes,
             threads_per_worker=self._setting("threads_per_worker"),
             hard_timeout=2 * float(self._setting("inference_timeout")),
+            max_requests_per_worker=self._setting("max_requests_per_worker") or None,
+            max_worker_memory_mb=self._setting("max_worker_memory_mb") or None,
         )
 
     async def load(self) -> None:
@@ -202,6 +204,8 @@ class ModelHandle:
                 self._idle = None
 
     def not_ready_message(self) -> str:
+        if self.state is ModelState.READY and self._runner is not None:
+            return f"model {self.label} is not ready: {self._runner.reason or 'no live worker'}"
         reason = f": {self.reason}" if self.reason else ""
         return f"model {self.label} is not ready ({self.state.value}){reason}"
 

@@ -19,7 +19,13 @@ from typing import Protocol
 import anyio
 import anyio.to_thread
 
-from v2mount.errors import ModelError, ModelNotReady, Overloaded, V2MountError
+from v2mount.errors import (
+    ModelError,
+    ModelNotReady,
+    Overloaded,
+    V2MountError,
+    describe_exception,
+)
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model, call_load, call_predict, call_predict_sync
 from v2mount.types import InferenceRequest, InferenceResponse
@@ -52,6 +58,11 @@ class Runner(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    @property
+    def reason(self) -> str | None:
+        """Why the runner is not ready (``None`` when it is)."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -122,11 +133,15 @@ class InProcessRunner:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def reason(self) -> str | None:
+        return None if self._ready else "not loaded"
+
     async def start(self) -> None:
         try:
             await call_load(self._model)
         except Exception as exc:
-            raise ModelNotReady(f"{type(exc).__name__}: {exc}") from exc
+            raise ModelNotReady(describe_exception(exc)) from exc
         finally:
             self._sink(self._model.metrics.drain())
         self._ready = True
@@ -156,7 +171,7 @@ class InProcessRunner:
         except V2MountError:
             raise
         except Exception as exc:
-            raise ModelError(f"{type(exc).__name__}: {exc}") from exc
+            raise ModelError(describe_exception(exc)) from exc
         finally:
             self._pending -= 1
             self._sink(self._model.metrics.drain())

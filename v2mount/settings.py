@@ -109,6 +109,10 @@ class ModelSettings(BaseModel):
     """Requests that may wait for this model before 503; unset: server default."""
     threads_per_worker: int | None = Field(default=None, ge=1)
     """Native thread pools (BLAS, OpenMP, ONNX Runtime) per worker; unset: default."""
+    max_requests_per_worker: int | None = Field(default=None, ge=0)
+    """Recycle a worker after this many requests (0: never); unset: server default."""
+    max_worker_memory_mb: float | None = Field(default=None, ge=0)
+    """Recycle a worker whose RSS passes this many MB (0: never); unset: server default."""
     default_version: bool = False
     """Serve this version for requests that name no version (else the latest)."""
     source_dir: Path | None = None
@@ -163,11 +167,18 @@ class Settings(BaseSettings):
     """Default requests that may wait per model before 503 + ``Retry-After``."""
     model_threads_per_worker: int = Field(default=1, ge=1)
     """Default native threads (BLAS, OpenMP, ONNX Runtime) in each worker process."""
+    model_max_requests_per_worker: int = Field(default=0, ge=0)
+    """Default requests after which a worker is replaced, like gunicorn's max_requests
+    (0: never). The successor loads first, so the model stays ready."""
+    model_max_worker_memory_mb: float = Field(default=0, ge=0)
+    """Default RSS in MB above which a worker is replaced after its request (0: never)."""
     inline_predict_budget: float = Field(default=0.0002, ge=0)
     """In-process models: a plain predict averaging under this many seconds runs on the
     event loop, not a worker thread (the hop costs more); 0 always uses the thread."""
     max_request_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
     """Largest request body accepted; larger ones get 413."""
+    max_header_bytes: int = Field(default=64 * 1024, ge=1)
+    """Largest total size of a request's headers; larger ones get 431."""
     shm_threshold_bytes: int = Field(default=64 * 1024, ge=0)
     """Arrays at least this large cross to workers by shared memory, not the pipe."""
     metrics_path: str | None = "/metrics"

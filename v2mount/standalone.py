@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +29,4 @@ def create_app(**overrides: Any) -> ASGIApp:
     app = V2App(repository=repository, settings=settings)
     if not settings.route_prefix:
         return app
-
-    @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        async with app.lifespan():
-            yield
-
-    return Starlette(routes=[Mount(settings.route_prefix, app=app)], lifespan=lifespan)
+    return Starlette(routes=[Mount(settings.route_prefix, app=app)], lifespan=app.lifespan)

@@ -20,12 +20,18 @@ def test_each_app_has_its_own_registry_and_the_global_one_is_untouched() -> None
     first, second = V2App(model_parallel_workers=0), V2App(model_parallel_workers=0)
     assert first.metrics.registry is not second.metrics.registry
     first.metrics.record_inference("m", None, True, 0.5)
-    assert first.metrics.registry.get_sample_value(
-        "model_infer_request_success_total", {"model": "m", "version": ""}
-    ) == 1.0
-    assert second.metrics.registry.get_sample_value(
-        "model_infer_request_success_total", {"model": "m", "version": ""}
-    ) is None
+    assert (
+        first.metrics.registry.get_sample_value(
+            "model_infer_request_success_total", {"model": "m", "version": ""}
+        )
+        == 1.0
+    )
+    assert (
+        second.metrics.registry.get_sample_value(
+            "model_infer_request_success_total", {"model": "m", "version": ""}
+        )
+        is None
+    )
     assert {family.name for family in prometheus_client.REGISTRY.collect()} == before
 
 
@@ -33,9 +39,10 @@ def test_a_registry_passed_in_receives_the_metrics() -> None:
     registry = CollectorRegistry()
     metrics = AppMetrics(registry)
     metrics.observe_batch("m", "2", 5)
-    assert registry.get_sample_value(
-        "model_infer_batch_size_sum", {"model": "m", "version": "2"}
-    ) == 5.0
+    assert (
+        registry.get_sample_value("model_infer_batch_size_sum", {"model": "m", "version": "2"})
+        == 5.0
+    )
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         AppMetrics(registry)
 

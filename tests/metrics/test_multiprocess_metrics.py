@@ -54,9 +54,19 @@ def test_every_worker_reports_the_total(tmp_path: Path) -> None:
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "uvicorn", "--factory", "multiproc_server:create",
-                "--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port),
-                "--workers", "2",
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "multiproc_server:create",
+                "--app-dir",
+                str(HERE),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "2",
             ],
             env=env,
             stdout=out,

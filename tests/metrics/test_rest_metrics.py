@@ -130,9 +130,12 @@ async def test_inference_and_rest_counters_move_by_exact_amounts(serve: Any, scr
         assert m.value("rest_server_requests_in_progress", method="GET", path="/metrics") == 1
 
         again = await scrape(client)
-        assert again.value(
-            "rest_server_requests_total", method="GET", path="/metrics", status_code="200"
-        ) == 1
+        assert (
+            again.value(
+                "rest_server_requests_total", method="GET", path="/metrics", status_code="200"
+            )
+            == 1
+        )
         assert again.value("rest_server_requests_in_progress", method="POST", path=INFER) == 0
 
 
@@ -224,9 +227,10 @@ async def test_metrics_path_is_configurable_and_can_be_off(serve: Any, scrape: A
     async with serve(make_app(metrics_path="/prom")) as client:
         assert (await client.get("/metrics")).status_code == 404
         m = await scrape(client, "/prom")
-        assert m.value(
-            "rest_server_requests_total", method="GET", path=UNMATCHED, status_code="404"
-        ) == 1
+        assert (
+            m.value("rest_server_requests_total", method="GET", path=UNMATCHED, status_code="404")
+            == 1
+        )
     for off in (None, ""):
         async with serve(make_app(metrics_path=off)) as client:
             assert (await client.get("/metrics")).status_code == 404

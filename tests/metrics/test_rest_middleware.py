@@ -93,7 +93,10 @@ async def test_other_scopes_and_odd_methods() -> None:
     await middleware({"type": "lifespan"}, receive, send)
     await middleware(scope("BREW", "/items/1"), receive, send)
     assert seen == ["lifespan", "http"]
-    assert metrics.registry.get_sample_value(
-        "rest_server_requests_total",
-        {"method": "OTHER", "path": "/items/{id:int}", "status_code": "204"},
-    ) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "rest_server_requests_total",
+            {"method": "OTHER", "path": "/items/{id:int}", "status_code": "204"},
+        )
+        == 1
+    )

@@ -120,12 +120,6 @@ def test_a_hang_is_504_and_the_stuck_worker_is_replaced(
     assert infer(client)["x"].tolist() == [1.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ModelHandle answers a pool with no live worker with its own not_ready_message(), "
-    "'model faulty is not ready (READY)', not the pool's reason "
-    "(v2mount/registry.py ModelHandle.infer, v2mount/rest/dataplane.py model_ready)",
-)
 def test_a_pool_without_live_worker_says_why(client: V2Client, watch: Any, markers: Path) -> None:
     slow = markers / "slow-load"
     slow.touch()  # replacements take a second to load: a window with no live worker
@@ -180,15 +174,9 @@ def test_a_loaded_worker_that_dies_is_replaced_at_once_after_load_failures(
         anyio.run(watch.wait_whole)
 
 
-# -- recycling workers (gunicorn's max_requests): not implemented yet ---------------------
+# -- recycling workers (gunicorn's max_requests) -------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WorkerPool supports max_requests_per_worker (683c191), but ModelSettings has no "
-    "such field (v2mount/settings.py ModelSettings: extra='ignore' drops it) and "
-    "ModelHandle._make_runner (v2mount/registry.py) does not pass it to the pool",
-)
 def test_a_worker_is_recycled_after_max_requests(reliability_models: ModuleType) -> None:
     settings = {"max_requests_per_worker": 3}
     with serve(reliability_models.Faulty, parallel_workers=1, settings=settings) as client:
@@ -198,12 +186,6 @@ def test_a_worker_is_recycled_after_max_requests(reliability_models: ModuleType)
     assert len(set(pids)) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WorkerPool supports max_worker_memory_mb (683c191), but ModelSettings has no "
-    "such field (v2mount/settings.py ModelSettings: extra='ignore' drops it) and "
-    "ModelHandle._make_runner (v2mount/registry.py) does not pass it to the pool",
-)
 def test_a_worker_above_max_memory_is_recycled(reliability_models: ModuleType) -> None:
     settings = {"max_worker_memory_mb": 160}
     with serve(reliability_models.Faulty, parallel_workers=1, settings=settings) as client:

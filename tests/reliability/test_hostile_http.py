@@ -140,12 +140,6 @@ def test_hostile_requests_get_4xx(server: Any, figures: Any) -> None:
     assert growth < 32, "a small request claiming a huge shape allocates nothing large"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no header size limit anywhere: uvicorn's httptools parser (the one python -m "
-    "v2mount gets with uvicorn[standard]) has none, v2mount/__main__.py sets no "
-    "h11_max_incomplete_event_size, and V2App never looks at the headers' size",
-)
 def test_giant_headers_get_431(server: Any) -> None:
     valid = body(tensor())
     with httpx.Client(base_url=server.url, timeout=30) as client:

@@ -160,14 +160,6 @@ async def test_app_answers_garbage_with_4xx(serve: Any) -> None:
         assert (await client.get("/v2/health/ready")).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_shape (v2mount/codecs/tensor.py) accepts any rank and any dimension; "
-    "numpy's reshape then raises ValueError ('array is too big', 'Maximum allowed dimension "
-    "exceeded', 'maximum supported dimension for an ndarray is currently 64') in "
-    "decode_json_data (tensor.py) and decode_binary_tensor (binary.py), which "
-    "v2_endpoint answers with 500 'internal server error'",
-)
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize(
     "shape", [[0, 2**62], [0, 2**63 - 1], [0] * 65, [1] * 65], ids=["2^62", "2^63", "65x0", "65x1"]

@@ -193,12 +193,6 @@ def test_a_model_exception_shows_its_message_and_nothing_else(echoes: V2Client, 
         assert leak not in answer.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="str(exc) of an OSError names its file, and v2mount/runner.py "
-    "(InProcessRunner.infer: ModelError(f'{type}: {exc}')) and v2mount/pool/_ipc.py "
-    "(error_to_wire) send it to the client as is",
-)
 @pytest.mark.parametrize("model", ["pooled", "local"])
 def test_a_model_exception_does_not_leak_file_paths(echoes: V2Client, model: str) -> None:
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}

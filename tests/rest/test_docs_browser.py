@@ -70,8 +70,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "uvicorn", "--factory", "docs_server:create",
-                "--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port),
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "docs_server:create",
+                "--app-dir",
+                str(HERE),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -128,9 +137,7 @@ def operations(url: str) -> tuple[list[str], set[str]]:
 
 
 @pytest.mark.slow
-def test_server_docs_render_every_operation(
-    server: tuple[str, Path], tmp_path: Path
-) -> None:
+def test_server_docs_render_every_operation(server: tuple[str, Path], tmp_path: Path) -> None:
     base, log = server
     methods, paths = rendered(base + "/v2/docs", tmp_path)
     expected_methods, expected_paths = operations(base + "/v2/docs/openapi.json")
@@ -143,9 +150,7 @@ def test_server_docs_render_every_operation(
 
 
 @pytest.mark.slow
-def test_model_docs_render_under_a_mount_prefix(
-    server: tuple[str, Path], tmp_path: Path
-) -> None:
+def test_model_docs_render_under_a_mount_prefix(server: tuple[str, Path], tmp_path: Path) -> None:
     base, log = server
     methods, paths = rendered(base + "/ml/v2/models/lin/docs", tmp_path)
     assert sorted(methods) == ["get", "get", "get", "post"]

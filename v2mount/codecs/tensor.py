@@ -80,6 +80,12 @@ def array_to_datatype(array: np.ndarray[Any, Any]) -> str:
         ) from None
 
 
+#: numpy holds at most 64 dimensions; no model needs more than this.
+MAX_RANK = 32
+#: Beyond this, numpy cannot describe the array even when it is empty (a 0 dimension).
+_MAX_EXTENT = 2**53
+
+
 def check_shape(shape: Any, where: str) -> tuple[int, ...]:
     """A request shape: a list of non-negative integers (no -1 outside metadata)."""
     if not isinstance(shape, list):
@@ -89,6 +95,10 @@ def check_shape(shape: Any, where: str) -> tuple[int, ...]:
             raise BadRequest(
                 f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}"
             )
+    if len(shape) > MAX_RANK:
+        raise BadRequest(f"{where}: 'shape' has {len(shape)} dimensions, at most {MAX_RANK}")
+    if math.prod(dim or 1 for dim in shape) > _MAX_EXTENT:
+        raise BadRequest(f"{where}: 'shape' {shape} is too large")
     return tuple(shape)
 
 
@@ -173,7 +183,8 @@ def encode_json_data(tensor_data: np.ndarray[Any, Any], name: str) -> Sequence[A
         try:
             return [item.decode("utf-8") for item in flat.tolist()]
         except UnicodeDecodeError:
-            raise ModelError(
-                f"output {name!r} holds bytes that are not UTF-8; request it as binary data"
+            raise BadRequest(
+                f"output {name!r} holds bytes that are not UTF-8, which JSON cannot carry; "
+                "request it as binary data (parameters.binary_data: true)"
             ) from None
     return np.ascontiguousarray(flat)

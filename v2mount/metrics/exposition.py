@@ -40,9 +40,7 @@ def render(
     encoder, content_type = choose_encoder(accept)
     body = encoder(metrics.exposition_registry())
     headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
-    wants_gzip = any(
-        part.split(";")[0].strip() == "gzip" for part in accept_encoding.split(",")
-    )
+    wants_gzip = any(part.split(";")[0].strip() == "gzip" for part in accept_encoding.split(","))
     if wants_gzip and len(body) >= _GZIP_MIN_BYTES:
         body = gzip.compress(body, compresslevel=5)
         headers["Content-Encoding"] = "gzip"

@@ -26,7 +26,7 @@ import uuid
 from typing import Any
 
 from v2mount import errors
-from v2mount.errors import ModelError, V2MountError
+from v2mount.errors import ModelError, V2MountError, describe_exception
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 __all__ = [
@@ -264,7 +264,7 @@ def error_to_wire(exc: Exception) -> ErrorWire:
         except Exception:
             blob = None
         return (base.__name__, exc.message, blob)
-    return (ModelError.__name__, f"{type(exc).__name__}: {exc}", None)
+    return (ModelError.__name__, describe_exception(exc), None)
 
 
 def error_from_wire(wire: ErrorWire) -> V2MountError:

@@ -14,14 +14,14 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
-from v2mount.errors import BadRequest, ModelNotFound, SettingsError
+from v2mount.errors import BadRequest, HeadersTooLarge, ModelNotFound, SettingsError
 from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
 from v2mount.registry import ModelHandle, ModelRegistry, ModelState, version_key
 from v2mount.repository import ModelRepository, instantiate
 from v2mount.rest.dataplane import dataplane_routes
 from v2mount.rest.docs import docs_routes
-from v2mount.rest.errors import http_exception_handler
+from v2mount.rest.errors import error_response, http_exception_handler
 from v2mount.rest.extensions import repository_routes, statistics_routes
 from v2mount.rest.metrics import RestMetricsMiddleware, metrics_routes
 from v2mount.settings import ModelSettings, Settings, load_settings
@@ -67,7 +67,7 @@ class V2App:
         router = Starlette(
             routes=self.routes(),
             exception_handlers={HTTPException: http_exception_handler},
-            lifespan=self._lifespan,
+            lifespan=self.lifespan,
         )
         self._router = RestMetricsMiddleware(router, self.metrics, router.routes)
         self.metrics.track_queues(self.registry.handles)
@@ -90,8 +90,17 @@ class V2App:
         return served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._started and not self._stopping:
-            await self.startup()
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > self.settings.max_header_bytes:
+                error = HeadersTooLarge(
+                    f"request headers of {size} bytes exceed the "
+                    f"{self.settings.max_header_bytes}-byte limit"
+                )
+                await error_response(error)(scope, receive, send)
+                return
+            if not self._started and not self._stopping:
+                await self.startup()
         await self._router(scope, receive, send)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -128,18 +137,17 @@ class V2App:
             self._started = False
 
     @asynccontextmanager
-    async def lifespan(self) -> AsyncIterator[V2App]:
-        """Start models on entry, stop them on exit: compose it into a host's lifespan."""
+    async def lifespan(self, _: Any = None) -> AsyncIterator[None]:
+        """Start models on entry, stop them on exit: compose it into a host's lifespan.
+
+        It takes (and ignores) an app argument and yields no state, so it can also be
+        given directly as a Starlette or FastAPI ``lifespan=``.
+        """
         await self.startup()
         try:
-            yield self
+            yield
         finally:
             await self.shutdown()
-
-    @asynccontextmanager
-    async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
-        async with self.lifespan():
-            yield
 
     # -- repository extension -------------------------------------------------------
 

@@ -173,9 +173,7 @@ SCHEMAS: Document = {
     },
     "RepositoryIndexRequest": {
         "type": "object",
-        "properties": {
-            "ready": {"type": "boolean", "description": "Only list READY models."}
-        },
+        "properties": {"ready": {"type": "boolean", "description": "Only list READY models."}},
     },
     "RepositoryIndexEntry": {
         "type": "object",
@@ -328,6 +326,7 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
             "200": _json(_ref("RepositoryIndexResponse"), "The index"),
             "400": _error("Malformed request"),
             "403": _error("The repository extension is disabled"),
+            "413": _error("Request body too large"),
         },
     },
     ("post", "/v2/repository/models/{name}/load"): {
@@ -340,9 +339,10 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
         },
         "responses": {
             "200": _json({"type": "object"}, "Loaded"),
-            "400": _error("The model failed to load"),
+            "400": _error("Malformed request or model name, or the model failed to load"),
             "403": _error("The repository extension is disabled"),
             "404": _error("The model is not in the repository"),
+            "413": _error("Request body too large"),
         },
     },
     ("post", "/v2/repository/models/{name}/unload"): {
@@ -355,8 +355,10 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
         },
         "responses": {
             "200": _json({"type": "object"}, "Unloaded"),
+            "400": _error("Malformed request or model name"),
             "403": _error("The repository extension is disabled"),
             "404": _NOT_FOUND,
+            "413": _error("Request body too large"),
         },
     },
 }
@@ -483,9 +485,7 @@ def example_request(settings: ModelSettings) -> Document | None:
     declared shapes hold more than ``EXAMPLE_MAX_ELEMENTS`` elements."""
     if not settings.inputs:
         return {
-            "inputs": [
-                {"name": "input-0", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}
-            ]
+            "inputs": [{"name": "input-0", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]
         }
     inputs = []
     total = 0
