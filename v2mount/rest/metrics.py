@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from v2mount.errors import SettingsError
 from v2mount.metrics.app import AppMetrics
 from v2mount.metrics.exposition import metrics_endpoint
+from v2mount.rest.scope import route_path
 
 if TYPE_CHECKING:
     from v2mount.rest.app import V2App
@@ -41,15 +42,6 @@ def metrics_routes(app: V2App) -> list[BaseRoute]:
     if not path.startswith("/"):
         raise SettingsError(f"metrics_path {path!r} must start with '/'")
     return [Route(path, metrics_endpoint(app.metrics), methods=["GET"], name="metrics")]
-
-
-def _route_path(scope: Scope) -> str:
-    """The path below ``root_path``, as Starlette's routing computes it."""
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path) and path[len(root_path) :][:1] in ("/", ""):
-        return path[len(root_path) :]
-    return path
 
 
 class RestMetricsMiddleware:
@@ -87,7 +79,7 @@ class RestMetricsMiddleware:
         """The template of the route that answers ``scope``, or ``<unmatched>``."""
         if not self._plain or not self.routes:
             return self._scan(scope)
-        match = self._regex.match(_route_path(scope))
+        match = self._regex.match(route_path(scope))
         if match is None or match.lastgroup is None:
             return UNMATCHED
         route = self.routes[int(match.lastgroup[1:])]

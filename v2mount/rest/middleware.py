@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from v2mount.model import Model
 from v2mount.rest.app import V2App
+from v2mount.rest.scope import route_path
 from v2mount.settings import ModelSettings, Settings
 
 __all__ = ["V2Middleware"]
@@ -32,15 +33,6 @@ def _paths_pattern(routes: Sequence[BaseRoute]) -> re.Pattern[str]:
         if (regex := getattr(route, "path_regex", None)) is not None
     ]
     return re.compile("|".join(f"(?:{pattern})" for pattern in patterns))
-
-
-def _route_path(scope: Scope) -> str:
-    """The path below ``root_path``, as Starlette's routing computes it."""
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path) and path[len(root_path) :][:1] in ("/", ""):
-        return path[len(root_path) :]
-    return path
 
 
 class V2Middleware:
@@ -90,7 +82,7 @@ class V2Middleware:
         """Whether this scope is a request for the ``V2App`` (any method)."""
         if scope["type"] != "http":
             return False
-        path = _route_path(scope)
+        path = route_path(scope)
         if not path.startswith(self.prefix):
             return False
         return self._paths.fullmatch(path[len(self.prefix) :]) is not None
