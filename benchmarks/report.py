@@ -203,6 +203,37 @@ def _results_table(setups: Sequence[Setup], agg: dict[tuple[str, str], Stats]) -
     return lines
 
 
+def _summary_table(
+    setups: Sequence[Setup],
+    agg: dict[tuple[str, str], Stats],
+    memory: dict[str, dict[str, dict[str, float]]],
+) -> list[str]:
+    """A short table for the README: requests/s and ratio per case, then memory."""
+    lines = [
+        "| case | v2mount | MLServer 1.7.1 | v2mount / MLServer |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for setup in setups:
+        for case in setup.cases:
+            ours, theirs = agg.get((case.key, "v2mount")), _baseline(case, agg)
+            if ours is None or theirs is None:
+                continue
+            ratio = _ratio(ours["rps"], theirs["rps"])
+            lines.append(
+                f"| {case.scenario[2:]}: {case.label} | {_fmt(ours['rps'])} req/s | "
+                f"{_fmt(theirs['rps'])} req/s | {_r(ratio)} |"
+            )
+    for setup in setups:
+        sizes = memory.get(setup.key, {})
+        if "v2mount" in sizes and "mlserver" in sizes:
+            ours_mb, theirs_mb = sizes["v2mount"]["pss_mb"], sizes["mlserver"]["pss_mb"]
+            lines.append(
+                f"| memory (PSS), {setup.title} | {ours_mb:.0f} MB | {theirs_mb:.0f} MB | "
+                f"{_r(_ratio(ours_mb, theirs_mb))} |"
+            )
+    return lines
+
+
 def _targets(agg: dict[tuple[str, str], Stats]) -> list[tuple[str, str, str, bool | None]]:
     """(target, v2mount figure, MLServer figure, met?) for each target of issue 8."""
 
@@ -303,6 +334,7 @@ def _markdown(
     chart: str,
 ) -> str:
     lines = ["# v2mount vs MLServer 1.7.1", "", *_machine_lines(machine, config), ""]
+    lines += ["## Summary", "", *_summary_table(setups, agg, memory), ""]
     lines += [
         "## Throughput and latency",
         "",
