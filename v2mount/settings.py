@@ -172,7 +172,7 @@ class Settings(BaseSettings):
     (0: never). The successor loads first, so the model stays ready."""
     model_max_worker_memory_mb: float = Field(default=0, ge=0)
     """Default RSS in MB above which a worker is replaced after its request (0: never)."""
-    inline_predict_budget: float = Field(default=0.0002, ge=0)
+    inline_predict_budget: float = Field(default=0.001, ge=0)
     """In-process models: a plain predict averaging under this many seconds runs on the
     event loop, not a worker thread (the hop costs more); 0 always uses the thread."""
     max_request_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
