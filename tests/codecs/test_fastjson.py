@@ -92,3 +92,13 @@ def test_large_body_size_mismatch() -> None:
 def test_large_malformed_json() -> None:
     with pytest.raises(BadRequest, match="malformed JSON"):
         decode_request(body("FP32", [1.0] * N)[:-2])
+
+
+def test_parser_reuse_survives_live_proxies() -> None:
+    from v2mount.codecs.fastjson import load_json
+
+    first = load_json(body("FP32", [1.0] * N))
+    kept = first["inputs"][0]["data"]  # a live proxy of the thread's parser
+    second = decode_request(body("INT32", [2] * N))
+    assert second["t"][0] == 2
+    assert kept.as_list()[0] == 1.0
