@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         _log(f"MLServer venv: {args.mlserver_venv}")
         mlserver_bin = ensure_mlserver_venv(args.mlserver_venv, log=work / "logs" / "pip.log")
     ctx = Context(args, tool, work, payloads, weights, mlserver_bin)
+    machine = report.machine_info(mlserver_bin, tool)
     setups = [s for s in all_setups() if not args.only or s.key.startswith(tuple(args.only))]
     for setup in setups:
         run_setup(ctx, setup)
@@ -396,7 +397,12 @@ def main(argv: list[str] | None = None) -> None:
         + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
-    machine = report.machine_info(mlserver_bin, tool)
+    at_end = report.machine_info(None, "python")["v2mount"]
+    if at_end != machine["v2mount"]:
+        ctx.notes.append(
+            f"v2mount changed during the run: {machine['v2mount']} at the start, {at_end} "
+            "at the end; the servers started after the change ran the new code"
+        )
     paths = report.write(
         args.out,
         args.name,
