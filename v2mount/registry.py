@@ -22,6 +22,7 @@ from v2mount.errors import (
     ModelNotReady,
     SettingsError,
     V2MountError,
+    describe_exception,
 )
 from v2mount.metadata import select_outputs, validate_request
 from v2mount.metrics.app import AppMetrics
@@ -113,7 +114,7 @@ class ModelHandle:
             max_queue_size=queue,
             metrics_sink=self.metrics.apply_custom,
             shm_threshold=self.server.shm_threshold_bytes,
-            threads_per_worker=self._setting("threads_per_worker"),
+            threads_per_worker=self.settings.threads_per_worker,
             hard_timeout=2 * float(self._setting("inference_timeout")),
             max_requests_per_worker=self._setting("max_requests_per_worker") or None,
             max_worker_memory_mb=self._setting("max_worker_memory_mb") or None,
@@ -131,7 +132,7 @@ class ModelHandle:
                 with anyio.CancelScope(shield=True):
                     await runner.stop()
             self.state = ModelState.UNAVAILABLE
-            self.reason = exc.message if isinstance(exc, V2MountError) else str(exc)
+            self.reason = exc.message if isinstance(exc, V2MountError) else describe_exception(exc)
             logger.error("model %s failed to load: %s", self.label, self.reason)
             return
         assert runner is not None
