@@ -15,6 +15,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from v2mount.types import DATATYPES
+
 REPOSITORY = Path(__file__).parent / "repository"
 
 
@@ -95,20 +97,7 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
     assert client.get_model_metadata("scale", model_version="1")["versions"] == ["1"]
 
 
-NUMERIC = [
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-]
+NUMERIC = [datatype for datatype in DATATYPES if datatype != "BYTES"]
 
 
 def _sample(datatype: str) -> np.ndarray:
