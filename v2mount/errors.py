@@ -68,7 +68,16 @@ class ModelNotFound(V2MountError):
 
 
 class ModelNotReady(V2MountError):
+    """``retry_after`` (seconds) is set when readiness is expected back soon."""
+
     status_code = 503
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 class RepositoryDisabled(V2MountError):

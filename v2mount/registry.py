@@ -177,8 +177,8 @@ class ModelHandle:
         runner, executor = self._runner, self._batcher or self._runner
         if self.state is not ModelState.READY or runner is None or executor is None:
             raise ModelNotReady(self.not_ready_message())
-        if not runner.ready:
-            raise ModelNotReady(self.not_ready_message())
+        if not runner.ready:  # a pool between workers: a replacement is starting
+            raise ModelNotReady(self.not_ready_message(), retry_after=1)
         timeout = float(self._setting("inference_timeout"))
         start = time.perf_counter_ns()
         self._in_flight += 1
