@@ -100,12 +100,15 @@ async def test_binary_data_output_default_with_per_output_override(serve: Any) -
         assert r.json()["outputs"][0]["data"] == [1, 2]
 
 
-def _fp32_header(size: int, shape: list[int] | None = None) -> dict[str, Any]:
+def _binary_header(
+    size: int, shape: list[int] | None = None, datatype: str = "FP32"
+) -> dict[str, Any]:
+    """A request whose one input ``x`` claims ``size`` bytes of binary data."""
     return {
         "inputs": [
             {
                 "name": "x",
-                "datatype": "FP32",
+                "datatype": datatype,
                 "shape": shape or [2],
                 "parameters": {"binary_data_size": size},
             }
@@ -114,7 +117,7 @@ def _fp32_header(size: int, shape: list[int] | None = None) -> dict[str, Any]:
 
 
 def _bad_cases() -> list[tuple[str, bytes, dict[str, str], str]]:
-    head = orjson.dumps(_fp32_header(8))
+    head = orjson.dumps(_binary_header(8))
     cases = [
         (
             "header past body",
@@ -142,9 +145,9 @@ def _bad_cases() -> list[tuple[str, bytes, dict[str, str], str]]:
         ),
     ]
     for name, header, tail, message in (
-        ("size past end", _fp32_header(16), b"\0" * 8, "runs past the end"),
-        ("size vs shape", _fp32_header(8, [3]), b"\0" * 8, "needs 12"),
-        ("extra bytes", _fp32_header(8), b"\0" * 12, "unexpected additional input data"),
+        ("size past end", _binary_header(16), b"\0" * 8, "runs past the end"),
+        ("size vs shape", _binary_header(8, [3]), b"\0" * 8, "needs 12"),
+        ("extra bytes", _binary_header(8), b"\0" * 12, "unexpected additional input data"),
         (
             "data and size",
             {
@@ -161,64 +164,28 @@ def _bad_cases() -> list[tuple[str, bytes, dict[str, str], str]]:
             b"\0" * 8,
             "only one of",
         ),
-        ("negative size", _fp32_header(-8), b"", "non-negative integer"),
+        ("negative size", _binary_header(-8), b"", "non-negative integer"),
         (
             "bool bytes",
-            {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "BOOL",
-                        "shape": [2],
-                        "parameters": {"binary_data_size": 2},
-                    }
-                ]
-            },
+            _binary_header(2, [2], "BOOL"),
             b"\x01\x07",
             "0x00 or 0x01",
         ),
         (
             "bytes truncated",
-            {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "BYTES",
-                        "shape": [1],
-                        "parameters": {"binary_data_size": 6},
-                    }
-                ]
-            },
+            _binary_header(6, [1], "BYTES"),
             struct.pack("<I", 10) + b"ab",
             "runs past its chunk",
         ),
         (
             "bytes count",
-            {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "BYTES",
-                        "shape": [3],
-                        "parameters": {"binary_data_size": 5},
-                    }
-                ]
-            },
+            _binary_header(5, [3], "BYTES"),
             struct.pack("<I", 1) + b"a",
             "holds 1 elements, shape needs 3",
         ),
         (
             "bytes short length",
-            {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "BYTES",
-                        "shape": [1],
-                        "parameters": {"binary_data_size": 2},
-                    }
-                ]
-            },
+            _binary_header(2, [1], "BYTES"),
             b"\x01\x00",
             "truncated BYTES element length",
         ),
@@ -228,7 +195,7 @@ def _bad_cases() -> list[tuple[str, bytes, dict[str, str], str]]:
             (name, encoded + tail, {"Inference-Header-Content-Length": str(len(encoded))}, message)
         )
     # A shape claiming a huge tensor with a tiny body must not allocate anything.
-    huge = orjson.dumps(_fp32_header(8, [2**40]))
+    huge = orjson.dumps(_binary_header(8, [2**40]))
     cases.append(
         (
             "huge shape",
