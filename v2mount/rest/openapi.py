@@ -60,6 +60,20 @@ _NOT_FOUND = _error("Unknown model, or unknown version of the model")
 _SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _PARAMETERS = _ref("Parameters")
 
+#: An input of a request and an output of a response have the same shape.
+_TENSOR: Document = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": _SHAPE,
+        "datatype": _ref("Datatype"),
+        "parameters": _PARAMETERS,
+        "data": _ref("TensorData"),
+    },
+}
+
+
 SCHEMAS: Document = {
     "Error": {
         "type": "object",
@@ -123,17 +137,7 @@ SCHEMAS: Document = {
             "error": {"type": "string"},
         },
     },
-    "RequestInput": {
-        "type": "object",
-        "required": ["name", "shape", "datatype"],
-        "properties": {
-            "name": {"type": "string"},
-            "shape": _SHAPE,
-            "datatype": _ref("Datatype"),
-            "parameters": _PARAMETERS,
-            "data": _ref("TensorData"),
-        },
-    },
+    "RequestInput": _TENSOR,
     "RequestOutput": {
         "type": "object",
         "required": ["name"],
@@ -149,17 +153,7 @@ SCHEMAS: Document = {
             "outputs": {"type": "array", "items": _ref("RequestOutput")},
         },
     },
-    "ResponseOutput": {
-        "type": "object",
-        "required": ["name", "shape", "datatype"],
-        "properties": {
-            "name": {"type": "string"},
-            "shape": _SHAPE,
-            "datatype": _ref("Datatype"),
-            "parameters": _PARAMETERS,
-            "data": _ref("TensorData"),
-        },
-    },
+    "ResponseOutput": _TENSOR,
     "InferenceResponse": {
         "type": "object",
         "required": ["model_name", "outputs"],
