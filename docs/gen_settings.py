@@ -25,7 +25,7 @@ from v2mount.settings import ModelParameters, ModelSettings, Settings, TensorSpe
 PAGE = Path(__file__).resolve().parent / "settings.md"
 
 #: Settings with a short flag of their own in ``python -m v2mount``.
-FLAG_ALIASES = {"model_repository": "--repository"}
+FLAG_ALIASES = {"model_repository": "--repository", "http_port": "--port"}
 
 HEADER = """\
 # Settings reference

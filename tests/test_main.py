@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ def test_main_runs_uvicorn_with_the_app_and_the_flags(
     assert isinstance(app, V2App) and app.repository is not None
     assert app.repository.root == tmp_path.resolve()
     assert app.settings.model_parallel_workers == 0 and app.settings.docs_enabled is False
+    log_config = options.pop("log_config")
     assert options == {
         "host": "127.0.0.1",
         "port": 9001,
@@ -44,6 +46,11 @@ def test_main_runs_uvicorn_with_the_app_and_the_flags(
         "log_level": "warning",
         "lifespan": "on",
     }
+    # uvicorn's loggers and v2mount's share one format carrying time, level and name.
+    formats = {f["fmt"] for f in log_config["formatters"].values()}
+    assert all(fmt.startswith("%(asctime)s %(levelprefix)s %(name)s: ") for fmt in formats)
+    assert log_config["loggers"]["v2mount"]["level"] == logging.WARNING
+    assert log_config["loggers"]["uvicorn.access"]["level"] == logging.WARNING
 
 
 def test_bad_settings_exit_2_with_the_reason(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ import anyio
 from v2mount.codecs.content import check_content_types, check_declared_content_types
 from v2mount.errors import (
     InferenceTimeout,
+    ModelError,
     ModelNotFound,
     ModelNotReady,
     SettingsError,
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ModelHandle", "ModelRegistry", "ModelState", "version_key"]
 
-logger = logging.getLogger("v2mount")
+logger = logging.getLogger("v2mount.registry")
 
 
 class ModelState(str, Enum):
@@ -62,16 +64,24 @@ def _rows(request: InferenceRequest) -> int:
 
 
 class ModelHandle:
-    """One served model version. All methods run on the event loop thread."""
+    """One served model version. All methods run on the event loop thread.
 
-    def __init__(self, model: Model, server: Settings, metrics: AppMetrics) -> None:
+    ``broken``: why the model's settings cannot be used; it then never loads and stays
+    UNAVAILABLE with that reason, beside the models that serve.
+    """
+
+    def __init__(
+        self, model: Model, server: Settings, metrics: AppMetrics, *, broken: str | None = None
+    ) -> None:
         self.model = model
         self.settings: ModelSettings = model.settings
         self.server = server
         self.metrics = metrics
-        check_declared_content_types(self.settings)
+        self.broken = broken
+        if broken is None:
+            check_declared_content_types(self.settings)
         self.state = ModelState.UNAVAILABLE
-        self.reason = ""
+        self.reason = broken or ""
         self.stats = InferenceStats()
         self._runner: Runner | None = None
         self._batcher: AdaptiveBatcher | None = None
@@ -92,7 +102,11 @@ class ModelHandle:
 
     def _setting(self, field: str) -> Any:
         value = getattr(self.settings, field)
-        return getattr(self.server, f"model_{field}") if value is None else value
+        if value is not None:
+            return value
+        if field == "parallel_workers":
+            return self.server.default_workers()
+        return getattr(self.server, f"model_{field}")
 
     def _make_runner(self) -> Runner:
         # Runtimes size their native thread pools from the model's own settings.
@@ -121,9 +135,17 @@ class ModelHandle:
         )
 
     async def load(self) -> None:
-        """Start the runner; failure leaves the model UNAVAILABLE with the reason."""
+        """Start the runner; failure leaves the model UNAVAILABLE with the reason.
+
+        Logs one line when the model is ready (workers, load time), or one error with
+        the traceback when it is not (the client-facing reason stays sanitised).
+        """
+        if self.broken is not None:
+            self.state, self.reason = ModelState.UNAVAILABLE, self.broken
+            return
         self.state, self.reason = ModelState.LOADING, ""
         runner: Runner | None = None
+        started = time.perf_counter()
         try:
             runner = self._make_runner()
             await runner.start()
@@ -133,7 +155,14 @@ class ModelHandle:
                     await runner.stop()
             self.state = ModelState.UNAVAILABLE
             self.reason = exc.message if isinstance(exc, V2MountError) else describe_exception(exc)
-            logger.error("model %s failed to load: %s", self.label, self.reason)
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            logger.error(
+                "model %s failed to load: %s",
+                self.label,
+                self.reason,
+                # A worker's traceback was logged by its pool; in-process, here it is.
+                exc_info=cause if not isinstance(cause, V2MountError) else None,
+            )
             return
         assert runner is not None
         self._runner = runner
@@ -148,7 +177,13 @@ class ModelHandle:
                 on_batch=lambda rows: self.metrics.observe_batch(self.name, self.version, rows),
             )
         self.state = ModelState.READY
-        logger.info("model %s ready", self.label)
+        workers: int = self._setting("parallel_workers")
+        logger.info(
+            "model %s loaded: %s, in %.2f s",
+            self.label,
+            f"{workers} worker process{'es' if workers != 1 else ''}" if workers else "in-process",
+            time.perf_counter() - started,
+        )
 
     async def unload(self) -> None:
         """Stop taking requests, let those in flight finish, then stop the runner."""
@@ -160,6 +195,7 @@ class ModelHandle:
             runner, self._runner, self._batcher = self._runner, None, None
             if runner is not None:
                 await runner.stop()
+                logger.info("model %s unloaded", self.label)
             self.state, self.reason = ModelState.UNAVAILABLE, "unloaded"
 
     @property
@@ -180,21 +216,37 @@ class ModelHandle:
         if not runner.ready:  # a pool between workers: a replacement is starting
             raise ModelNotReady(self.not_ready_message(), retry_after=1)
         timeout = float(self._setting("inference_timeout"))
+        if request.id is None:
+            request.id = str(uuid.uuid4())  # as MLServer: every response carries an id
         start = time.perf_counter_ns()
         self._in_flight += 1
         ok = False
         try:
-            validate_request(self.settings, request)
+            validate_request(
+                self.settings, request, any_input_name=type(self.model).any_input_name
+            )
             check_content_types(request, self.settings)
             with anyio.fail_after(timeout):
                 response = await executor.infer(request)
             response = select_outputs(response, request)
+            response.id = request.id
             ok = True
             return response
         except TimeoutError:
-            raise InferenceTimeout(
-                f"model {self.label} did not answer within {timeout:g} s"
-            ) from None
+            error = InferenceTimeout(f"model {self.label} did not answer within {timeout:g} s")
+            error.request_id = request.id
+            raise error from None
+        except V2MountError as exc:
+            exc.request_id = request.id
+            if isinstance(exc, ModelError) and exc.__cause__ is not None:
+                # In-process: the model's own traceback (a pool's worker logs its own).
+                logger.error(
+                    "model %s: predict failed (request id %s)",
+                    self.label,
+                    request.id,
+                    exc_info=exc.__cause__,
+                )
+            raise
         finally:
             elapsed = time.perf_counter_ns() - start
             self.stats.record(ok, elapsed, elapsed, _rows(request))

@@ -14,11 +14,11 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
-from v2mount.errors import BadRequest, HeadersTooLarge, ModelNotFound, SettingsError
+from v2mount.errors import BadRequest, HeadersTooLarge, ModelNotFound
 from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
 from v2mount.registry import ModelHandle, ModelRegistry, ModelState, version_key
-from v2mount.repository import ModelRepository, instantiate
+from v2mount.repository import BrokenModel, ModelRepository, instantiate
 from v2mount.rest.dataplane import dataplane_routes
 from v2mount.rest.docs import docs_routes
 from v2mount.rest.errors import error_response, http_exception_handler
@@ -59,8 +59,8 @@ class V2App:
         for item in models:
             self._add(item if isinstance(item, Model) else instantiate(item))
         if self.repository is not None:
-            for model_settings in self.repository.scan():
-                self._add(instantiate(model_settings))
+            for entry in self.repository.load(self.repository.scan_all()):
+                self._add(entry)
         self._started = False
         self._starting: anyio.Event | None = None
         self._stopping = False
@@ -72,8 +72,12 @@ class V2App:
         self._router = RestMetricsMiddleware(router, self.metrics, router.routes)
         self.metrics.track_queues(self.registry.handles)
 
-    def _add(self, model: Model) -> ModelHandle:
-        handle = ModelHandle(model, self.settings, self.metrics)
+    def _add(self, model: Model | BrokenModel) -> ModelHandle:
+        if isinstance(model, BrokenModel):
+            broken = model.placeholder()
+            handle = ModelHandle(broken, self.settings, self.metrics, broken=model.reason)
+        else:
+            handle = ModelHandle(model, self.settings, self.metrics)
         self.registry.add(handle)
         return handle
 
@@ -186,10 +190,8 @@ class V2App:
         if not found and not old:
             raise ModelNotFound(f"model {name!r} is not in the model repository")
         if found:
-            try:
-                fresh = [instantiate(model_settings) for model_settings in found]
-            except SettingsError as exc:
-                raise BadRequest(f"cannot load model {name!r}: {exc.message}") from None
+            assert self.repository is not None
+            fresh = self.repository.load(found)
             for handle in old:
                 await handle.unload()
                 self.registry.remove(handle)
