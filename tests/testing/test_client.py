@@ -101,7 +101,7 @@ async def test_outputs_id_and_parameters(binary: bool, v2_async_client: AsyncFac
     assert result.id == "r-1" and list(result.outputs) == ["scaled"]
     np.testing.assert_array_equal(result["scaled"], x * 3)
     every = await client.infer("scaler", {"x": x})
-    assert every.id is None and sorted(every.outputs) == ["scaled", "total"]
+    assert every.id and every.id != "r-1" and sorted(every.outputs) == ["scaled", "total"]
     np.testing.assert_array_equal(every["total"], [3.0, 7.0])
 
 
