@@ -37,6 +37,7 @@ __all__ = [
     "SettingsError",
     "V2MountError",
     "describe_exception",
+    "hide_paths",
 ]
 
 
@@ -127,18 +128,24 @@ def _hide_path(match: re.Match[str]) -> str:
     return f".../{last}" if last else "..."
 
 
+def hide_paths(text: str) -> str:
+    """``text`` with every absolute path cut to ``.../<last component>``."""
+    return _ABSOLUTE_PATH.sub(_hide_path, text)
+
+
 def describe_exception(exc: BaseException) -> str:
     """``"Type: message"`` for a client, with no absolute path in it.
 
     The one sanitising rule for every text that leaves the server from a model's own
     code (load and predict errors, in-process and in workers): an ``OSError`` keeps its
-    ``strerror`` and its file's last component, and any absolute path left in a
-    message is cut to ``.../<last component>``. The full text goes to the log.
+    ``strerror`` and its file's last component, and any absolute path left in a message
+    is cut to ``.../<last component>`` (``hide_paths``, which the registry also applies
+    to every reason a worker pool reports). The full text goes to the log.
     """
     if isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror
         if exc.filename is not None:
-            text = f"{text}: {_ABSOLUTE_PATH.sub(_hide_path, repr(str(exc.filename)))}"
+            text = f"{text}: {str(exc.filename)!r}"
     else:
         text = str(exc)
-    return f"{type(exc).__name__}: {_ABSOLUTE_PATH.sub(_hide_path, text)}"
+    return f"{type(exc).__name__}: {hide_paths(text)}"

@@ -6,7 +6,7 @@ points — ``uvicorn v2mount:app`` and ``python -m v2mount`` — call ``configur
 which gives the ``v2mount`` logger a stderr handler of its own, like uvicorn's own
 loggers, with lines that carry the time, the level and the logger's name::
 
-    2026-11-27 12:00:00,123 INFO:     v2mount.registry: model iris loaded: 1 worker process, in 0.84 s
+    2026-11-27 12:00:00,123 INFO:     v2mount.registry: model iris loaded: 1 worker ...
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import logging
 import logging.config
 from typing import Any
 
-__all__ = ["FORMAT", "configure_logging", "logging_config", "numeric_level"]
+from v2mount.errors import V2MountError
+
+__all__ = ["FORMAT", "configure_logging", "log_error_answer", "logging_config", "numeric_level"]
 
 #: One format for v2mount's lines and (under ``python -m v2mount``) uvicorn's.
 FORMAT = "%(asctime)s %(levelprefix)s %(name)s: %(message)s"
@@ -25,7 +27,10 @@ _TRACE = 5
 
 def numeric_level(level: str) -> int:
     """``"info"`` → ``logging.INFO``; uvicorn's ``"trace"`` is 5."""
-    return _TRACE if level.lower() == "trace" else logging.getLevelName(level.upper())  # type: ignore[no-any-return]
+    if level.lower() == "trace":
+        return _TRACE
+    value: int = logging.getLevelName(level.upper())
+    return value
 
 
 def _formatter() -> dict[str, Any]:
@@ -88,3 +93,30 @@ def configure_logging(level: str) -> None:
     config["formatters"] = {"default": config["formatters"]["default"]}
     config["handlers"] = {"default": config["handlers"]["default"]}
     logging.config.dictConfig(config)
+
+
+_answers = logging.getLogger("v2mount.rest")
+
+
+def log_error_answer(
+    exc: V2MountError, method: str, path: str, *, client_errors_at_info: bool = False
+) -> None:
+    """The log line for an error answer, with its reason and the request id.
+
+    5xx at WARNING; 4xx at DEBUG, or INFO with the ``log_client_errors`` setting (a
+    client's mistake is not the server's problem, but an operator may want to see it).
+    """
+    if exc.status_code >= 500:
+        level = logging.WARNING
+    else:
+        level = logging.INFO if client_errors_at_info else logging.DEBUG
+    if _answers.isEnabledFor(level):
+        _answers.log(
+            level,
+            "%s %s answered %d (request id %s): %s",
+            method,
+            path,
+            exc.status_code,
+            exc.request_id or "-",
+            exc.message,
+        )

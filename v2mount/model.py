@@ -137,7 +137,8 @@ def _array(tensor: Tensor) -> np.ndarray[Any, Any]:
             f"output {tensor.name!r}: its data is not {tensor.datatype} of shape "
             f"{list(tensor.shape)}: {message}"
         ) from None
-    return data
+    array: np.ndarray[Any, Any] = data
+    return array
 
 
 def _conform(tensor: Tensor, spec: TensorSpec | None, model_name: str) -> Tensor:

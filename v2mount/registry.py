@@ -25,6 +25,7 @@ from v2mount.errors import (
     SettingsError,
     V2MountError,
     describe_exception,
+    hide_paths,
 )
 from v2mount.metadata import select_outputs, validate_request
 from v2mount.metrics.app import AppMetrics
@@ -154,7 +155,12 @@ class ModelHandle:
                 with anyio.CancelScope(shield=True):
                     await runner.stop()
             self.state = ModelState.UNAVAILABLE
-            self.reason = exc.message if isinstance(exc, V2MountError) else describe_exception(exc)
+            # One rule for every reason a client may read, in-process or from a pool.
+            self.reason = (
+                hide_paths(exc.message)
+                if isinstance(exc, V2MountError)
+                else (describe_exception(exc))
+            )
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             logger.error(
                 "model %s failed to load: %s",
@@ -222,9 +228,7 @@ class ModelHandle:
         self._in_flight += 1
         ok = False
         try:
-            validate_request(
-                self.settings, request, any_input_name=type(self.model).any_input_name
-            )
+            validate_request(self.settings, request, any_input_name=type(self.model).any_input_name)
             check_content_types(request, self.settings)
             with anyio.fail_after(timeout):
                 response = await executor.infer(request)
@@ -258,7 +262,8 @@ class ModelHandle:
 
     def not_ready_message(self) -> str:
         if self.state is ModelState.READY and self._runner is not None:
-            return f"model {self.label} is not ready: {self._runner.reason or 'no live worker'}"
+            reason = hide_paths(self._runner.reason or "no live worker")
+            return f"model {self.label} is not ready: {reason}"
         reason = f": {self.reason}" if self.reason else ""
         return f"model {self.label} is not ready ({self.state.value}){reason}"
 

@@ -154,18 +154,20 @@ class ModelRepository:
 
         loaded: list[Model | BrokenModel] = []
         for entry in entries:
-            if isinstance(entry, ModelSettings):
+            result: Model | BrokenModel
+            if isinstance(entry, BrokenModel):
+                result = entry
+            else:
                 try:
                     check_declared_content_types(entry)
-                    entry = instantiate(entry)
+                    result = instantiate(entry)
                 except SettingsError as exc:
                     source = self._source(entry)
-                    entry = BrokenModel(
-                        entry.name, entry.version, f"model {entry.name!r}: {source}{exc.message}"
-                    )
-            if isinstance(entry, BrokenModel):
-                logger.error("%s", entry.reason)
-            loaded.append(entry)
+                    reason = f"model {entry.name!r}: {source}{exc.message}"
+                    result = BrokenModel(entry.name, entry.version, reason)
+            if isinstance(result, BrokenModel):
+                logger.error("%s", result.reason)
+            loaded.append(result)
         return loaded
 
     def _source(self, settings: ModelSettings) -> str:

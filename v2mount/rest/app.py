@@ -69,6 +69,7 @@ class V2App:
             exception_handlers={HTTPException: http_exception_handler},
             lifespan=self.lifespan,
         )
+        router.state.log_client_errors = self.settings.log_client_errors
         self._router = RestMetricsMiddleware(router, self.metrics, router.routes)
         self.metrics.track_queues(self.registry.handles)
 
