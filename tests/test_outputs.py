@@ -144,8 +144,9 @@ async def test_lossless_input_conversions_are_made_and_lossy_ones_refused(
             body = {"inputs": [bad] if bad["name"] == "f" else [tensor("f", "FP64", [1.0]), bad]}
             answer = await client.post("/v2/models/typed/infer", json=body)
             assert answer.status_code == 400
-            assert f"input {bad['name']!r}: datatype {bad['datatype']} does not match" in (
-                answer.json()["error"]
+            assert (
+                f"input {bad['name']!r}: datatype {bad['datatype']} does not match"
+                in (answer.json()["error"])
             )
         lossy = {"inputs": [tensor("f", "FP64", [1.0]), tensor("i", "UINT64", [1])]}
         assert (await client.post("/v2/models/typed/infer", json=lossy)).status_code == 400

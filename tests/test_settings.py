@@ -166,8 +166,7 @@ def test_mlserver_server_settings_mean_what_they_mean_there(
     assert messages == [
         "environment: unknown variable 'V2MOUNT_MODEL_MAX_BATCH_SISE' "
         "(did you mean 'V2MOUNT_MODEL_MAX_BATCH_SIZE'?)",
-        f"{file}: unknown field 'model_paralel_workers' "
-        "(did you mean 'model_parallel_workers'?)",
+        f"{file}: unknown field 'model_paralel_workers' (did you mean 'model_parallel_workers'?)",
         f"{file}: MLServer fields v2mount does not use, ignored: "
         "gzip_enabled, load_models_at_startup",
     ]

@@ -26,14 +26,14 @@ IDENTITY = "v2mount.demo.models.Identity"
 LINEAR = "v2mount.demo.models.LinearClassifier"
 ROW = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
 
-LEAKY = '''
+LEAKY = """
 from v2mount import Model
 
 
 class Leaky(Model):
     def predict(self, payload):
         raise FileNotFoundError(2, "No such file or directory", "{secret}/lookup.csv")
-'''
+"""
 
 
 def write(folder: Path, document: dict[str, Any] | str) -> None:
