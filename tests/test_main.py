@@ -22,6 +22,10 @@ def test_every_setting_has_a_flag() -> None:
     args = parser.parse_args(["--repository", "models", "--metrics-path", "none"])
     assert settings_overrides(args) == {"model_repository": "models", "metrics_path": None}
     assert settings_overrides(parser.parse_args([])) == {}
+    # Each flag's metavar says the unit.
+    text = " ".join(parser.format_help().split())
+    assert "--model-max-worker-memory-mb MB" in text
+    assert "--model-max-batch-time SECONDS" in text and "--port N, --http-port N" in text
 
 
 def test_main_runs_uvicorn_with_the_app_and_the_flags(
