@@ -9,7 +9,7 @@ from v2mount.errors import BadRequest
 from v2mount.settings import ModelSettings, TensorSpec
 from v2mount.types import InferenceRequest, InferenceResponse, Tensor
 
-__all__ = ["model_metadata", "select_outputs", "validate_request"]
+__all__ = ["model_metadata", "select_outputs", "shape_matches", "validate_request"]
 
 
 def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
@@ -32,7 +32,8 @@ def model_metadata(settings: ModelSettings, versions: list[str]) -> dict[str, An
     return document
 
 
-def _shape_matches(declared: list[int], actual: tuple[int, ...]) -> bool:
+def shape_matches(declared: list[int], actual: tuple[int, ...]) -> bool:
+    """Same rank, and every fixed (not ``-1``) declared dimension equal."""
     if len(declared) != len(actual):
         return False
     return all(d == -1 or d == a for d, a in zip(declared, actual, strict=True))
@@ -73,7 +74,7 @@ def validate_request(
                 )
             if tensor.datatype != spec.datatype:
                 _convert(tensor, spec)
-            if not _shape_matches(spec.shape, tensor.shape):
+            if not shape_matches(spec.shape, tensor.shape):
                 raise BadRequest(
                     f"input {tensor.name!r}: shape {list(tensor.shape)} does not match the "
                     f"model's {spec.shape}"

@@ -22,6 +22,7 @@ from v2mount.codecs.tensor import (
     to_output_array,
 )
 from v2mount.errors import ModelError, V2MountError
+from v2mount.metadata import shape_matches
 from v2mount.metrics.custom import CustomMetrics
 from v2mount.settings import ModelSettings, TensorSpec
 from v2mount.types import InferenceRequest, InferenceResponse, Tensor
@@ -114,12 +115,6 @@ async def call_predict(model: Model, request: InferenceRequest) -> InferenceResp
     return build_response(model, request, await _maybe_await(model.predict(request)))
 
 
-def _shape_matches(declared: list[int], actual: tuple[int, ...]) -> bool:
-    return len(declared) == len(actual) and all(
-        d == -1 or d == a for d, a in zip(declared, actual, strict=True)
-    )
-
-
 def _array(tensor: Tensor) -> np.ndarray[Any, Any]:
     """The tensor's data as an array of its shape (a ``Tensor`` may hold a list)."""
     data: Any = tensor.data
@@ -158,8 +153,8 @@ def _conform(tensor: Tensor, spec: TensorSpec | None, model_name: str) -> Tensor
             )
         array = cast
     shape = array.shape
-    if not _shape_matches(spec.shape, shape):
-        if spec.shape[-1:] == [1] and _shape_matches(spec.shape, (*shape, 1)):
+    if not shape_matches(spec.shape, shape):
+        if spec.shape[-1:] == [1] and shape_matches(spec.shape, (*shape, 1)):
             array = array.reshape((*shape, 1))  # a 1-D answer declared [-1, 1], as MLServer
         else:
             raise ModelError(

@@ -156,11 +156,10 @@ class ModelHandle:
                     await runner.stop()
             self.state = ModelState.UNAVAILABLE
             # One rule for every reason a client may read, in-process or from a pool.
-            self.reason = (
-                hide_paths(exc.message)
-                if isinstance(exc, V2MountError)
-                else (describe_exception(exc))
-            )
+            if isinstance(exc, V2MountError):
+                self.reason = hide_paths(exc.message)
+            else:
+                self.reason = describe_exception(exc)
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             logger.error(
                 "model %s failed to load: %s",
