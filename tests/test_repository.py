@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,19 @@ def test_missing_folder_and_bad_implementation(tmp_path: Path) -> None:
     (settings,) = ModelRepository(tmp_path).scan()
     with pytest.raises(SettingsError):
         instantiate(settings)
+
+
+def test_mlserver_fields_ignored_in_many_files_make_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("a", "b", "c"):
+        write(tmp_path / name, {"implementation": IMPL, "warm_workers": True})
+    write(tmp_path / "d", {"implementation": IMPL, "versions": ["1"], "warm_workers": False})
+    caplog.set_level(logging.INFO, logger="v2mount")
+    repository = ModelRepository(tmp_path)
+    repository.scan()
+    repository.scan()
+    assert [r.getMessage() for r in caplog.records] == [
+        "4 model-settings.json files have MLServer fields v2mount does not use, ignored: "
+        "versions (1 of them), warm_workers (4 of them)"
+    ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,16 @@ class ModelRepository:
         self._reported: set[str] = set()
 
     def _report(self, notices: list[Notice]) -> None:
+        """Log each notice once; the ignored MLServer fields of all files in one line."""
+        ignoring = [notice for notice in notices if notice.ignored]
+        if len(ignoring) > 1:
+            files = Counter(field for notice in ignoring for field in notice.ignored)
+            counts = ", ".join(f"{field} ({n} of them)" for field, n in sorted(files.items()))
+            summary = (
+                f"{len(ignoring)} model-settings.json files have MLServer fields v2mount "
+                f"does not use, ignored: {counts}"
+            )
+            notices = [n for n in notices if not n.ignored] + [Notice(logging.INFO, summary)]
         for notice in notices:
             if notice.message not in self._reported:
                 self._reported.add(notice.message)
@@ -107,6 +118,7 @@ class ModelRepository:
         """Every model version in the folder: its settings, or why they are broken."""
         found: list[ModelSettings | BrokenModel] = []
         sources: dict[tuple[str, str | None], str] = {}
+        notices: list[Notice] = []
         for file in sorted(self.root.rglob(MODEL_SETTINGS_FILE)):
             folder = file.parent
             source = file.relative_to(self.root).as_posix()
@@ -116,14 +128,12 @@ class ModelRepository:
             defaults: dict[str, Any] = {"name": name}
             if version is not None:
                 defaults["parameters"] = {"version": version}
-            notices: list[Notice] = []
             try:
                 entry: ModelSettings | BrokenModel = load_model_settings(
                     file, notices=notices, source=source, **defaults
                 )
             except SettingsError as exc:
                 entry = BrokenModel(name, version, f"model {name!r}: {exc.message}")
-            self._report(notices)
             key = (entry.name, entry.version)
             if key in sources:
                 label = entry.name if entry.version is None else f"{entry.name}:{entry.version}"
@@ -135,6 +145,7 @@ class ModelRepository:
             else:
                 sources[key] = source
             found.append(entry)
+        self._report(notices)
         return found
 
     def scan(self) -> list[ModelSettings]:

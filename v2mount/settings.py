@@ -249,6 +249,8 @@ class Notice:
 
     level: int
     message: str
+    #: For the notice listing MLServer fields v2mount ignores: those fields.
+    ignored: tuple[str, ...] = ()
 
     def log(self) -> None:
         logger.log(self.level, "%s", self.message)
@@ -317,6 +319,7 @@ def _check_fields(
             Notice(
                 logging.INFO,
                 f"{source}: MLServer fields v2mount does not use, ignored: {', '.join(ignored)}",
+                tuple(ignored),
             )
         )
     return notices
