@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -98,8 +99,27 @@ async def test_a_failing_predict_logs_its_traceback_once(
     assert answer.json() == {"error": "RuntimeError: asked to fail"}
     with_traceback = [r for r in caplog.records if r.exc_info]
     assert len(with_traceback) == 1
-    assert with_traceback[0].getMessage() == "model doubler: predict failed (request id req-9)"
+    assert with_traceback[0].getMessage() == "model 'doubler': predict raised (request id req-9)"
     assert _this_file_in(with_traceback[0].exc_info)
+
+
+async def test_a_failing_batch_logs_one_traceback_for_all_its_requests(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="v2mount")
+    model = Doubler(max_batch_size=3, max_batch_time=60)
+    statuses: list[int] = []
+    async with serve(V2App([model], model_parallel_workers=0)) as client:
+
+        async def send() -> None:
+            body = {**ROW, "parameters": {"fail": True}}
+            statuses.append((await client.post("/v2/models/doubler/infer", json=body)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):  # the third fills the batch: it runs at once
+                tg.start_soon(send)
+    assert statuses == [500, 500, 500]
+    assert len([r for r in caplog.records if r.exc_info]) == 1
 
 
 @pytest.mark.parametrize("at_info", [False, True])

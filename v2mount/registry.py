@@ -19,7 +19,6 @@ import anyio
 from v2mount.codecs.content import check_content_types, check_declared_content_types
 from v2mount.errors import (
     InferenceTimeout,
-    ModelError,
     ModelNotFound,
     ModelNotReady,
     SettingsError,
@@ -240,15 +239,7 @@ class ModelHandle:
             error.request_id = request.id
             raise error from None
         except V2MountError as exc:
-            exc.request_id = request.id
-            if isinstance(exc, ModelError) and exc.__cause__ is not None:
-                # In-process: the model's own traceback (a pool's worker logs its own).
-                logger.error(
-                    "model %s: predict failed (request id %s)",
-                    self.label,
-                    request.id,
-                    exc_info=exc.__cause__,
-                )
+            exc.request_id = request.id  # for the log line of the answer
             raise
         finally:
             elapsed = time.perf_counter_ns() - start
