@@ -111,6 +111,7 @@ def test_a_typo_in_model_settings_warns_with_the_file_and_a_suggestion(
         "warm_workers": True,
         "versions": ["1"],
         "zzz": 0,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "optinal": True}],
     }
     (folder / "model-settings.json").write_text(json.dumps(document))
     caplog.set_level(logging.INFO, logger="v2mount")
@@ -135,6 +136,11 @@ def test_a_typo_in_model_settings_warns_with_the_file_and_a_suggestion(
             "INFO",
             "iris/model-settings.json: MLServer fields v2mount does not use, ignored: "
             "versions, warm_workers",
+        ),
+        (
+            "WARNING",
+            "iris/model-settings.json: inputs[0]: unknown field 'optinal' "
+            "(did you mean 'optional'?)",
         ),
     ]
 

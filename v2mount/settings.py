@@ -357,6 +357,12 @@ def load_model_settings(
     if notices is not None:
         known = set(ModelSettings.model_fields) - {"source_dir"}
         notices += _check_fields(document, known, MLSERVER_MODEL_FIELDS, source)
+        for kind in ("inputs", "outputs"):
+            entries = document.get(kind)
+            for index, entry in enumerate(entries if isinstance(entries, list) else []):
+                if isinstance(entry, dict):
+                    where = f"{source}: {kind}[{index}]"
+                    notices += _check_fields(entry, TensorSpec.model_fields, (), where)
     merged = {**defaults, **document}
     parameters = {**defaults.get("parameters", {}), **(document.get("parameters") or {})}
     merged["parameters"] = parameters
