@@ -153,5 +153,5 @@ async def test_no_absolute_path_reaches_a_client(tmp_path: Path, serve: Serve) -
     assert str(tmp_path) not in text and "srv-secret" not in text
     # The reasons are still there, cut to what a client may know.
     assert "FileNotFoundError: No such file or directory: '.../lookup.csv'" in text
-    assert "model pooled failed to load" in text or "model 'pooled' failed to load" in text
+    assert "failed to load model pooled: " in text  # the repository API's answer
     assert text.count(".../weights.npz") >= 4  # ready, infer and load of both failed models

@@ -156,7 +156,9 @@ class ModelHandle:
             self.state = ModelState.UNAVAILABLE
             # One rule for every reason a client may read, in-process or from a pool.
             if isinstance(exc, V2MountError):
-                self.reason = hide_paths(exc.message)
+                # A pool's reason says "model 'x' failed to load: ..." already.
+                message = exc.message.removeprefix(f"model {self.name!r} failed to load: ")
+                self.reason = hide_paths(message)
             else:
                 self.reason = describe_exception(exc)
             cause = exc.__cause__ if exc.__cause__ is not None else exc
