@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -96,7 +97,7 @@ def test_a_standalone_server_with_nothing_to_serve_fails_with_one_line(tmp_path:
     write(root / "no-such-class", {"implementation": "nowhere.Model"})
     with pytest.raises(SettingsError, match=r"nothing to serve: .* \(2 broken, each reason"):
         create_app(model_repository=root)
-    env = {"V2MOUNT_MODEL_REPOSITORY": str(root), "PATH": ""}
+    env = {**os.environ, "V2MOUNT_MODEL_REPOSITORY": str(root)}
     done = subprocess.run(
         [sys.executable, "-c", "import v2mount; v2mount.app"],
         capture_output=True,
