@@ -90,7 +90,7 @@ def summarize(
     """A ``Step`` from raw latencies in seconds (nearest-rank percentiles)."""
     if latencies:
         values = np.asarray(latencies, dtype=np.float64) * 1000.0
-        p50, p99 = np.percentile(values, [50, 99], method="higher")
+        p50, p99 = np.percentile(values, [50, 99], method="inverted_cdf")
     else:
         p50 = p99 = float("nan")
     return Step(
