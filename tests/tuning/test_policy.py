@@ -129,7 +129,7 @@ def test_when_nothing_meets_the_target_the_lowest_latency_is_recommended() -> No
 
 def test_auto_batch_time_follows_one_request_within_bounds() -> None:
     assert auto_batch_time(step(1, 100, p99=8.0), 100) == 0.004  # p50 4 ms
-    assert auto_batch_time(step(1, 100, p99=0.1), 100) == 0.0005  # at least 0.5 ms
+    assert auto_batch_time(step(1, 100, p99=0.1), 100) == 0.001  # at least 1 ms
     assert auto_batch_time(step(1, 1, p99=400.0), 1000) == 0.05  # at most 50 ms
     assert auto_batch_time(step(1, 1, p99=400.0), 40) == 0.01  # and a quarter of the target
     assert auto_batch_time(None, 100) == 0.001

@@ -128,11 +128,12 @@ def auto_batch_time(base: Step | None, target_ms: float) -> float:
 
     Waiting as long as one request takes at most doubles a lone request's latency, and
     is long enough to gather the requests that arrive while the model is busy; at least
-    0.5 ms, at most 50 ms and a quarter of the latency target.
+    1 ms (event-loop timers round up to the millisecond), at most 50 ms and a quarter of
+    the latency target.
     """
     latency = base.p50_ms if base is not None and not math.isnan(base.p50_ms) else 1.0
     ceiling = min(50.0, target_ms / 4)
-    milliseconds = max(0.5, min(latency, ceiling))
+    milliseconds = max(1.0, min(latency, ceiling))
     return round(milliseconds / 1000, 4)
 
 

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-time-ms",
         type=_positive(float),
         default=None,
-        help="max_batch_time to try (default: one request's p50 latency, 0.5 to 50 ms)",
+        help="max_batch_time to try (default: one request's p50 latency, 1 to 50 ms)",
     )
     measure.add_argument(
         "--min-gain",
@@ -303,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.message if isinstance(exc, SettingsError) else str(exc)
         print(f"{PROG}: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the pools were stopped on the way out
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
