@@ -79,7 +79,7 @@ def _walk_workers(
     """Seldon's walk over pool sizes 1, 2, …: the last size that still paid, and why it ended."""
     chosen: Sweep | None = None
     chosen_peak: Step | None = None
-    why = "reached the largest pool measured"
+    why = "reached the largest pool tried (--max-workers)"
     for sweep in _pool_sweeps(sweeps):
         top = peak(sweep, target_ms)
         workers = sweep.config.parallel_workers
@@ -223,7 +223,7 @@ def recommend(sweeps: Sequence[Sweep], target_ms: float, min_gain: float = 0.10)
         top = peak(top_sweep, target_ms)
         assert top is not None
         growth = top.throughput / base_peak.throughput - 1 if base_peak.throughput else 0.0
-        batch = f" (mean batch {top.mean_batch:.1f} rows)" if top.mean_batch else ""
+        batch = f", {top.mean_batch:.1f} rows per batch" if top.mean_batch else ""
         if growth >= min_gain:
             best, best_peak = top_sweep, top
             reasons.append(
