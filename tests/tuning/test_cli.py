@@ -108,10 +108,10 @@ def test_a_real_run_recommends_batching_for_a_fixed_cost_model(
             }
         )
     )
-    fragment, png = tmp_path / "fragment.json", tmp_path / "chart.png"
+    fragment, png, measured = (tmp_path / name for name in ("f.json", "c.png", "m.json"))
     argv = ["tune", str(repository), "sleepy", "--duration", "0.3", "--max-workers", "1"]
     argv += ["--max-concurrency", "8", "--batch-sizes", "8", "--batch-time-ms", "5"]
-    argv += ["--output", str(fragment), "--write", "--png", str(png)]
+    argv += ["--output", str(fragment), "--write", "--png", str(png), "--json", str(measured)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     recommended = json.loads(fragment.read_text())
@@ -127,3 +127,10 @@ def test_a_real_run_recommends_batching_for_a_fixed_cost_model(
     assert "so batching on" in out
     assert "in-process" in out and "1 worker" in out  # both kinds were measured
     assert png.read_bytes()[:4] == b"\x89PNG"
+    document = json.loads(measured.read_text())
+    assert document["recommendation"] == {
+        **recommended,
+        "reason": document["recommendation"]["reason"],
+    }
+    configs = [sweep["config"]["parallel_workers"] for sweep in document["sweeps"]]
+    assert configs[:2] == [0, 1] and all(sweep["steps"] for sweep in document["sweeps"])

@@ -10,7 +10,14 @@ import pytest
 from rich.console import Console
 
 from v2mount.tuning import Config, Step, Sweep, TuneError, recommend
-from v2mount.tuning._report import chart, merge_settings, save_png, table, write_fragment
+from v2mount.tuning._report import (
+    chart,
+    merge_settings,
+    result_document,
+    save_png,
+    table,
+    write_fragment,
+)
 
 
 def sweeps() -> list[Sweep]:
@@ -69,3 +76,23 @@ def test_the_fragment_and_the_settings_file(tmp_path: Path) -> None:
         merge_settings(recommendation, settings)
     with pytest.raises(TuneError, match="cannot update"):
         merge_settings(recommendation, tmp_path / "missing.json")
+
+
+def test_the_json_document_holds_every_step_and_the_reason() -> None:
+    measured = sweeps()
+    document = result_document(measured, recommend(measured, 100))
+    assert [len(s["steps"]) for s in document["sweeps"]] == [2, 0, 1]
+    assert document["sweeps"][1]["error"].endswith("out of memory")
+    assert document["sweeps"][0]["steps"][1] == {
+        "concurrency": 2,
+        "duration": 1.0,
+        "requests": 1500,
+        "throughput": 1500.0,
+        "p50_ms": 1.2,
+        "p99_ms": 2.5,
+        "mean_batch": None,
+        "errors": 0,
+        "error": None,
+    }
+    assert document["recommendation"]["parallel_workers"] == 1
+    assert document["recommendation"]["reason"].startswith("One worker peaks at 1,500 req/s")

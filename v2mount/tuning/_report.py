@@ -17,7 +17,7 @@ from v2mount.tuning._inputs import TuneError
 from v2mount.tuning._policy import Recommendation, peak
 from v2mount.tuning._results import Sweep
 
-__all__ = ["chart", "merge_settings", "save_png", "table", "write_fragment"]
+__all__ = ["chart", "merge_settings", "result_document", "save_png", "table", "write_fragment"]
 
 
 def _ms(value: float) -> str:
@@ -110,6 +110,38 @@ def save_png(sweeps: Sequence[Sweep], target_ms: float, path: Path, title: str) 
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return True
+
+
+def result_document(sweeps: Sequence[Sweep], recommendation: Recommendation) -> dict[str, Any]:
+    """Every measurement and the recommendation, as plain JSON data (``--json``)."""
+
+    def number(value: float) -> float | None:
+        return None if math.isnan(value) else round(value, 3)
+
+    return {
+        "sweeps": [
+            {
+                "config": sweep.config.settings(),
+                "error": sweep.error,
+                "steps": [
+                    {
+                        "concurrency": step.concurrency,
+                        "duration": step.duration,
+                        "requests": step.requests,
+                        "throughput": round(step.throughput, 1),
+                        "p50_ms": number(step.p50_ms),
+                        "p99_ms": number(step.p99_ms),
+                        "mean_batch": step.mean_batch,
+                        "errors": step.errors,
+                        "error": step.error,
+                    }
+                    for step in sweep.steps
+                ],
+            }
+            for sweep in sweeps
+        ],
+        "recommendation": {**recommendation.settings(), "reason": recommendation.reason},
+    }
 
 
 def write_fragment(recommendation: Recommendation, path: Path) -> None:

@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"set the recommended fields in the model's own {MODEL_SETTINGS_FILE}",
     )
+    out.add_argument("--json", type=Path, help="write every measurement as JSON here")
     out.add_argument(
         "--png",
         default=None,
@@ -218,7 +219,14 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     from v2mount.tuning._bench import AppBench
-    from v2mount.tuning._report import chart, merge_settings, save_png, table, write_fragment
+    from v2mount.tuning._report import (
+        chart,
+        merge_settings,
+        result_document,
+        save_png,
+        table,
+        write_fragment,
+    )
 
     repository = ModelRepository(args.repository)
     model = find_model(repository, args.model, args.version)
@@ -280,6 +288,10 @@ def _run(args: argparse.Namespace) -> int:
         elif args.png is not None:
             err.print("No PNG: matplotlib is not installed (pip install matplotlib).")
     out.print("[bold]Recommendation[/bold]: " + recommendation.reason)
+    if args.json is not None:
+        document = result_document(result.sweeps, recommendation)
+        args.json.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+        out.print(f"Measurements: {args.json}")
     if args.output is not None:
         write_fragment(recommendation, args.output)
         out.print(f"Wrote {args.output}")
