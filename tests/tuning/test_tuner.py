@@ -96,7 +96,6 @@ async def test_a_large_fixed_cost_per_call_turns_batching_on() -> None:
     model = Simulated(fixed=0.010, per_row=0.0001)
     result = await tune(model, TuneOptions(max_workers=2, batch_sizes=(8, 32)))
     recommendation = result.recommendation
-    assert recommendation is not None
     assert recommendation.config.parallel_workers == 2
     assert recommendation.config.max_batch_size == 32
     # auto batch time: one request's p50 (10.05 ms) bounded by a quarter of the target
@@ -112,7 +111,6 @@ async def test_a_cpu_bound_model_on_one_core_gets_one_worker(
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     model = Simulated(fixed=0.0, per_row=0.001, cores=1, in_process_extra=0.0005)
     result = await tune(model, TuneOptions(max_workers=usable_cores()))
-    assert result.recommendation is not None
     assert result.recommendation.settings() == {
         "parallel_workers": 1,
         "max_batch_size": 0,
@@ -126,7 +124,6 @@ async def test_a_cpu_bound_model_on_one_core_gets_one_worker(
 async def test_workers_stop_where_throughput_stops_growing() -> None:
     model = Simulated(fixed=0.0, per_row=0.001, cores=2, in_process_extra=0.0005)
     result = await tune(model, TuneOptions(max_workers=4, batch_sizes=()))
-    assert result.recommendation is not None
     assert result.recommendation.config == Config(2)
     assert workers_served(model) == [0, 1, 2, 3]  # 3 added nothing: 4 never started
     assert "throughput stopped growing at 3 workers (+0%" in result.recommendation.reason
@@ -136,7 +133,6 @@ async def test_workers_stop_where_throughput_stops_growing() -> None:
 async def test_a_tiny_model_stays_in_process() -> None:
     model = Simulated(fixed=0.00005, per_row=0.0, hop=0.0001)
     result = await tune(model, TuneOptions(max_workers=2, batch_sizes=(8,)))
-    assert result.recommendation is not None
     assert result.recommendation.config.parallel_workers == 0
     assert [c.parallel_workers for c in model.served if c.batching] == [0]
 
@@ -154,7 +150,6 @@ async def test_every_ramp_stops_at_the_latency_target() -> None:
 async def test_nothing_within_the_target_still_gives_an_answer_and_says_so() -> None:
     model = Simulated(fixed=0.050, per_row=0.0, cpu_bound=False)
     result = await tune(model, TuneOptions(max_workers=2, latency_target_ms=60))
-    assert result.recommendation is not None
     assert "No configuration met the 60 ms p99 target" in result.recommendation.reason
     assert result.recommendation.config == Config(0)  # lowest latency: no pool hop
     assert workers_served(model) == [0, 1]  # one worker missed the target: no second
@@ -165,7 +160,6 @@ async def test_a_pool_that_cannot_start_ends_the_walk() -> None:
     model = Simulated(fixed=0.0, per_row=0.001, fail_to_start={2})
     result = await tune(model, TuneOptions(max_workers=4, batch_sizes=()))
     assert [s.error for s in result.sweeps] == [None, None, "a pool of 2 would not start"]
-    assert result.recommendation is not None
     assert result.recommendation.config.parallel_workers in (0, 1)
 
 

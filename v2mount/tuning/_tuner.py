@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from v2mount.tuning._inputs import TuneError
@@ -82,10 +82,12 @@ class TuneOptions:
     min_gain: float = 0.10
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneResult:
-    sweeps: list[Sweep] = field(default_factory=list)
-    recommendation: Recommendation | None = None
+    """Every sweep in the order run, and the recommendation drawn from them."""
+
+    sweeps: list[Sweep]
+    recommendation: Recommendation
 
 
 async def _sweep(
@@ -131,7 +133,7 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
     target = options.latency_target_ms
     levels = len(concurrency_levels(options.max_concurrency))
     sizes = [size for size in options.batch_sizes if size > 1]
-    result = TuneResult()
+    sweeps: list[Sweep] = []
 
     def left(worker_counts: int) -> int:
         return (worker_counts + len(sizes)) * levels
@@ -139,18 +141,16 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
     listener.remaining(left(options.max_workers + int(options.in_process)))
     if options.in_process:
         sweep = await _sweep(bench, Config(0), options, listener, left(options.max_workers))
-        result.sweeps.append(sweep)
+        sweeps.append(sweep)
     for workers in range(1, options.max_workers + 1):
         sweep = await _sweep(
             bench, Config(workers), options, listener, left(options.max_workers - workers)
         )
-        result.sweeps.append(sweep)
-        if sweep.error is not None or not keep_adding_workers(
-            result.sweeps, target, options.min_gain
-        ):
+        sweeps.append(sweep)
+        if sweep.error is not None or not keep_adding_workers(sweeps, target, options.min_gain):
             break
     listener.remaining(left(0))
-    base = best_unbatched(result.sweeps, target, options.min_gain)
+    base = best_unbatched(sweeps, target, options.min_gain)
     if base is not None and sizes:
         batch_time = options.batch_time
         if batch_time is None:
@@ -158,10 +158,9 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
         for index, size in enumerate(sizes):
             config = Config(base.config.parallel_workers, size, batch_time)
             left_after = (len(sizes) - index - 1) * levels
-            result.sweeps.append(await _sweep(bench, config, options, listener, left_after))
+            sweeps.append(await _sweep(bench, config, options, listener, left_after))
     listener.remaining(0)
-    if not any(s.steps for s in result.sweeps):
-        errors = "; ".join(s.error for s in result.sweeps if s.error)
+    if not any(s.steps for s in sweeps):
+        errors = "; ".join(s.error for s in sweeps if s.error)
         raise TuneError(f"no configuration could be measured: {errors}")
-    result.recommendation = recommend(result.sweeps, target, options.min_gain)
-    return result
+    return TuneResult(sweeps, recommend(sweeps, target, options.min_gain))

@@ -276,7 +276,6 @@ def _run(args: argparse.Namespace) -> int:
             backend_options={"use_uvloop": uvloop},
         )
     recommendation = result.recommendation
-    assert recommendation is not None
     out.print(table(result.sweeps, options.latency_target_ms))
     out.print()
     out.print(chart(result.sweeps, options.latency_target_ms))
