@@ -195,3 +195,27 @@ async def test_progress_counts_every_step_and_its_total_never_falls_below_them()
     assert recorder.totals[-1] == (measured, measured)  # the bar ends full
     planned = [total for _, total in recorder.totals]
     assert planned == sorted(planned, reverse=True)  # the plan only shrinks as steps are skipped
+
+
+@pytest.mark.anyio
+async def test_repeated_steps_keep_the_median_round() -> None:
+    class Noisy(Simulated):
+        """Every third round of a step loses most of its throughput to a neighbour."""
+
+        rounds = 0
+
+        def step(self, config: Config, concurrency: int, duration: float) -> Step:
+            clean = super().step(config, concurrency, duration)
+            self.rounds += 1
+            if self.rounds % 3:
+                return clean
+            return Step(concurrency, duration, clean.requests // 10, 0, 1.0, 2.0)
+
+    noisy = Noisy(fixed=0.0, per_row=0.001)
+    options = TuneOptions(max_workers=2, batch_sizes=(), repeat=3, in_process=False)
+    result = await tune(noisy, options)
+    assert noisy.rounds == 3 * sum(len(s.steps) for s in result.sweeps)
+    clean = Simulated(fixed=0.0, per_row=0.001)
+    for sweep in result.sweeps:
+        for step in sweep.steps:
+            assert step == clean.step(sweep.config, step.concurrency, step.duration)

@@ -80,6 +80,7 @@ class TuneOptions:
     batch_time: float | None = None  # None: auto_batch_time
     in_process: bool = True
     min_gain: float = 0.10
+    repeat: int = 1
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,12 @@ class TuneResult:
 
     sweeps: list[Sweep]
     recommendation: Recommendation
+
+
+async def _measure(target: Target, concurrency: int, options: TuneOptions) -> Step:
+    """One step, or the median-throughput one of ``options.repeat`` (robust to noise)."""
+    rounds = [await target.measure(concurrency, options.duration) for _ in range(options.repeat)]
+    return sorted(rounds, key=lambda step: step.throughput)[len(rounds) // 2]
 
 
 async def _sweep(
@@ -102,7 +109,7 @@ async def _sweep(
         async with bench.serve(config) as target:
             serving = True
             for index, concurrency in enumerate(levels):
-                step = await target.measure(concurrency, options.duration)
+                step = await _measure(target, concurrency, options)
                 sweep.steps.append(step)
                 listener.measured(config, step)
                 if step.requests == 0 and step.errors and len(sweep.steps) == 1:

@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of throughput a worker or batching must add to count (default: 0.10)",
     )
     measure.add_argument(
+        "--repeat",
+        type=_positive(int),
+        default=1,
+        help="measure each step this many times and keep the median (default: %(default)s)",
+    )
+    measure.add_argument(
         "--no-in-process", action="store_true", help="do not try parallel_workers 0"
     )
     measure.add_argument(
@@ -245,6 +251,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_time=None if args.batch_time_ms is None else args.batch_time_ms / 1000,
         in_process=not args.no_in_process,
         min_gain=args.min_gain,
+        repeat=args.repeat,
     )
     bench = AppBench(model, server, body, request, through=args.through)
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
@@ -254,8 +261,9 @@ def _run(args: argparse.Namespace) -> int:
     label = model.name if model.version is None else f"{model.name}:{model.version}"
     err.print(
         f"Tuning {label} from {repository.root}: up to {configs} configurations x {steps} "
-        f"steps of {options.duration:g} s, p99 target {options.latency_target_ms:g} ms, "
-        f"{usable_cores()} usable cores, load through {args.through}."
+        f"steps x {options.repeat} of {options.duration:g} s, p99 target "
+        f"{options.latency_target_ms:g} ms, {usable_cores()} usable cores, "
+        f"load through {args.through}."
     )
     columns = (
         SpinnerColumn(),
