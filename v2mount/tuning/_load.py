@@ -27,6 +27,7 @@ async def run_step(
     No client starts a request after the window closes; those in flight then are
     awaited (their latency counts, their answer does not count toward throughput), so
     nothing of one step leaks into the next. The first failure's text is kept.
+    Cancelling it cancels every client and their requests in flight.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, not {concurrency}")

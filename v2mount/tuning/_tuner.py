@@ -135,6 +135,9 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
     2. Pools of 1, 2, … ``max_workers`` without batching, while each size still adds
        ``min_gain`` of peak throughput within the latency target.
     3. At the best worker count: each of ``batch_sizes`` with ``batch_time``.
+
+    Runs on the caller's event loop (asyncio or trio). Cancelling it leaves the
+    configuration being served through its ``Bench``, whose exit stops the app and pool.
     """
     listener = listener or _Silent()
     target = options.latency_target_ms
