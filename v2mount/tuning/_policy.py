@@ -211,17 +211,15 @@ def recommend(sweeps: Sequence[Sweep], target_ms: float, min_gain: float = 0.10)
             "at least as high as any pool, and costs no worker process."
         )
     batched = [
-        s
+        (s, top)
         for s in sweeps
         if s.config.batching
         and s.config.parallel_workers == base.config.parallel_workers
-        and peak(s, target_ms) is not None
+        and (top := peak(s, target_ms)) is not None
     ]
     best, best_peak = base, base_peak
     if batched:
-        top_sweep = max(batched, key=lambda s: peak(s, target_ms).throughput)  # type: ignore[union-attr]
-        top = peak(top_sweep, target_ms)
-        assert top is not None
+        top_sweep, top = max(batched, key=lambda pair: pair[1].throughput)
         growth = top.throughput / base_peak.throughput - 1 if base_peak.throughput else 0.0
         batch = f", {top.mean_batch:.1f} rows per batch" if top.mean_batch else ""
         if growth >= min_gain:

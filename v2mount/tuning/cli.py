@@ -13,9 +13,9 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
@@ -34,6 +34,8 @@ __all__ = ["build_parser", "main", "usable_cores"]
 
 PROG = "python -m v2mount tune"
 
+Number = TypeVar("Number", int, float)
+
 
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity), at least 1."""
@@ -43,8 +45,10 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _positive(kind: type[float] | type[int]):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> float | int:
+def _positive(kind: Callable[[str], Number]) -> Callable[[str], Number]:
+    """An argparse type: ``kind(text)``, which must be greater than 0."""
+
+    def parse(text: str) -> Number:
         try:
             value = kind(text)
         except ValueError:
