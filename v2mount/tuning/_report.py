@@ -27,16 +27,9 @@ def _ms(value: float) -> str:
 def table(sweeps: Sequence[Sweep], target_ms: float) -> Table:
     """Every step of every sweep; each sweep's peak in bold, p99 over target in red."""
     grid = Table(title="Measured (closed loop, one row per concurrency step)")
-    for name, justify in [
-        ("configuration", "left"),
-        ("concurrency", "right"),
-        ("req/s", "right"),
-        ("p50 ms", "right"),
-        ("p99 ms", "right"),
-        ("rows/batch", "right"),
-        ("errors", "right"),
-    ]:
-        grid.add_column(name, justify=justify)  # type: ignore[arg-type]
+    grid.add_column("configuration")
+    for name in ("concurrency", "req/s", "p50 ms", "p99 ms", "rows/batch", "errors"):
+        grid.add_column(name, justify="right")
     for sweep in sweeps:
         if sweep.error is not None:
             grid.add_row(sweep.config.label, "", "", "", "", "", Text(sweep.error, "red"))
