@@ -152,8 +152,12 @@ class ModelRepository:
         """The model versions whose settings are usable."""
         return [entry for entry in self.scan_all() if isinstance(entry, ModelSettings)]
 
-    def find(self, name: str) -> list[ModelSettings | BrokenModel]:
-        """Every version of ``name`` in the repository (empty if none)."""
+    def find(self, name: str) -> list[ModelSettings]:
+        """Every version of ``name`` whose settings are usable (empty if none)."""
+        return [entry for entry in self.scan() if entry.name == name]
+
+    def find_all(self, name: str) -> list[ModelSettings | BrokenModel]:
+        """Every version of ``name`` in the repository, broken ones included."""
         return [entry for entry in self.scan_all() if entry.name == name]
 
     def load(self, entries: list[ModelSettings | BrokenModel]) -> list[Model | BrokenModel]:

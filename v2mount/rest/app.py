@@ -186,7 +186,7 @@ class V2App:
     async def load_model(self, name: str) -> None:
         """(Re)load every version of ``name``, re-reading its settings from the repository."""
         self._check_name(name)
-        found = self.repository.find(name) if self.repository is not None else []
+        found = self.repository.find_all(name) if self.repository is not None else []
         old = self.registry.versions(name)
         if not found and not old:
             raise ModelNotFound(f"model {name!r} is not in the model repository")
