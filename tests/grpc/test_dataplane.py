@@ -67,7 +67,7 @@ def linear_settings(workers: int = 0) -> ModelSettings:
 def make_app(*models: Model | ModelSettings, **overrides: Any) -> V2App:
     if not models:
         models = (Identity(ModelSettings(name="identity", parallel_workers=0)),)
-    return V2App(list(models), grpc_port=0, **overrides)
+    return V2App(list(models), grpc_port=0, **{"model_parallel_workers": 0, **overrides})
 
 
 def sample(datatype: str, shape: tuple[int, ...] = (2, 3)) -> np.ndarray[Any, Any]:
