@@ -356,3 +356,12 @@ def test_every_rpc_of_both_protos_is_implemented(tmp_path: Path) -> None:
         for method in module.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
     }
     assert declared == implemented
+
+
+async def test_a_message_above_the_limit_is_resource_exhausted() -> None:
+    async with serving(make_app(grpc_max_message_length=4096)) as clients:
+        big = raw_request("identity", x=np.zeros(2048, dtype=np.float32))
+        error = await call(rpc_error, clients.stub.ModelInfer, big)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        small = raw_request("identity", x=np.zeros(16, dtype=np.float32))
+        assert len((await call(clients.stub.ModelInfer, small)).raw_output_contents[0]) == 64
