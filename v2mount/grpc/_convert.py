@@ -2,7 +2,8 @@
 
 Tensor data comes either as ``raw_input_contents`` (one byte string per input, in the
 binary tensor extension's encoding: decoded with the same codec, as read-only numpy
-views of the message's bytes where alignment allows) or as typed ``contents``. A
+views of the received message's bytes where alignment allows, see
+``parse_infer_request``) or as typed ``contents``. A
 response uses ``raw_output_contents`` when its request used raw inputs (as MLServer and
 Triton's clients expect) or when an output has no typed field (FP16), else typed
 ``contents``. The raw outputs are appended to the serialised response as wire-format
@@ -15,6 +16,7 @@ import math
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from v2mount.codecs.binary import decode_binary_tensor, encode_binary_tensor
 from v2mount.codecs.tensor import check_shape, datatype_to_dtype
@@ -22,7 +24,7 @@ from v2mount.errors import BadRequest
 from v2mount.grpc.proto import grpc_predict_v2_pb2 as pb
 from v2mount.types import InferenceRequest, InferenceResponse, Parameters, RequestedOutput, Tensor
 
-__all__ = ["decode_infer_request", "encode_infer_response"]
+__all__ = ["decode_infer_request", "encode_infer_response", "parse_infer_request"]
 
 #: The typed ``InferTensorContents`` field of each datatype, and the dtype it holds.
 _CONTENTS: dict[str, tuple[str, np.dtype[Any]]] = {
@@ -41,6 +43,70 @@ _CONTENTS: dict[str, tuple[str, np.dtype[Any]]] = {
 }
 #: ``raw_output_contents`` is field 6 of ``ModelInferResponse``, length-delimited.
 _RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])
+#: ``raw_input_contents`` is field 7 of ``ModelInferRequest``.
+_RAW_INPUT_FIELD = 7
+#: Below this size a request is parsed by protobuf alone: copies of it cost little.
+SPLIT_MIN_BYTES = 64 * 1024
+#: A message with more top-level fields than this is left to protobuf's C parser.
+_SPLIT_MAX_FIELDS = 1024
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise DecodeError("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
+    """Parse a serialised ``ModelInferRequest``, its raw input contents left in ``data``.
+
+    protobuf would copy each ``raw_input_contents`` entry twice (into its arena, then
+    into a new ``bytes`` on access); for a large message the top-level fields are walked
+    here instead, the raw entries kept as views of ``data`` and the rest parsed by
+    protobuf. ``DecodeError`` when the message is malformed.
+    """
+    if len(data) < SPLIT_MIN_BYTES:
+        message = pb.ModelInferRequest.FromString(data)
+        return message, [memoryview(raw) for raw in message.raw_input_contents]
+    view = memoryview(data)
+    raws: list[memoryview] = []
+    kept: list[memoryview] = []
+    pos = kept_from = 0
+    for _ in range(_SPLIT_MAX_FIELDS):
+        if pos >= len(data):
+            break
+        start = pos
+        key, pos = _read_varint(data, pos)
+        wire = key & 7
+        if wire == 0:
+            pos = _read_varint(data, pos)[1]
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _read_varint(data, pos)
+            if key >> 3 == _RAW_INPUT_FIELD and pos + length <= len(data):
+                kept.append(view[kept_from:start])
+                raws.append(view[pos : pos + length])
+                kept_from = pos + length
+            pos += length
+        else:
+            raise DecodeError(f"unexpected wire type {wire}")
+        if pos > len(data):
+            raise DecodeError("truncated message")
+    else:
+        message = pb.ModelInferRequest.FromString(data)  # too many fields: let C walk them
+        return message, [memoryview(raw) for raw in message.raw_input_contents]
+    kept.append(view[kept_from:])
+    return pb.ModelInferRequest.FromString(b"".join(kept)), raws
 
 
 def _parameters(entries: Any, where: str) -> Parameters:
@@ -93,11 +159,13 @@ def _typed(
     return array.reshape(shape)
 
 
-def decode_infer_request(message: pb.ModelInferRequest) -> InferenceRequest:
-    """The ``InferenceRequest`` a ``ModelInferRequest`` carries; ``BadRequest`` if malformed."""
+def decode_infer_request(message: pb.ModelInferRequest, raw: list[memoryview]) -> InferenceRequest:
+    """The ``InferenceRequest`` a ``ModelInferRequest`` carries; ``BadRequest`` if malformed.
+
+    ``raw`` is its raw input contents, as ``parse_infer_request`` returns them.
+    """
     if not message.inputs:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
-    raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise BadRequest(
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "
@@ -121,7 +189,7 @@ def decode_infer_request(message: pb.ModelInferRequest) -> InferenceRequest:
                 raise BadRequest(
                     f"{where} sets 'contents' while the request uses raw_input_contents"
                 )
-            data = decode_binary_tensor(memoryview(raw[index]), datatype, shape, where)
+            data = decode_binary_tensor(raw[index], datatype, shape, where)
         else:
             data = _typed(item.contents, datatype, shape, where)
         inputs.append(Tensor(name, datatype, shape, data, _parameters(item.parameters, where)))

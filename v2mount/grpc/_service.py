@@ -20,7 +20,11 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from v2mount.errors import BadRequest, RepositoryDisabled, V2MountError
-from v2mount.grpc._convert import decode_infer_request, encode_infer_response
+from v2mount.grpc._convert import (
+    decode_infer_request,
+    encode_infer_response,
+    parse_infer_request,
+)
 from v2mount.grpc.proto import grpc_predict_v2_pb2 as pb
 from v2mount.grpc.proto import triton_extensions_pb2 as ext
 from v2mount.metadata import model_metadata
@@ -52,7 +56,10 @@ class InferenceService:
         self.app = app
 
     def rpcs(self) -> dict[str, tuple[type[Message], Rpc]]:
-        """Method name → (request message class, implementation)."""
+        """Method name → (request message class, implementation).
+
+        ``ModelInfer``'s implementation takes what ``parse_infer_request`` returns.
+        """
         return {
             "ServerLive": (pb.ServerLiveRequest, self.server_live),
             "ServerReady": (pb.ServerReadyRequest, self.server_ready),
@@ -103,14 +110,17 @@ class InferenceService:
             outputs=[_tensor_metadata(spec) for spec in document["outputs"]],
         )
 
-    async def model_infer(self, request: pb.ModelInferRequest) -> list[bytes | memoryview]:
+    async def model_infer(
+        self, parsed: tuple[pb.ModelInferRequest, list[memoryview]]
+    ) -> list[bytes | memoryview]:
+        request, raw = parsed
         handle = self.app.registry.get(request.model_name, request.model_version or None)
         started = time.perf_counter_ns()
-        payload = decode_infer_request(request)
+        payload = decode_infer_request(request, raw)
         handle.stats.compute_input.add(time.perf_counter_ns() - started)
         response = await handle.infer(payload)
         encoding = time.perf_counter_ns()
-        pieces = encode_infer_response(response, raw=bool(request.raw_input_contents))
+        pieces = encode_infer_response(response, raw=bool(raw))
         handle.stats.compute_output.add(time.perf_counter_ns() - encoding)
         return pieces
 
@@ -219,6 +229,9 @@ def _handler(
     metrics: Any,
 ) -> grpc.RpcMethodHandler[bytes, bytes]:
     labels = ("UNARY", service_name, method)
+    parse: Callable[[bytes], Any] = request_class.FromString
+    if request_class is pb.ModelInferRequest:
+        parse = parse_infer_request
     started = metrics.grpc_started.labels(*labels)
     duration = metrics.grpc_duration.labels(*labels)
     handled: dict[str, Any] = {}
@@ -229,7 +242,7 @@ def _handler(
         code = "OK"
         try:
             try:
-                request = request_class.FromString(data)
+                request = parse(data)
             except DecodeError as exc:
                 raise BadRequest(f"malformed {request_class.__name__} message: {exc}") from None
             if on_app_loop is None:
