@@ -412,6 +412,11 @@ def main(argv: list[str] | None = None) -> None:
     for setup in setups:
         run_setup(ctx, setup)
     elapsed = time.monotonic() - started
+    if any(case.protocol == "grpc" for setup in setups for case in setup.cases):
+        ctx.notes.append(
+            "gRPC cases were driven by benchmarks.grpc_loadgen (grpc.aio, one HTTP/2 "
+            "connection), not wrk; its CPU is in the load-gen column"
+        )
     if ctx.busy_starts:
         ctx.notes.append(
             f"{ctx.busy_starts} of {len(ctx.runs)} runs started while other processes kept more "

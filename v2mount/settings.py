@@ -200,6 +200,9 @@ class Settings(BaseSettings):
     """PEM private key of ``grpc_ssl_certfile``."""
     grpc_ssl_ca_certs: Path | None = None
     """PEM root certificates: gRPC clients must present a certificate they signed."""
+    grpc_reuse_port: bool = False
+    """Let several processes (``uvicorn --workers``) share ``grpc_port`` (SO_REUSEPORT);
+    off, a port another process holds fails start-up."""
     grpc_shutdown_grace: float = Field(default=5.0, ge=0)
     """Seconds in-flight gRPC calls get to finish at shutdown before they are cancelled."""
 

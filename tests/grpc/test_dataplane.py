@@ -365,3 +365,15 @@ async def test_a_message_above_the_limit_is_resource_exhausted() -> None:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         small = raw_request("identity", x=np.zeros(16, dtype=np.float32))
         assert len((await call(clients.stub.ModelInfer, small)).raw_output_contents[0]) == 64
+
+
+async def test_large_typed_contents_round_trip() -> None:
+    """Large typed tensors are converted in a worker thread: same answer."""
+    values = np.linspace(-1, 1, 100_000, dtype=np.float32)
+    async with serving(make_app()) as clients:
+        request = pb.ModelInferRequest(model_name="identity")
+        tensor = request.inputs.add(name="x", datatype="FP32", shape=[100_000])
+        tensor.contents.fp32_contents.extend(values.tolist())
+        response = await call(clients.stub.ModelInfer, request)
+        got = np.array(response.outputs[0].contents.fp32_contents, dtype=np.float32)
+        assert np.array_equal(got, values)

@@ -113,6 +113,19 @@ async def test_a_port_in_use_fails_startup_before_any_model_loads() -> None:
     assert app.registry.get("identity").state.value == "UNAVAILABLE"
 
 
+async def test_processes_may_share_the_port_when_told() -> None:
+    """``grpc_reuse_port``: what ``uvicorn --workers`` needs (shown with two apps)."""
+    first = V2App([identity("one")], grpc_port=0, grpc_reuse_port=True)
+    async with serving(first) as clients:
+        assert first.grpc is not None
+        second = V2App([identity("two")], grpc_port=first.grpc.port, grpc_reuse_port=True)
+        async with second.lifespan():
+            assert second.grpc is not None and second.grpc.port == first.grpc.port
+            # The kernel hands each new connection to one of them: either answers.
+            ready = [await call(clients.triton.is_model_ready, name) for name in ("one", "two")]
+            assert ready in ([True, False], [False, True])
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

@@ -96,8 +96,8 @@ class GrpcServer:
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
-                # Without this a second server could bind the same port and share it.
-                ("grpc.so_reuseport", 0),
+                # grpcio's default (1) lets any second server share the port unnoticed.
+                ("grpc.so_reuseport", int(settings.grpc_reuse_port)),
             ],
         )
         credentials = self._credentials()

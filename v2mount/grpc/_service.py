@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from anyio import to_thread
 from google.protobuf.message import DecodeError, Message
 
 from v2mount.errors import BadRequest, RepositoryDisabled, V2MountError
@@ -39,6 +41,9 @@ logger = logging.getLogger("v2mount")
 SERVICE = "inference.GRPCInferenceService"
 #: MLServer's older name for the repository RPCs (same messages on the wire).
 LEGACY_REPOSITORY_SERVICE = "inference.model_repository.ModelRepositoryService"
+
+#: Typed tensors above this many bytes are converted in a worker thread (as REST does).
+THREAD_CODEC_BYTES = 256 * 1024
 
 #: Runs a coroutine function on the app's event loop (the bridge under trio).
 OnAppLoop = Callable[..., Awaitable[Any]]
@@ -115,12 +120,22 @@ class InferenceService:
     ) -> list[bytes | memoryview]:
         request, raw = parsed
         handle = self.app.registry.get(request.model_name, request.model_version or None)
+        limiter = self.app.codec_limiter
         started = time.perf_counter_ns()
-        payload = decode_infer_request(request, raw)
+        # Typed contents go element by element: a large tensor is converted in a thread.
+        if not raw and _elements(request) * 4 > THREAD_CODEC_BYTES:
+            payload = await to_thread.run_sync(decode_infer_request, request, raw, limiter=limiter)
+        else:
+            payload = decode_infer_request(request, raw)
         handle.stats.compute_input.add(time.perf_counter_ns() - started)
         response = await handle.infer(payload)
         encoding = time.perf_counter_ns()
-        pieces = encode_infer_response(response, raw=bool(raw))
+        if not raw and any(t.data.nbytes > THREAD_CODEC_BYTES for t in response.outputs):
+            pieces = await to_thread.run_sync(
+                encode_infer_response, response, False, limiter=limiter
+            )
+        else:
+            pieces = encode_infer_response(response, raw=bool(raw))
         handle.stats.compute_output.add(time.perf_counter_ns() - encoding)
         return pieces
 
@@ -181,6 +196,10 @@ class InferenceService:
         self._require_repository()
         await self.app.unload_model(request.model_name)
         return ext.RepositoryModelUnloadResponse()
+
+
+def _elements(request: pb.ModelInferRequest) -> int:
+    return sum(math.prod(tensor.shape) for tensor in request.inputs)
 
 
 def _tensor_metadata(spec: dict[str, Any]) -> pb.ModelMetadataResponse.TensorMetadata:
