@@ -377,3 +377,15 @@ async def test_large_typed_contents_round_trip() -> None:
         response = await call(clients.stub.ModelInfer, request)
         got = np.array(response.outputs[0].contents.fp32_contents, dtype=np.float32)
         assert np.array_equal(got, values)
+
+
+async def test_many_concurrent_calls_all_answer() -> None:
+    """64 calls in flight at once (through the trio bridge on trio), each its own answer."""
+    async with serving(make_app()) as clients:
+        futures = [
+            clients.stub.ModelInfer.future(raw_request("identity", x=np.full(3, i, np.float32)))
+            for i in range(64)
+        ]
+        for i, future in enumerate(futures):
+            response = await call(future.result, timeout=60)
+            assert np.frombuffer(response.raw_output_contents[0], np.float32).tolist() == [i] * 3
