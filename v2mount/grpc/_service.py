@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from anyio import to_thread
 from google.protobuf.message import DecodeError, Message
+from prometheus_client import Counter
 
 from v2mount.errors import BadRequest, RepositoryDisabled, V2MountError
 from v2mount.grpc._convert import (
@@ -30,6 +31,7 @@ from v2mount.grpc._convert import (
 from v2mount.grpc.proto import grpc_predict_v2_pb2 as pb
 from v2mount.grpc.proto import triton_extensions_pb2 as ext
 from v2mount.metadata import model_metadata
+from v2mount.metrics.app import AppMetrics
 
 if TYPE_CHECKING:
     from v2mount.rest.app import V2App
@@ -245,7 +247,7 @@ def _handler(
     request_class: type[Message],
     rpc: Rpc,
     on_app_loop: OnAppLoop | None,
-    metrics: Any,
+    metrics: AppMetrics,
 ) -> grpc.RpcMethodHandler[bytes, bytes]:
     labels = ("UNARY", service_name, method)
     parse: Callable[[bytes], Any] = request_class.FromString
@@ -253,7 +255,7 @@ def _handler(
         parse = parse_infer_request
     started = metrics.grpc_started.labels(*labels)
     duration = metrics.grpc_duration.labels(*labels)
-    handled: dict[str, Any] = {}
+    handled: dict[str, Counter] = {}
 
     async def call(data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         started.inc()
