@@ -25,6 +25,8 @@ PUBLIC_MODULES = [
     "v2mount.runtimes",
     "v2mount.codecs.content",
     "v2mount.grpc",
+    "v2mount.tuning",
+    "v2mount.tuning.cli",
 ]
 
 

@@ -8,6 +8,9 @@ repository's ``settings.json``. ``--grpc-port 8081`` adds the gRPC service (extr
 ``v2mount[grpc]``), on ``--host`` unless ``--grpc-host`` says otherwise. One server
 process: for several, run ``uvicorn v2mount:app --workers N`` (or gunicorn) with the
 settings in the environment.
+
+``python -m v2mount tune REPOSITORY MODEL`` measures a model and recommends its settings
+(``v2mount.tuning``, docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -92,6 +95,11 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, build the app, run uvicorn until it stops; the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tune"]:
+        from v2mount.tuning.cli import main as tune
+
+        return tune(argv[1:])
     args = build_parser().parse_args(argv)
     from v2mount.standalone import create_app
 
