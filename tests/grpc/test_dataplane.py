@@ -389,3 +389,22 @@ async def test_many_concurrent_calls_all_answer() -> None:
         for i, future in enumerate(futures):
             response = await call(future.result, timeout=60)
             assert np.frombuffer(response.raw_output_contents[0], np.float32).tolist() == [i] * 3
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # tritonclient's aio client is asyncio
+async def test_tritonclient_aio_client_on_the_hosts_own_loop() -> None:
+    """The client and the server share one asyncio loop: nothing may block it."""
+    import tritonclient.grpc.aio as triton_aio
+
+    app = make_app()
+    async with app.lifespan():
+        assert app.grpc is not None
+        client = triton_aio.InferenceServerClient(f"127.0.0.1:{app.grpc.port}")
+        try:
+            assert await client.is_model_ready("identity")
+            x = triton_aio.InferInput("x", [2], "INT64")
+            x.set_data_from_numpy(np.array([7, -7], dtype=np.int64))
+            result = await client.infer("identity", [x])
+            assert result.as_numpy("x").tolist() == [7, -7]
+        finally:
+            await client.close()
