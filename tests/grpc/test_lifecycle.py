@@ -199,20 +199,24 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_python_m_v2mount_serves_grpc_beside_rest_and_stops_on_sigterm(tmp_path: Path) -> None:
-    """The real server (uvicorn, uvloop when installed): --grpc-port, then SIGTERM."""
+@pytest.mark.parametrize("how", ["python -m v2mount", "uvicorn v2mount:app"])
+def test_the_standalone_server_serves_grpc_beside_rest_and_stops_on_sigterm(
+    how: str, tmp_path: Path
+) -> None:
+    """The real server (uvicorn, uvloop when installed): --grpc-port or V2MOUNT_GRPC_PORT."""
     port, grpc_port = _free_port(), _free_port()
     log = (tmp_path / "server.log").open("w+")
     env = {k: v for k, v in os.environ.items() if not k.startswith("V2MOUNT_")}
-    process = subprocess.Popen(
-        [
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    if how == "python -m v2mount":
+        command = [
             *(sys.executable, "-m", "v2mount", "--port", str(port)),
             *("--grpc-port", str(grpc_port), "--model-parallel-workers", "0"),
-        ],
-        env={**env, "PYTHONPATH": os.pathsep.join(sys.path)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+        ]
+    else:
+        command = [sys.executable, "-m", "uvicorn", "v2mount:app", "--port", str(port)]
+        env |= {"V2MOUNT_GRPC_PORT": str(grpc_port), "V2MOUNT_MODEL_PARALLEL_WORKERS": "0"}
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=120)
