@@ -43,6 +43,13 @@ class ParameterEcho(Model):
         return InferenceResponse("", [output], parameters=dict(payload.parameters))
 
 
+class Extras(Model):
+    def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        x = payload.input("x")
+        parameters = {"ratio": 0.5, "huge": 2**70, "small": -(2**63)}
+        return InferenceResponse("", [x], parameters=parameters)
+
+
 class Half(Model):
     """Returns ``x`` and ``x / 2`` as FP16."""
 
@@ -218,6 +225,16 @@ async def test_parameters_travel_both_ways() -> None:
         assert parameters["count"].int64_param == 7
         assert parameters["text"].string_param == "hello"
         assert response.outputs[0].parameters["tag"].string_param == "input-tag"
+
+
+async def test_response_parameters_the_spec_cannot_type_go_as_text() -> None:
+    """The spec's InferParameter holds bool, int64 and string only."""
+    async with serving(make_app(Extras(ModelSettings(name="extras")))) as clients:
+        response = await call(clients.stub.ModelInfer, raw_request("extras", x=np.ones(1)))
+        parameters = response.parameters
+        assert parameters["ratio"].string_param == "0.5"
+        assert parameters["huge"].string_param == str(2**70)
+        assert parameters["small"].int64_param == -(2**63)
 
 
 async def test_requested_outputs_are_the_only_ones_returned() -> None:

@@ -123,7 +123,7 @@ def _set_parameters(target: Any, parameters: Parameters) -> None:
         entry = target[key]
         if isinstance(value, bool):
             entry.bool_param = value
-        elif isinstance(value, int):
+        elif isinstance(value, int) and -(2**63) <= value < 2**63:
             entry.int64_param = value
         else:  # the spec's InferParameter has no double: floats and the rest go as text
             entry.string_param = value if isinstance(value, str) else str(value)
