@@ -227,6 +227,20 @@ async def test_parameters_travel_both_ways() -> None:
         assert response.outputs[0].parameters["tag"].string_param == "input-tag"
 
 
+async def test_tritonclients_double_and_uint64_parameters_reach_the_model() -> None:
+    """tritonclient sends floats as Triton's double_param, unknown to the spec's proto."""
+    async with serving(make_app(ParameterEcho(ModelSettings(name="echo")))) as clients:
+        x = triton.InferInput("x", [1], "FP32")
+        x.set_data_from_numpy(np.ones(1, dtype=np.float32))
+        parameters = {"ratio": 0.25, "label": "a", "n": 3, "flag": False}
+        result = await call(clients.triton.infer, "echo", [x], parameters=parameters)
+        echoed = result.get_response().parameters
+        assert echoed["ratio"].string_param == "0.25"  # back as text: the spec has no double
+        assert echoed["label"].string_param == "a"
+        assert echoed["n"].int64_param == 3
+        assert echoed["flag"].bool_param is False
+
+
 async def test_response_parameters_the_spec_cannot_type_go_as_text() -> None:
     """The spec's InferParameter holds bool, int64 and string only."""
     async with serving(make_app(Extras(ModelSettings(name="extras")))) as clients:

@@ -13,10 +13,12 @@ fields, so a large array is copied once, into the message, not twice.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from v2mount.codecs.binary import decode_binary_tensor, encode_binary_tensor
 from v2mount.codecs.tensor import check_shape, datatype_to_dtype
@@ -41,6 +43,8 @@ _CONTENTS: dict[str, tuple[str, np.dtype[Any]]] = {
     "FP64": ("fp64_contents", np.dtype(np.float64)),
     "BYTES": ("bytes_contents", np.dtype(object)),
 }
+_DOUBLE = struct.Struct("<d")
+_UINT64 = struct.Struct("<Q")
 #: ``raw_output_contents`` is field 6 of ``ModelInferResponse``, length-delimited.
 _RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])
 #: ``raw_input_contents`` is field 7 of ``ModelInferRequest``.
@@ -109,12 +113,29 @@ def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryv
     return pb.ModelInferRequest.FromString(b"".join(kept)), raws
 
 
+def _triton_parameter(value: pb.InferParameter) -> float | int | None:
+    """Triton's ``double_param`` (4) or ``uint64_param`` (5), which the spec's proto lacks
+    (``tritonclient`` sends a Python float as a double), from the unknown fields."""
+    fields = UnknownFieldSet(value)
+    for index in range(len(fields)):
+        field = fields[index]
+        if field.field_number == 4 and field.wire_type == 1:
+            return float(_DOUBLE.unpack(_UINT64.pack(field.data))[0])
+        if field.field_number == 5 and field.wire_type == 0:
+            return int(field.data)
+    return None
+
+
 def _parameters(entries: Any, where: str) -> Parameters:
     parameters: Parameters = {}
     for key, value in entries.items():
         kind = value.WhichOneof("parameter_choice")
-        if kind is not None:  # a kind this proto lacks (Triton's double_param) is dropped
+        if kind is not None:
             parameters[key] = getattr(value, kind)
+        else:
+            extra = _triton_parameter(value)
+            if extra is not None:
+                parameters[key] = extra
     return parameters
 
 
