@@ -126,7 +126,7 @@ def _triton_parameter(value: pb.InferParameter) -> float | int | None:
     return None
 
 
-def _parameters(entries: Any, where: str) -> Parameters:
+def _parameters(entries: Any) -> Parameters:
     parameters: Parameters = {}
     for key, value in entries.items():
         kind = value.WhichOneof("parameter_choice")
@@ -213,21 +213,18 @@ def decode_infer_request(message: pb.ModelInferRequest, raw: list[memoryview]) -
             data = decode_binary_tensor(raw[index], datatype, shape, where)
         else:
             data = _typed(item.contents, datatype, shape, where)
-        inputs.append(Tensor(name, datatype, shape, data, _parameters(item.parameters, where)))
+        inputs.append(Tensor(name, datatype, shape, data, _parameters(item.parameters)))
     outputs: list[RequestedOutput] | None = None
     if message.outputs:
         outputs = []
         for index, requested in enumerate(message.outputs):
             if not requested.name:
                 raise BadRequest(f"outputs[{index}]: 'name' must be a non-empty string")
-            where = f"output {requested.name!r}"
-            outputs.append(
-                RequestedOutput(requested.name, _parameters(requested.parameters, where))
-            )
+            outputs.append(RequestedOutput(requested.name, _parameters(requested.parameters)))
     return InferenceRequest(
         inputs,
         message.id or None,
-        _parameters(message.parameters, "request"),
+        _parameters(message.parameters),
         outputs,
     )
 
