@@ -3,11 +3,11 @@
 Tensor data comes either as ``raw_input_contents`` (one byte string per input, in the
 binary tensor extension's encoding: decoded with the same codec, as read-only numpy
 views of the received message's bytes where alignment allows, see
-``parse_infer_request``) or as typed ``contents``. A
-response uses ``raw_output_contents`` when its request used raw inputs (as MLServer and
-Triton's clients expect) or when an output has no typed field (FP16), else typed
-``contents``. The raw outputs are appended to the serialised response as wire-format
-fields, so a large array is copied once, into the message, not twice.
+``parse_infer_request``) or as typed ``contents``. A response uses
+``raw_output_contents`` when its request used raw inputs (as MLServer and Triton's
+clients expect) or when an output has no typed field (FP16), else typed ``contents``.
+The raw outputs are appended to the serialised response as wire-format fields, so a
+large array is copied once, into the message, not twice.
 """
 
 from __future__ import annotations
