@@ -15,10 +15,12 @@ from typing import Any
 
 import anyio
 import grpc
+import httpx
 import numpy as np
 import pytest
 import trustme
 from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from tests.grpc.conftest import Clients, call, raw_request, rpc_error, serving
 from v2mount import V2App, V2Middleware
@@ -77,6 +79,22 @@ async def test_v2middleware_lifespan_starts_and_stops_grpc() -> None:
     async with run_lifespan(host):
         assert app.grpc is not None and app.grpc.port is not None
         assert await call(live, f"127.0.0.1:{app.grpc.port}")
+    assert app.grpc.port is None
+
+
+async def test_a_mount_without_lifespan_starts_grpc_with_the_first_request() -> None:
+    app = V2App([identity()], grpc_port=0)
+    host = Starlette(routes=[Mount("/ml", app=app)])
+    assert app.grpc is not None
+    try:
+        transport = httpx.ASGITransport(app=host)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert app.grpc.port is None
+            assert (await client.get("/ml/v2/health/ready")).status_code == 200
+        assert app.grpc.port is not None
+        assert await call(live, f"127.0.0.1:{app.grpc.port}")
+    finally:
+        await app.shutdown()
     assert app.grpc.port is None
 
 
