@@ -5,9 +5,11 @@
 Every server setting is also a flag (``--model-parallel-workers 2``, ``--metrics-path
 none``, ``--port`` for ``http_port``); a flag wins over its ``V2MOUNT_*`` environment
 variable, which wins over the repository's ``settings.json`` (where MLServer's names
-such as ``http_port`` and ``parallel_workers`` work too). One server process: for
-several, run ``uvicorn v2mount:app --workers N`` (or gunicorn) with the settings in the
-environment. Logs go to stderr, uvicorn's and v2mount's in one format.
+such as ``http_port`` and ``parallel_workers`` work too). ``--grpc-port 8081`` adds the
+gRPC service (extra ``v2mount[grpc]``), on ``--host`` unless ``--grpc-host`` says
+otherwise. One server process: for several, run ``uvicorn v2mount:app --workers N`` (or
+gunicorn) with the settings in the environment. Logs go to stderr, uvicorn's and
+v2mount's in one format.
 
 ``python -m v2mount tune REPOSITORY MODEL`` measures a model and recommends its settings
 (``v2mount.tuning``, docs/tuning.md).
@@ -24,7 +26,7 @@ from typing import Any
 
 from v2mount.errors import SettingsError
 from v2mount.logs import configure_logging, logging_config
-from v2mount.settings import Settings
+from v2mount.settings import Settings, load_settings
 
 __all__ = ["build_parser", "main", "settings_overrides"]
 
@@ -101,7 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging("info")  # until the settings say otherwise
     try:
-        app, v2app = build_app(**settings_overrides(args))
+        settings = load_settings(**settings_overrides(args))
+        if "grpc_host" not in settings.model_fields_set:
+            # gRPC listens where REST does unless told.
+            settings = settings.model_copy(update={"grpc_host": settings.host})
+        app, v2app = build_app(settings)
     except SettingsError as exc:
         print(f"python -m v2mount: {exc.message}", file=sys.stderr)
         return 2

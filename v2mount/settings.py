@@ -222,6 +222,24 @@ class Settings(BaseSettings):
     """Serve Swagger UI at ``/v2/docs`` and per model."""
     repository_api_enabled: bool = True
     """Serve the model repository extension (index, load, unload)."""
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve the OIP gRPC service on this port too (extra ``v2mount[grpc]``; 0: any
+    free port); unset: no gRPC. It listens beside the ASGI server, never inside it."""
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds (``0.0.0.0`` or ``[::]`` for every interface)."""
+    grpc_max_message_length: int | None = Field(default=None, ge=1)
+    """Largest gRPC message received or sent, in bytes; unset: ``max_request_bytes``."""
+    grpc_ssl_certfile: Path | None = None
+    """PEM certificate chain: gRPC over TLS (needs ``grpc_ssl_keyfile``)."""
+    grpc_ssl_keyfile: Path | None = None
+    """PEM private key of ``grpc_ssl_certfile``."""
+    grpc_ssl_ca_certs: Path | None = None
+    """PEM root certificates: gRPC clients must present a certificate they signed."""
+    grpc_reuse_port: bool = False
+    """Let several processes (``uvicorn --workers``) share ``grpc_port`` (SO_REUSEPORT);
+    off, a port another process holds fails start-up."""
+    grpc_shutdown_grace: float = Field(default=5.0, ge=0)
+    """Seconds in-flight gRPC calls get to finish at shutdown before they are cancelled."""
 
     @field_validator("route_prefix")
     @classmethod
@@ -272,8 +290,6 @@ MLSERVER_SERVER_FIELDS = frozenset(
         "cors_settings",
         "environments_dir",
         "extensions",
-        "grpc_max_message_length",
-        "grpc_port",
         "gzip_enabled",
         "kafka_enabled",
         "kafka_servers",

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp
 from v2mount.errors import SettingsError
 from v2mount.logs import configure_logging
 from v2mount.rest.app import V2App
-from v2mount.settings import load_settings
+from v2mount.settings import Settings, load_settings
 
 __all__ = ["DEMO_REPOSITORY", "build_app", "create_app", "standalone_app"]
 
@@ -21,9 +21,9 @@ __all__ = ["DEMO_REPOSITORY", "build_app", "create_app", "standalone_app"]
 DEMO_REPOSITORY = Path(__file__).parent / "demo"
 
 
-def build_app(**overrides: Any) -> tuple[ASGIApp, V2App]:
-    """``create_app``'s app, and the ``V2App`` inside it."""
-    settings = load_settings(**overrides)
+def build_app(settings: Settings | None = None, **overrides: Any) -> tuple[ASGIApp, V2App]:
+    """``create_app``'s app (from ``settings``, else loaded), and the ``V2App`` inside it."""
+    settings = settings if settings is not None else load_settings(**overrides)
     repository = settings.model_repository or DEMO_REPOSITORY
     app = V2App(repository=repository, settings=settings)
     handles = list(app.registry.handles())

@@ -4,7 +4,10 @@ Seed metrics carry MLServer's names: ``model_infer_request_success`` / ``_failur
 (labels ``model``, ``version``), ``batch_request_queue`` and ``parallel_request_queue``
 (read from the models' statistics at scrape time), ``rest_server_requests``,
 ``rest_server_requests_duration_seconds`` and ``rest_server_requests_in_progress``
-(labels ``method``, ``path`` = the route template, ``status_code``), plus the inference
+(labels ``method``, ``path`` = the route template, ``status_code``),
+``grpc_server_started_total``, ``grpc_server_handled_total`` and
+``grpc_server_handling_seconds`` (labels ``grpc_type``, ``grpc_service``,
+``grpc_method``, and ``grpc_code`` when handled), plus the inference
 latency and the adaptive batcher's batch sizes. Models add their own through
 ``apply_custom``.
 
@@ -36,6 +39,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _MODEL_LABELS = ("model", "version")
 _REST_LABELS = ("method", "path", "status_code")
+#: py-grpc-prometheus's labels, as MLServer's gRPC server reports them.
+_GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 _KINDS: dict[str, type[Counter] | type[Gauge] | type[Histogram]] = {
     "counter": Counter,
     "gauge": Gauge,
@@ -104,6 +109,24 @@ class AppMetrics:
             ("method", "path"),
             registry=self.registry,
             multiprocess_mode="livesum",
+        )
+        self.grpc_started = Counter(
+            "grpc_server_started",
+            "gRPC calls started, by type, service and method",
+            _GRPC_LABELS,
+            registry=self.registry,
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled",
+            "gRPC calls finished, by type, service, method and status code",
+            (*_GRPC_LABELS, "grpc_code"),
+            registry=self.registry,
+        )
+        self.grpc_duration = Histogram(
+            "grpc_server_handling_seconds",
+            "gRPC call latency, by type, service and method",
+            _GRPC_LABELS,
+            registry=self.registry,
         )
         self.queues = QueueCollector(registry=self.registry)
         self._custom: dict[str, tuple[str, tuple[str, ...], Any]] = {}
