@@ -74,3 +74,16 @@ def test_without_uvicorn_it_says_which_extra_to_install(
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert main([]) == 2
     assert "pip install 'v2mount[server]'" in capsys.readouterr().err
+
+
+def test_grpc_listens_on_the_host_unless_told(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import uvicorn
+
+    apps: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+    common = ["--repository", str(tmp_path), "--host", "0.0.0.0"]
+    assert main(common) == 0
+    assert main([*common, "--grpc-host", "127.0.0.2"]) == 0
+    assert [app.settings.grpc_host for app in apps] == ["0.0.0.0", "127.0.0.2"]
