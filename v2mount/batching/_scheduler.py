@@ -1,0 +1,294 @@
+"""When a batch goes: the scheduling core, pure and synchronous, with time passed in.
+
+The async batcher (``_predictive``) calls ``poll`` after every event — an arrival, a
+batch finished, a timer — and sends what it returns; tests drive the same core with a
+simulated clock. Nothing here sleeps, reads a clock or touches an event loop.
+
+A batch goes when a worker is free (at most ``capacity()`` batches in flight) and:
+
+- **full**: it holds ``max_batch_size`` rows, or the next request would not fit;
+- **deadline**: its oldest request may wait no longer. In the predictive mode
+  (``Policy.slo`` set) that is when waiting one expected gap for one more request
+  (``ArrivalRate``) would finish the batch after the oldest request's deadline less the
+  guard: ``now + gap + L(n + r) + guard > deadline``; or when the oldest has waited
+  ``max_wait``. In the fixed-window mode (no SLO) that is when the oldest has waited
+  ``max_wait`` (``max_batch_time``); with ``idle_dispatch`` it goes at once, as *idle*,
+  when the next request is not expected before then.
+
+A batch also goes, as **idle**, before its deadline when waiting would not pay: a worker
+is free and the batch is already large enough for the workers to keep up with the
+arrival rate at ``TARGET_LOAD`` (``_enough``), or no request is expected in time, or the
+cost model is still cold. That keeps latency low under light load, where waiting for
+company buys nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+from v2mount.batching._cost import CostFit, CostModel
+from v2mount.batching._rate import ArrivalRate
+from v2mount.errors import Overloaded
+
+__all__ = ["REASONS", "Dispatch", "Entry", "Policy", "Reason", "Scheduler"]
+
+T = TypeVar("T")
+Reason = Literal["full", "deadline", "idle"]
+REASONS: tuple[Reason, ...] = ("full", "deadline", "idle")
+#: The busy share of the workers that batches are sized for (see ``Scheduler._enough``).
+TARGET_LOAD = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What the scheduler aims for; times in seconds.
+
+    ``slo`` set: predictive mode, each request's deadline is its arrival plus ``slo``.
+    ``max_wait``: the longest the oldest request of a batch waits for company.
+    ``admission``: refuse at once (``Overloaded``) a request predicted to miss its
+    deadline (predictive mode only). ``max_queue``: requests that may wait in all.
+    """
+
+    max_batch_size: int
+    max_wait: float = math.inf
+    slo: float | None = None
+    admission: bool = True
+    idle_dispatch: bool = True
+    max_queue: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {self.max_batch_size}")
+        if self.max_wait < 0:
+            raise ValueError(f"max_wait must not be negative, not {self.max_wait}")
+        if self.slo is not None and self.slo <= 0:
+            raise ValueError(f"slo must be positive, not {self.slo}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, not {self.max_queue}")
+
+
+@dataclass(eq=False, slots=True)
+class Entry(Generic[T]):
+    """One waiting request: the caller's ``item``, its rows, arrival and deadline."""
+
+    key: Hashable
+    item: T
+    rows: int
+    arrived: float
+    deadline: float
+
+
+@dataclass(eq=False, slots=True)
+class Dispatch(Generic[T]):
+    """A batch to send now; hand it back to ``finished`` when the runner answered."""
+
+    entries: list[Entry[T]]
+    rows: int
+    reason: Reason
+    sent: float
+    predicted: float = 0.0  # when it is expected to finish, for admission
+
+
+@dataclass(eq=False, slots=True)
+class _Queue(Generic[T]):
+    entries: deque[Entry[T]] = field(default_factory=deque)
+    rows: int = 0
+
+
+class Scheduler(Generic[T]):
+    """Queues by compatibility key, the batches in flight, and the decision when to send.
+
+    ``cost`` and ``rate`` may be shared with other schedulers (one per event loop);
+    ``capacity()`` says how many batches may run at once (the runner's live workers).
+    Not thread-safe: the caller holds a lock.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        cost: CostModel,
+        rate: ArrivalRate,
+        capacity: Callable[[], int],
+    ) -> None:
+        self.policy = policy
+        self._cost = cost
+        self._rate = rate
+        self._capacity = capacity
+        self._queues: dict[Hashable, _Queue[T]] = {}
+        self._in_flight: set[Dispatch[T]] = set()
+        self.queued_requests = 0
+        self.queued_rows = 0
+        self.dispatched: dict[Reason, int] = dict.fromkeys(REASONS, 0)
+        self.refused = 0
+        self.slo_misses = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing in flight."""
+        return not self._queues and not self._in_flight
+
+    def add(self, key: Hashable, item: T, rows: int, now: float) -> Entry[T]:
+        """Queue a request, or raise ``Overloaded`` when it should not wait at all."""
+        policy = self.policy
+        if self.queued_requests >= policy.max_queue:
+            self.refused += 1
+            raise Overloaded(f"{self.queued_requests} requests are waiting to be batched")
+        fit = self._cost.fit() if policy.slo is not None else None
+        if fit is not None and policy.admission:
+            assert policy.slo is not None
+            late = self._finish(rows, now, fit) - (now + policy.slo)
+            if late > 0:
+                self.refused += 1
+                raise Overloaded(
+                    f"a request now would be answered about {1000 * late:.0f} ms after its"
+                    f" {1000 * policy.slo:g} ms latency target",
+                    retry_after=max(1, math.ceil(late)),
+                )
+        self._rate.arrive(now, rows)
+        deadline = math.inf if policy.slo is None else now + policy.slo
+        entry = Entry(key, item, rows, now, deadline)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue()
+        queue.entries.append(entry)
+        queue.rows += rows
+        self.queued_requests += 1
+        self.queued_rows += rows
+        return entry
+
+    def remove(self, entry: Entry[T]) -> bool:
+        """Take a cancelled request out; ``False`` if its batch already went."""
+        queue = self._queues.get(entry.key)
+        if queue is None or entry not in queue.entries:
+            return False
+        queue.entries.remove(entry)
+        queue.rows -= entry.rows
+        self.queued_requests -= 1
+        self.queued_rows -= entry.rows
+        if not queue.entries:
+            del self._queues[entry.key]
+        return True
+
+    def poll(self, now: float) -> tuple[list[Dispatch[T]], float]:
+        """The batches to send now, and when to poll again (``inf``: on the next event)."""
+        sent: list[Dispatch[T]] = []
+        wake = math.inf
+        free = self._capacity() - len(self._in_flight)
+        fit = self._cost.fit()
+        limit = self._limit(fit)
+        for key, queue in sorted(self._queues.items(), key=lambda kv: kv[1].entries[0].arrived):
+            while queue.entries:
+                head = queue.entries[0]
+                if free <= 0:
+                    break
+                count, rows = self._fitting(queue, limit)
+                if rows >= limit or count < len(queue.entries):
+                    reason: Reason = "full"
+                else:
+                    due, reason = self._due(head, rows, now, fit)
+                    if due > now:
+                        wake = min(wake, due)
+                        break
+                entries = [queue.entries.popleft() for _ in range(count)]
+                queue.rows -= rows
+                self.queued_requests -= count
+                self.queued_rows -= rows
+                predicted = now if fit is None else now + fit.cost(rows) + fit.guard
+                dispatch = Dispatch(entries, rows, reason, now, predicted)
+                self._in_flight.add(dispatch)
+                self.dispatched[reason] += 1
+                sent.append(dispatch)
+                free -= 1
+            if not queue.entries:
+                del self._queues[key]
+        return sent, wake
+
+    def finished(self, dispatch: Dispatch[T], now: float, ok: bool) -> None:
+        """A batch came back; ``ok``: it was answered, so its time is a cost sample."""
+        self._in_flight.discard(dispatch)
+        if ok:
+            self._cost.record(dispatch.rows, now - dispatch.sent)
+        self.slo_misses += sum(1 for entry in dispatch.entries if now > entry.deadline)
+
+    def _limit(self, fit: CostFit | None) -> int:
+        """Rows in a full batch: ``max_batch_size``, or fewer when a batch that large
+        could not finish within the SLO even if it went at once (predictive mode)."""
+        size, slo = self.policy.max_batch_size, self.policy.slo
+        if slo is None or fit is None or fit.per_row <= 0:
+            return size
+        return max(1, min(size, math.floor((slo - fit.guard - fit.intercept) / fit.per_row)))
+
+    def _fitting(self, queue: _Queue[T], limit: int) -> tuple[int, int]:
+        """How many requests from the head fit in one batch, and their rows.
+
+        The head always fits: a request of more rows than ``limit`` (but fewer than
+        ``max_batch_size``) goes alone.
+        """
+        count = rows = 0
+        for entry in queue.entries:
+            if count and rows + entry.rows > limit:
+                break
+            count += 1
+            rows += entry.rows
+        return count, rows
+
+    def _due(
+        self, head: Entry[T], rows: int, now: float, fit: CostFit | None
+    ) -> tuple[float, Reason]:
+        """When a batch of ``rows`` led by ``head`` goes, and why (if that is now)."""
+        policy = self.policy
+        waited_out = head.arrived + policy.max_wait
+        gap = self._rate.gap(now)
+        if policy.slo is None:
+            if policy.idle_dispatch and now + gap >= waited_out:
+                return now, "idle"
+            return waited_out, "deadline"
+        if fit is None or rows >= self._enough(gap, fit):
+            return now, "idle"
+        more = min(rows + self._rate.rows, self._limit(fit))
+        latest = head.deadline - fit.guard - fit.cost(rows)
+        one_more = head.deadline - fit.guard - fit.cost(more) - gap
+        return min(waited_out, latest, one_more), "deadline"
+
+    def _enough(self, gap: float, fit: CostFit) -> float:
+        """The batch size at which the workers keep up with the arrivals at ``TARGET_LOAD``.
+
+        Batches of ``n`` rows serve ``workers·n / L(n)`` rows a second; a batch that
+        large need not wait for more. Smaller ones wait (as the SLO allows) so that the
+        workers are not spent on tiny batches while requests pile up.
+        """
+        rows_per_second = self._rate.rows / gap
+        spare = TARGET_LOAD * self._capacity() - rows_per_second * fit.per_row
+        if spare <= 0:
+            return math.inf
+        return rows_per_second * fit.intercept / spare
+
+    def _finish(self, rows: int, now: float, fit: CostFit) -> float:
+        """When a request of ``rows`` arriving now would be answered at the latest.
+
+        The rows queued ahead go first, in full batches, each on the worker that frees
+        first (a batch in flight ends when its cost says); the request's own batch is
+        taken as full too. Each batch is given its guard: errors add up along the chain. A full batch fits the SLO on its own
+        (``_limit``), so a request that finds a worker free and nothing queued is never
+        refused.
+        """
+        size = self._limit(fit)
+        frees = [max(now, dispatch.predicted) for dispatch in self._in_flight]
+        frees += [now] * max(0, self._capacity() - len(frees))
+        if not frees:
+            frees = [now]
+        heapq.heapify(frees)
+        full = (self.queued_rows + rows - 1) // size
+        full_cost = fit.cost(size) + fit.guard
+        for _ in range(full):
+            heapq.heapreplace(frees, frees[0] + full_cost)
+        return frees[0] + fit.cost(max(size, rows)) + fit.guard
