@@ -30,11 +30,11 @@ class CostFit:
 class CostModel:
     """A robust line through recent (rows, seconds) samples; not thread-safe.
 
-    The window slides per *size class* (1, 2–3, 4–7, 8–15 … rows): each class keeps its
+    The window slides per *size class* (1, 2-3, 4-7, 8-15 … rows): each class keeps its
     last ``window`` batches. Under steady load nearly every batch has the same size, and a
     window of those alone cannot show how the cost grows with the rows; the classes keep
     the smaller batches seen earlier. The line goes through the classes' medians (so a
-    batch slowed by a garbage collection or a busy core moves it little), with Theil–Sen's
+    batch slowed by a garbage collection or a busy core moves it little), with Theil-Sen's
     slope — the median of the pairwise slopes, weighted by their spread in rows — and the
     median intercept. With a single class the slope cannot be seen and the cost is taken
     as proportional to the rows, which overestimates larger batches, never
@@ -44,7 +44,9 @@ class CostModel:
 
     def __init__(self, window: int = 16, min_samples: int = 8, quantile: float = 0.95) -> None:
         if window < 1 or min_samples < 1:
-            raise ValueError(f"window and min_samples must be positive, not {window}, {min_samples}")
+            raise ValueError(
+                f"window and min_samples must be positive, not {window}, {min_samples}"
+            )
         self._window = window
         self._classes: dict[int, deque[tuple[float, float]]] = {}
         self._min_samples = min_samples

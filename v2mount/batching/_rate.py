@@ -28,8 +28,8 @@ class ArrivalRate:
     def arrive(self, now: float, rows: int) -> None:
         if self._last is not None:
             gap = max(0.0, now - self._last)
-            self._gap = gap if math.isinf(self._gap) else self._gap + self._weight * (
-                gap - self._gap
+            self._gap = (
+                gap if math.isinf(self._gap) else self._gap + self._weight * (gap - self._gap)
             )
             self._rows += self._weight * (rows - self._rows)
         else:

@@ -35,7 +35,7 @@ from v2mount.batching._cost import CostFit, CostModel
 from v2mount.batching._rate import ArrivalRate
 from v2mount.errors import Overloaded
 
-__all__ = ["REASONS", "Dispatch", "Entry", "Policy", "Reason", "Scheduler"]
+__all__ = ["REASONS", "Dispatch", "Entry", "Policy", "Reason", "Scheduler", "Tally"]
 
 T = TypeVar("T")
 Reason = Literal["full", "deadline", "idle"]
@@ -94,6 +94,16 @@ class Dispatch(Generic[T]):
     predicted: float = 0.0  # when it is expected to finish, for admission
 
 
+@dataclass(slots=True)
+class Tally:
+    """Running totals, shareable by the schedulers of one batcher (one per event loop)."""
+
+    dispatched: dict[Reason, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
+    batched_requests: int = 0
+    refused: int = 0
+    slo_misses: int = 0
+
+
 @dataclass(eq=False, slots=True)
 class _Queue(Generic[T]):
     entries: deque[Entry[T]] = field(default_factory=deque)
@@ -114,6 +124,7 @@ class Scheduler(Generic[T]):
         cost: CostModel,
         rate: ArrivalRate,
         capacity: Callable[[], int],
+        tally: Tally | None = None,
     ) -> None:
         self.policy = policy
         self._cost = cost
@@ -121,11 +132,9 @@ class Scheduler(Generic[T]):
         self._capacity = capacity
         self._queues: dict[Hashable, _Queue[T]] = {}
         self._in_flight: set[Dispatch[T]] = set()
+        self.tally = tally if tally is not None else Tally()
         self.queued_requests = 0
         self.queued_rows = 0
-        self.dispatched: dict[Reason, int] = dict.fromkeys(REASONS, 0)
-        self.refused = 0
-        self.slo_misses = 0
 
     @property
     def in_flight(self) -> int:
@@ -140,14 +149,14 @@ class Scheduler(Generic[T]):
         """Queue a request, or raise ``Overloaded`` when it should not wait at all."""
         policy = self.policy
         if self.queued_requests >= policy.max_queue:
-            self.refused += 1
+            self.tally.refused += 1
             raise Overloaded(f"{self.queued_requests} requests are waiting to be batched")
         fit = self._cost.fit() if policy.slo is not None else None
         if fit is not None and policy.admission:
             assert policy.slo is not None
             late = self._finish(rows, now, fit) - (now + policy.slo)
             if late > 0:
-                self.refused += 1
+                self.tally.refused += 1
                 raise Overloaded(
                     f"a request now would be answered about {1000 * late:.0f} ms after its"
                     f" {1000 * policy.slo:g} ms latency target",
@@ -205,7 +214,8 @@ class Scheduler(Generic[T]):
                 predicted = now if fit is None else now + fit.cost(rows) + fit.guard
                 dispatch = Dispatch(entries, rows, reason, now, predicted)
                 self._in_flight.add(dispatch)
-                self.dispatched[reason] += 1
+                self.tally.dispatched[reason] += 1
+                self.tally.batched_requests += count
                 sent.append(dispatch)
                 free -= 1
             if not queue.entries:
@@ -217,7 +227,7 @@ class Scheduler(Generic[T]):
         self._in_flight.discard(dispatch)
         if ok:
             self._cost.record(dispatch.rows, now - dispatch.sent)
-        self.slo_misses += sum(1 for entry in dispatch.entries if now > entry.deadline)
+        self.tally.slo_misses += sum(1 for entry in dispatch.entries if now > entry.deadline)
 
     def _limit(self, fit: CostFit | None) -> int:
         """Rows in a full batch: ``max_batch_size``, or fewer when a batch that large
@@ -277,9 +287,9 @@ class Scheduler(Generic[T]):
 
         The rows queued ahead go first, in full batches, each on the worker that frees
         first (a batch in flight ends when its cost says); the request's own batch is
-        taken as full too. Each batch is given its guard: errors add up along the chain. A full batch fits the SLO on its own
-        (``_limit``), so a request that finds a worker free and nothing queued is never
-        refused.
+        taken as full too. Each batch is given its guard: errors add up along the chain.
+        A full batch fits the SLO on its own (``_limit``), so a request that finds a
+        worker free and nothing queued is never refused.
         """
         size = self._limit(fit)
         frees = [max(now, dispatch.predicted) for dispatch in self._in_flight]
