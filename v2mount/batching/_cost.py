@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass
-
-import numpy as np
 
 __all__ = ["CostFit", "CostModel"]
 
@@ -42,6 +41,8 @@ class CostModel:
     ``min_samples`` batches were recorded: callers then do not wait at all.
     """
 
+    REFIT = 4
+
     def __init__(self, window: int = 16, min_samples: int = 8, quantile: float = 0.95) -> None:
         if window < 1 or min_samples < 1:
             raise ValueError(
@@ -50,10 +51,10 @@ class CostModel:
         self._window = window
         self._classes: dict[int, deque[tuple[float, float]]] = {}
         self._min_samples = min_samples
-        self._quantile = quantile * 100
+        self._quantile = quantile
         self._count = 0
         self._fit: CostFit | None = None
-        self._stale = False
+        self._fresh = 0  # samples since the last fit
 
     def record(self, rows: int, seconds: float) -> None:
         samples = self._classes.get(rows.bit_length())
@@ -61,35 +62,52 @@ class CostModel:
             samples = self._classes[rows.bit_length()] = deque(maxlen=self._window)
         samples.append((float(rows), max(0.0, seconds)))
         self._count += 1
-        self._stale = True
+        self._fresh += 1
 
     def fit(self) -> CostFit | None:
-        """The current fit (recomputed lazily after new samples), or ``None`` while cold."""
-        if self._stale and self._count >= self._min_samples:
-            self._stale = False
+        """The current fit, or ``None`` while cold.
+
+        Recomputed lazily, once ``REFIT`` samples came in since the last fit (a fit costs
+        tens of µs: not worth paying after every batch of a fast model).
+        """
+        if self._count >= self._min_samples and (
+            self._fresh >= self.REFIT or (self._fit is None and self._fresh)
+        ):
+            self._fresh = 0
             self._fit = self._compute()
         return self._fit
 
     def _compute(self) -> CostFit:
-        medians = np.array(
-            [np.median(np.asarray(samples), axis=0) for samples in self._classes.values()]
-        )
-        x, y = medians[:, 0], medians[:, 1]
-        if len(x) > 1:
-            dx = x[:, None] - x[None, :]
-            upper = np.triu(np.ones_like(dx, dtype=bool), 1)
-            slopes = ((y[:, None] - y[None, :]) / np.where(dx == 0, 1, dx))[upper]
-            slope = max(_weighted_median(slopes, np.abs(dx[upper])), 0.0)
-            intercept = max(float(np.median(y - slope * x)), 0.0)
+        # Pure Python: a few dozen numbers, where numpy's per-call cost would dominate.
+        points = [
+            (statistics.median(x for x, _ in samples), statistics.median(y for _, y in samples))
+            for samples in self._classes.values()
+        ]
+        if len(points) > 1:
+            slopes = [
+                ((y1 - y0) / (x1 - x0), abs(x1 - x0))
+                for index, (x0, y0) in enumerate(points)
+                for x1, y1 in points[index + 1 :]
+            ]
+            slope = max(_weighted_median(slopes), 0.0)
+            intercept = max(statistics.median(y - slope * x for x, y in points), 0.0)
         else:  # one size class only: proportional
-            slope, intercept = float(y[0] / x[0]), 0.0
-        everything = np.array([sample for samples in self._classes.values() for sample in samples])
-        residuals = everything[:, 1] - (intercept + slope * everything[:, 0])
-        guard = max(float(np.percentile(residuals, self._quantile)), 0.0)
+            (x, y), intercept = points[0], 0.0
+            slope = y / x
+        residuals = sorted(
+            y - intercept - slope * x for samples in self._classes.values() for x, y in samples
+        )
+        guard = max(residuals[min(len(residuals) - 1, int(self._quantile * len(residuals)))], 0.0)
         return CostFit(intercept, slope, guard, self._count)
 
 
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-    order = np.argsort(values)
-    cumulative = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+def _weighted_median(pairs: list[tuple[float, float]]) -> float:
+    """The value at half the total weight of ``(value, weight)`` pairs."""
+    pairs.sort()
+    half = sum(weight for _, weight in pairs) / 2
+    running = 0.0
+    for value, weight in pairs:
+        running += weight
+        if running >= half:
+            return value
+    return pairs[-1][0]

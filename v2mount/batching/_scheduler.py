@@ -4,22 +4,25 @@ The async batcher (``_predictive``) calls ``poll`` after every event — an arri
 batch finished, a timer — and sends what it returns; tests drive the same core with a
 simulated clock. Nothing here sleeps, reads a clock or touches an event loop.
 
-A batch goes when a worker is free (at most ``capacity()`` batches in flight) and:
+A batch goes only when a worker is free (at most ``capacity()`` batches in flight), and
+then, by reason:
 
-- **full**: it holds ``max_batch_size`` rows, or the next request would not fit;
-- **deadline**: its oldest request may wait no longer. In the predictive mode
-  (``Policy.slo`` set) that is when waiting one expected gap for one more request
-  (``ArrivalRate``) would finish the batch after the oldest request's deadline less the
-  guard: ``now + gap + L(n + r) + guard > deadline``; or when the oldest has waited
-  ``max_wait``. In the fixed-window mode (no SLO) that is when the oldest has waited
-  ``max_wait`` (``max_batch_time``); with ``idle_dispatch`` it goes at once, as *idle*,
-  when the next request is not expected before then.
+- **full**: it holds ``max_batch_size`` rows (in the predictive mode, fewer if a batch
+  that large could not meet the SLO at all), or the next request would not fit;
+- **deadline**: its oldest request can wait no longer: it has waited ``max_wait``
+  (``max_batch_time`` in the fixed window), or, in the predictive mode (``Policy.slo``
+  set), the batch would end after the oldest request's deadline less the guard if it
+  did not go now — typically because it was held up waiting for a worker;
+- **idle**: it goes before then because waiting would not pay. In the predictive mode:
+  waiting one expected gap for one more request (``ArrivalRate``) would end the batch
+  past the oldest's deadline less the guard (``now + gap + L(n + r) + guard >
+  deadline``); or the batch is already large enough for the workers to keep up with the
+  arrival rate at ``TARGET_LOAD`` (``_enough``), so waiting would only add latency; or
+  the cost model is still cold. In the fixed window with ``idle_dispatch``: the next
+  request is not expected before ``max_wait`` runs out.
 
-A batch also goes, as **idle**, before its deadline when waiting would not pay: a worker
-is free and the batch is already large enough for the workers to keep up with the
-arrival rate at ``TARGET_LOAD`` (``_enough``), or no request is expected in time, or the
-cost model is still cold. That keeps latency low under light load, where waiting for
-company buys nothing.
+Otherwise the scheduler asks to be polled again when the first of those comes due (or
+at the next arrival).
 """
 
 from __future__ import annotations
@@ -262,12 +265,16 @@ class Scheduler(Generic[T]):
             if policy.idle_dispatch and now + gap >= waited_out:
                 return now, "idle"
             return waited_out, "deadline"
-        if fit is None or rows >= self._enough(gap, fit):
+        if fit is None:
             return now, "idle"
+        latest = min(waited_out, head.deadline - fit.guard - fit.cost(rows))
+        if latest <= now:
+            return now, "deadline"
         more = min(rows + self._rate.rows, self._limit(fit))
-        latest = head.deadline - fit.guard - fit.cost(rows)
         one_more = head.deadline - fit.guard - fit.cost(more) - gap
-        return min(waited_out, latest, one_more), "deadline"
+        if one_more <= now or rows >= self._enough(gap, fit):
+            return now, "idle"
+        return min(latest, one_more), "idle"
 
     def _enough(self, gap: float, fit: CostFit) -> float:
         """The batch size at which the workers keep up with the arrivals at ``TARGET_LOAD``.

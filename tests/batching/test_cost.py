@@ -1,0 +1,121 @@
+"""The batch cost fit and the arrival rate, on made-up samples (no clock, no loop)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from v2mount.batching._cost import CostModel
+from v2mount.batching._rate import ArrivalRate
+
+A, C = 0.004, 0.0005  # a model whose batch of b rows takes 4 ms + 0.5 ms per row
+
+
+def noisy_cost(rng: np.random.Generator, rows: int, noise: float = 0.05) -> float:
+    return (A + C * rows) * (1 + noise * rng.uniform(-1, 1))
+
+
+def test_the_fit_is_within_ten_percent_after_twenty_batches() -> None:
+    rng = np.random.default_rng(3)
+    model = CostModel()
+    for _ in range(20):
+        rows = int(rng.integers(1, 33))
+        model.record(rows, noisy_cost(rng, rows))
+    fit = model.fit()
+    assert fit is not None and fit.samples == 20
+    assert fit.intercept == pytest.approx(A, rel=0.1)
+    assert fit.per_row == pytest.approx(C, rel=0.1)
+    assert 0 < fit.guard < 0.1 * (A + 32 * C)
+
+
+def test_the_fit_shrugs_off_a_few_stalled_batches() -> None:
+    rng = np.random.default_rng(5)
+    model = CostModel()
+    for index in range(40):
+        rows = int(rng.integers(1, 33))
+        stalled = index % 20 == 3  # a garbage collection, a busy core
+        model.record(rows, noisy_cost(rng, rows) * (10 if stalled else 1))
+    fit = model.fit()
+    assert fit is not None
+    assert fit.intercept == pytest.approx(A, rel=0.1)
+    assert fit.per_row == pytest.approx(C, rel=0.1)
+
+
+def test_it_is_cold_until_min_samples_batches_ran() -> None:
+    model = CostModel(min_samples=3)
+    model.record(1, 0.01)
+    model.record(2, 0.02)
+    assert model.fit() is None
+    model.record(4, 0.03)
+    first = model.fit()
+    assert first is not None and first.samples == 3
+    for _ in range(CostModel.REFIT - 1):
+        model.record(8, 0.05)
+        assert model.fit() is first  # not refitted after every batch
+    model.record(8, 0.05)
+    refitted = model.fit()
+    assert refitted is not None and refitted.samples == 3 + CostModel.REFIT
+
+
+def test_steady_full_batches_do_not_erase_what_smaller_ones_showed() -> None:
+    rng = np.random.default_rng(9)
+    model = CostModel(window=16)
+    for rows in (1, 2, 4, 8, 16) * 4:
+        model.record(rows, noisy_cost(rng, rows))
+    for _ in range(500):  # hours of full batches
+        model.record(32, noisy_cost(rng, 32))
+    fit = model.fit()
+    assert fit is not None
+    assert fit.per_row == pytest.approx(C, rel=0.1)
+    assert fit.intercept == pytest.approx(A, rel=0.15)
+
+
+def test_one_size_only_is_taken_as_proportional_so_larger_batches_are_not_underestimated() -> (
+    None
+):
+    model = CostModel(min_samples=4)
+    for _ in range(4):
+        model.record(1, A + C)
+    fit = model.fit()
+    assert fit is not None
+    assert (fit.intercept, fit.per_row) == (0.0, pytest.approx(A + C))
+    assert fit.cost(8) >= A + 8 * C
+
+
+def test_a_falling_cost_never_fits_a_negative_slope() -> None:
+    model = CostModel(min_samples=2)
+    model.record(1, 0.010)
+    model.record(10, 0.005)
+    fit = model.fit()
+    assert fit is not None and fit.per_row == 0.0 and fit.intercept > 0
+
+
+def test_bad_windows_are_refused() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        CostModel(window=0)
+
+
+def test_the_rate_expects_nothing_before_two_arrivals() -> None:
+    rate = ArrivalRate()
+    assert rate.gap(0.0) == math.inf
+    rate.arrive(1.0, 3)
+    assert rate.gap(1.0) == math.inf
+    assert rate.rows == 3
+
+
+def test_the_rate_smooths_gaps_and_counts_silence() -> None:
+    rate = ArrivalRate(weight=0.5)
+    for step in range(20):
+        rate.arrive(step * 0.01, 1)
+    assert rate.gap(0.19) == pytest.approx(0.01)
+    # After a silence longer than the usual gap, the next request is not expected soon.
+    assert rate.gap(0.19 + 0.5) == pytest.approx(0.5)
+    rate.arrive(0.2, 5)
+    assert 1 < rate.rows < 5
+
+
+def test_the_rate_weight_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"weight must be in \(0, 1\]"):
+        ArrivalRate(weight=0)
