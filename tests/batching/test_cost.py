@@ -72,9 +72,7 @@ def test_steady_full_batches_do_not_erase_what_smaller_ones_showed() -> None:
     assert fit.intercept == pytest.approx(A, rel=0.15)
 
 
-def test_one_size_only_is_taken_as_proportional_so_larger_batches_are_not_underestimated() -> (
-    None
-):
+def test_one_size_only_is_taken_as_proportional_so_larger_batches_are_not_underestimated() -> None:
     model = CostModel(min_samples=4)
     for _ in range(4):
         model.record(1, A + C)

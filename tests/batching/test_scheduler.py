@@ -17,7 +17,7 @@ import pytest
 
 from v2mount.batching._cost import CostModel
 from v2mount.batching._rate import ArrivalRate
-from v2mount.batching._scheduler import Dispatch, Policy, Scheduler
+from v2mount.batching._scheduler import REASONS, Dispatch, Policy, Scheduler
 from v2mount.errors import Overloaded
 
 A, C = 0.005, 0.0005  # the fake model: 5 ms + 0.5 ms per row
@@ -38,7 +38,7 @@ class Run:
         return np.array([done - t for t, done in self.answered.values() if t >= after])
 
     def reasons(self) -> dict[str, int]:
-        return {r: sum(1 for b in self.batches if b.reason == r) for r in ("full", "deadline", "idle")}
+        return {r: sum(1 for b in self.batches if b.reason == r) for r in REASONS}
 
 
 def simulate(
