@@ -64,7 +64,8 @@ def simulate(
     while events:
         now, _, kind, payload = heapq.heappop(events)
         if kind == "arrive":
-            index, rows = payload  # type: ignore[misc]
+            assert isinstance(payload, tuple)
+            index, rows = payload
             try:
                 scheduler.add("key", index, rows, now)
             except Overloaded:
