@@ -17,30 +17,49 @@ def noisy_cost(rng: np.random.Generator, rows: int, noise: float = 0.05) -> floa
     return (A + C * rows) * (1 + noise * rng.uniform(-1, 1))
 
 
+def varied_rows(rng: np.random.Generator) -> int:
+    """Batch sizes spread over every size class (1, 2-3, 4-7 ... 32), as load varies."""
+    return int(2 ** rng.uniform(0, 5))
+
+
 def test_the_fit_is_within_ten_percent_after_twenty_batches() -> None:
-    rng = np.random.default_rng(3)
-    model = CostModel()
-    for _ in range(20):
-        rows = int(rng.integers(1, 33))
-        model.record(rows, noisy_cost(rng, rows))
-    fit = model.fit()
-    assert fit is not None and fit.samples == 20
-    assert fit.intercept == pytest.approx(A, rel=0.1)
-    assert fit.per_row == pytest.approx(C, rel=0.1)
-    assert 0 < fit.guard < 0.1 * (A + 32 * C)
+    within = 0
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        model = CostModel()
+        for _ in range(20):
+            rows = varied_rows(rng)
+            model.record(rows, noisy_cost(rng, rows))
+        fit = model.fit()
+        assert fit is not None and fit.samples == 20
+        assert 0 <= fit.guard < 0.1 * (A + 32 * C)
+        within += abs(fit.intercept / A - 1) < 0.1 and abs(fit.per_row / C - 1) < 0.1
+    # With 5 % noise, a few draws of 20 batches do not pin the intercept that closely.
+    assert within >= 95
 
 
 def test_the_fit_shrugs_off_a_few_stalled_batches() -> None:
     rng = np.random.default_rng(5)
     model = CostModel()
     for index in range(40):
-        rows = int(rng.integers(1, 33))
+        rows = varied_rows(rng)
         stalled = index % 20 == 3  # a garbage collection, a busy core
         model.record(rows, noisy_cost(rng, rows) * (10 if stalled else 1))
     fit = model.fit()
     assert fit is not None
     assert fit.intercept == pytest.approx(A, rel=0.1)
     assert fit.per_row == pytest.approx(C, rel=0.1)
+
+
+def test_a_single_stalled_batch_of_a_rare_size_does_not_place_the_line() -> None:
+    model = CostModel(min_samples=4)
+    for rows in (1, 1, 1, 2, 2, 3):
+        model.record(rows, A + C * rows)
+    model.record(4, 100 * (A + 4 * C))  # the only batch of 4-7 rows, stalled
+    model.record(1, A + C)
+    fit = model.fit()
+    assert fit is not None
+    assert fit.per_row == pytest.approx(C)  # not the stall: 0.1 s a row
 
 
 def test_it_is_cold_until_min_samples_batches_ran() -> None:

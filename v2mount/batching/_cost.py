@@ -32,16 +32,20 @@ class CostModel:
     The window slides per *size class* (1, 2-3, 4-7, 8-15 … rows): each class keeps its
     last ``window`` batches. Under steady load nearly every batch has the same size, and a
     window of those alone cannot show how the cost grows with the rows; the classes keep
-    the smaller batches seen earlier. The line goes through the classes' medians (so a
-    batch slowed by a garbage collection or a busy core moves it little), with Theil-Sen's
-    slope — the median of the pairwise slopes, weighted by their spread in rows — and the
-    median intercept. With a single class the slope cannot be seen and the cost is taken
-    as proportional to the rows, which overestimates larger batches, never
-    underestimates. Both terms are kept non-negative. ``fit()`` is ``None`` until
+    the smaller batches seen earlier (a class that stops being used keeps its last
+    batches: if the model's cost drifts, its old figures stay in the fit). The line goes
+    through the medians of the classes holding ``MIN_CLASS_SAMPLES`` batches or more (so
+    a batch slowed by a garbage collection or a busy core moves it little), with
+    Theil-Sen's slope — the median of the pairwise slopes, weighted by their spread in
+    rows — and the median intercept. With a single class the slope cannot be seen and the
+    cost is taken as proportional to the rows: right for that size, high for larger
+    batches, low for smaller ones. Both terms are kept non-negative. ``fit()`` is ``None`` until
     ``min_samples`` batches were recorded: callers then do not wait at all.
     """
 
     REFIT = 4
+    #: A size class with fewer batches does not place the line (one stalled batch would).
+    MIN_CLASS_SAMPLES = 3
 
     def __init__(self, window: int = 16, min_samples: int = 8, quantile: float = 0.95) -> None:
         if window < 1 or min_samples < 1:
@@ -79,9 +83,10 @@ class CostModel:
 
     def _compute(self) -> CostFit:
         # Pure Python: a few dozen numbers, where numpy's per-call cost would dominate.
+        classes = [s for s in self._classes.values() if len(s) >= self.MIN_CLASS_SAMPLES]
         points = [
             (statistics.median(x for x, _ in samples), statistics.median(y for _, y in samples))
-            for samples in self._classes.values()
+            for samples in classes or self._classes.values()
         ]
         if len(points) > 1:
             slopes = [

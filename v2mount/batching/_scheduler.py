@@ -151,11 +151,12 @@ class Scheduler(Generic[T]):
     def add(self, key: Hashable, item: T, rows: int, now: float) -> Entry[T]:
         """Queue a request, or raise ``Overloaded`` when it should not wait at all."""
         policy = self.policy
+        self._rate.arrive(now, rows)  # the offered rate: refused requests count too
         if self.queued_requests >= policy.max_queue:
             self.tally.refused += 1
             raise Overloaded(f"{self.queued_requests} requests are waiting to be batched")
         fit = self._cost.fit() if policy.slo is not None else None
-        if fit is not None and policy.admission:
+        if fit is not None and policy.admission and not self._startable():
             assert policy.slo is not None
             late = self._finish(rows, now, fit) - (now + policy.slo)
             if late > 0:
@@ -165,7 +166,6 @@ class Scheduler(Generic[T]):
                     f" {1000 * policy.slo:g} ms latency target",
                     retry_after=max(1, math.ceil(late)),
                 )
-        self._rate.arrive(now, rows)
         deadline = math.inf if policy.slo is None else now + policy.slo
         entry = Entry(key, item, rows, now, deadline)
         queue = self._queues.get(key)
@@ -214,7 +214,7 @@ class Scheduler(Generic[T]):
                 queue.rows -= rows
                 self.queued_requests -= count
                 self.queued_rows -= rows
-                predicted = now if fit is None else now + fit.cost(rows) + fit.guard
+                predicted = now if fit is None else now + fit.cost(rows)
                 dispatch = Dispatch(entries, rows, reason, now, predicted)
                 self._in_flight.add(dispatch)
                 self.tally.dispatched[reason] += 1
@@ -231,6 +231,12 @@ class Scheduler(Generic[T]):
         if ok:
             self._cost.record(dispatch.rows, now - dispatch.sent)
         self.tally.slo_misses += sum(1 for entry in dispatch.entries if now > entry.deadline)
+
+    def _startable(self) -> bool:
+        """Nothing queued and a worker free: a request would start at once, as fast as it
+        ever could, so it is never refused (and the cost model keeps learning even when
+        its guard says no SLO can be met)."""
+        return not self._queues and len(self._in_flight) < self._capacity()
 
     def _limit(self, fit: CostFit | None) -> int:
         """Rows in a full batch: ``max_batch_size``, or fewer when a batch that large
@@ -290,22 +296,30 @@ class Scheduler(Generic[T]):
         return rows_per_second * fit.intercept / spare
 
     def _finish(self, rows: int, now: float, fit: CostFit) -> float:
-        """When a request of ``rows`` arriving now would be answered at the latest.
+        """When a request of ``rows`` arriving now is expected to be answered, with margin.
 
         The rows queued ahead go first, in full batches, each on the worker that frees
-        first (a batch in flight ends when its cost says); the request's own batch is
-        taken as full too. Each batch is given its guard: errors add up along the chain.
-        A full batch fits the SLO on its own (``_limit``), so a request that finds a
-        worker free and nothing queued is never refused.
+        first (a batch in flight ends when its cost says). The request's own batch holds
+        the rows ahead of it in that batch, itself, and the rows that arrive until a
+        worker takes it (at the offered rate, refused requests included: under overload
+        the batch fills). Every batch that runs one after the other before the answer
+        adds a guard.
         """
         size = self._limit(fit)
-        frees = [max(now, dispatch.predicted) for dispatch in self._in_flight]
-        frees += [now] * max(0, self._capacity() - len(frees))
+        frees = [(max(now, dispatch.predicted), 1) for dispatch in self._in_flight]
+        frees += [(now, 0)] * max(0, self._capacity() - len(frees))
         if not frees:
-            frees = [now]
+            frees = [(now, 0)]
         heapq.heapify(frees)
-        full = (self.queued_rows + rows - 1) // size
-        full_cost = fit.cost(size) + fit.guard
+        full, rest = divmod(self.queued_rows, size)
+        if rest + rows > size:
+            full, rest = full + 1, 0
+        full_cost = fit.cost(size)
         for _ in range(full):
-            heapq.heapreplace(frees, frees[0] + full_cost)
-        return frees[0] + fit.cost(max(size, rows)) + fit.guard
+            free, depth = frees[0]
+            heapq.heapreplace(frees, (free + full_cost, depth + 1))
+        start, depth = frees[0]
+        gap = self._rate.gap(now)
+        joining = 0.0 if math.isinf(gap) else self._rate.rows / gap * (start - now)
+        own = min(size, rest + rows + joining)
+        return start + fit.cost(own) + fit.guard * (depth + 1)
