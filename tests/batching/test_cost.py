@@ -51,6 +51,22 @@ def test_the_fit_shrugs_off_a_few_stalled_batches() -> None:
     assert fit.per_row == pytest.approx(C, rel=0.1)
 
 
+def test_the_guard_is_the_95th_percentile_of_the_noise_but_leaves_stalls_out() -> None:
+    rng = np.random.default_rng(2)
+    steady, stalling = CostModel(window=64), CostModel(window=64)
+    for index in range(200):
+        rows = varied_rows(rng)
+        cost = noisy_cost(rng, rows, noise=0.1)
+        steady.record(rows, cost)
+        stalling.record(rows, cost + (0.2 if index % 10 == 0 else 0.0))  # 10 %: +200 ms
+    calm, noisy = steady.fit(), stalling.fit()
+    assert calm is not None and noisy is not None
+    # 10 % noise on batches of 4.5-20 ms: the 95th percentile is a millisecond or so.
+    assert 0.0003 < calm.guard < 0.002
+    assert noisy.guard < 0.005  # a few ms at most: not the 200 ms of the stalls
+    assert noisy.per_row == pytest.approx(C, rel=0.1)
+
+
 def test_a_single_stalled_batch_of_a_rare_size_does_not_place_the_line() -> None:
     model = CostModel(min_samples=4)
     for rows in (1, 1, 1, 2, 2, 3):

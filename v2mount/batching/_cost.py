@@ -14,7 +14,11 @@ class CostFit:
     """A fitted cost: ``intercept + per_row·rows`` seconds, plus ``guard`` seconds of margin.
 
     ``guard`` is the 95th percentile of the residuals (how much slower than the line a
-    batch ran), never negative. ``samples`` counts the batches the fit saw.
+    batch ran), never negative, and at most three standard deviations (estimated from
+    the median absolute deviation) above the median residual: when more than 5 % of the
+    batches stall — a process descheduled on a busy host — the stalls are left out, as
+    no batch size or admission could avoid them (they show as SLO misses). ``samples``
+    counts the batches the fit saw.
     """
 
     intercept: float
@@ -46,6 +50,9 @@ class CostModel:
     REFIT = 4
     #: A size class with fewer batches does not place the line (one stalled batch would).
     MIN_CLASS_SAMPLES = 3
+    #: The guard is capped this many (normal-scaled) median absolute deviations above
+    #: the median residual: rare stalls are not the model's cost.
+    STALL_MADS = 3.0
 
     def __init__(self, window: int = 16, min_samples: int = 8, quantile: float = 0.95) -> None:
         if window < 1 or min_samples < 1:
@@ -102,7 +109,10 @@ class CostModel:
         residuals = sorted(
             y - intercept - slope * x for samples in self._classes.values() for x, y in samples
         )
-        guard = max(residuals[min(len(residuals) - 1, int(self._quantile * len(residuals)))], 0.0)
+        p95 = residuals[min(len(residuals) - 1, int(self._quantile * len(residuals)))]
+        middle = statistics.median(residuals)
+        spread = statistics.median(abs(r - middle) for r in residuals)
+        guard = max(min(p95, middle + self.STALL_MADS * 1.4826 * spread), 0.0)
         return CostFit(intercept, slope, guard, self._count)
 
 
