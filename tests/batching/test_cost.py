@@ -64,7 +64,7 @@ def test_the_guard_is_the_95th_percentile_of_the_noise_but_leaves_stalls_out() -
     # 10 % noise on batches of 4.5-20 ms: the 95th percentile is a millisecond or so.
     assert 0.0003 < calm.guard < 0.002
     assert noisy.guard < 0.005  # a few ms at most: not the 200 ms of the stalls
-    assert noisy.per_row == pytest.approx(C, rel=0.1)
+    assert noisy.per_row == pytest.approx(C, rel=0.15)
 
 
 def test_a_single_stalled_batch_of_a_rare_size_does_not_place_the_line() -> None:
