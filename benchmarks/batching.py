@@ -6,8 +6,9 @@ costs, with no HTTP in the way. The model is a two-layer perceptron (64 → 1536
 → 1, float32): one row costs about as much as a few dozen, because reading the 9 MB
 hidden weight matrix dominates, which is how vectorised numpy / ONNX / torch models
 behave. The ``overhead`` points serve a model that does nothing with
-``max_batch_time=0``: at concurrency 1 every request is a batch of its own, so the
-difference to batching off is the batcher's own cost per batch.
+``max_batch_time=0`` (``overhead-slo``: the predictive batcher, 50 ms SLO): at
+concurrency 1 every request is a batch of its own, so the difference to batching off is
+the batcher's own cost per batch.
 
 Every point runs ``--repeat`` times, the rounds interleaved, and the report gives the
 median: on a shared machine wall-clock figures move a lot, CPU time per request less.
@@ -92,14 +93,14 @@ class Nothing(Model):
 
 @dataclass(frozen=True)
 class Point:
-    mode: str  # "off", "on", "overhead-off" or "overhead-on"
+    mode: str  # "off", "on", "overhead-off", "overhead-on" or "overhead-slo"
     concurrency: int
     max_batch_size: int = 0
     max_batch_time: float = 0.0
 
     @property
     def batching(self) -> bool:
-        return self.mode.endswith("on")
+        return self.mode.endswith(("on", "slo"))
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,10 @@ async def measure(model: Model, point: Point, duration: float, think: float) -> 
     await runner.start()
     infer: Infer = runner.infer
     batches: list[int] = []
-    if point.batching:
+    if point.mode == "overhead-slo":  # the predictive batcher, nothing to wait for
+        policy = Policy(point.max_batch_size, slo=0.05, max_queue=100_000)
+        infer = PredictiveBatcher(runner, policy, on_batch=lambda r: batches.append(r.rows)).infer
+    elif point.batching:
         batcher = AdaptiveBatcher(
             runner,
             max_batch_size=point.max_batch_size,
@@ -180,9 +184,9 @@ async def measure(model: Model, point: Point, duration: float, think: float) -> 
 
 def grid(sizes: Sequence[int], times: Sequence[float]) -> list[Point]:
     points = [
-        Point(mode, concurrency, 64 if mode == "overhead-on" else 0)
+        Point(mode, concurrency, 0 if mode == "overhead-off" else 64)
         for concurrency in (1, 16)
-        for mode in ("overhead-off", "overhead-on")
+        for mode in ("overhead-off", "overhead-on", "overhead-slo")
     ]
     for concurrency in CONCURRENCIES:
         points.append(Point("off", concurrency))

@@ -153,3 +153,18 @@ def test_the_rate_smooths_gaps_and_counts_silence() -> None:
 def test_the_rate_weight_is_checked() -> None:
     with pytest.raises(ValueError, match=r"weight must be in \(0, 1\]"):
         ArrivalRate(weight=0)
+
+
+def test_the_rate_says_when_silence_makes_the_next_request_late() -> None:
+    rate = ArrivalRate(weight=1.0)
+    assert rate.last_moment(10.0) == -math.inf  # nothing expected at all
+    rate.arrive(0.0, 1)
+    rate.arrive(1.0, 1)  # a gap of 1 s
+    assert rate.quiet_from(0.5) == -math.inf  # the gap is already 1 s
+    assert rate.quiet_from(3.0) == 4.0  # after 3 s of silence
+    # Waiting one gap from t must end by the limit: t + max(1, t - 1) <= limit.
+    assert rate.last_moment(2.5) == 1.5
+    assert rate.last_moment(9.0) == 5.0
+    for limit in (2.5, 9.0):
+        t = rate.last_moment(limit)
+        assert t + rate.gap(t) == pytest.approx(limit)

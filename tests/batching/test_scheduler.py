@@ -103,11 +103,15 @@ def slo_policy(**overrides: object) -> Policy:
 
 
 def test_the_cost_fit_is_within_ten_percent_after_twenty_batches() -> None:
-    run = simulate(slo_policy(), poisson(0.6 * CAPACITY, 2.0), stop_after_batches=20)
-    fit = run.cost.fit()
-    assert fit is not None and fit.samples >= 20
-    assert fit.intercept == pytest.approx(A, rel=0.1)
-    assert fit.per_row == pytest.approx(C, rel=0.1)
+    within = 0
+    for seed in range(20):
+        arrivals = poisson(0.6 * CAPACITY, 2.0, seed=seed)
+        run = simulate(slo_policy(), arrivals, seed=seed, stop_after_batches=20)
+        fit = run.cost.fit()
+        assert fit is not None and fit.samples == 20
+        within += abs(fit.intercept / A - 1) < 0.1 and abs(fit.per_row / C - 1) < 0.1
+    # 5 % noise on twenty batches whose sizes the load chose: nearly always within 10 %.
+    assert within >= 18
 
 
 def test_poisson_load_at_80_percent_of_capacity_keeps_p99_within_the_slo() -> None:

@@ -41,6 +41,24 @@ class ArrivalRate:
             return math.inf
         return max(self._gap, now - self._last)
 
+    def quiet_from(self, gap: float) -> float:
+        """The first moment ``t`` at which ``gap(t) >= gap`` (``-inf``: already so).
+
+        The expected gap grows with the silence since the last arrival.
+        """
+        if self._last is None or self._gap >= gap:
+            return -math.inf
+        return self._last + gap
+
+    def last_moment(self, limit: float) -> float:
+        """The latest ``t`` with ``t + gap(t) <= limit``: from then on, waiting for the
+        next request is expected to take past ``limit`` (``-inf``: nothing expected)."""
+        if self._last is None or math.isinf(self._gap):
+            return -math.inf
+        if limit - self._gap <= self._last + self._gap:
+            return limit - self._gap
+        return (limit + self._last) / 2
+
     @property
     def rows(self) -> float:
         """Smoothed rows per request."""

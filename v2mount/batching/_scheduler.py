@@ -17,7 +17,7 @@ then, by reason:
   waiting one expected gap for one more request (``ArrivalRate``) would end the batch
   past the oldest's deadline less the guard (``now + gap + L(n + r) + guard >
   deadline``); or the batch is already large enough for the workers to keep up with the
-  arrival rate at ``TARGET_LOAD`` (``_enough``), so waiting would only add latency; or
+  arrival rate at ``TARGET_LOAD`` (``_enough_gap``), so waiting would only add latency; or
   the cost model is still cold. In the fixed window with ``idle_dispatch``: the next
   request is not expected before ``max_wait`` runs out.
 
@@ -43,7 +43,7 @@ __all__ = ["REASONS", "Dispatch", "Entry", "Policy", "Reason", "Scheduler", "Tal
 T = TypeVar("T")
 Reason = Literal["full", "deadline", "idle"]
 REASONS: tuple[Reason, ...] = ("full", "deadline", "idle")
-#: The busy share of the workers that batches are sized for (see ``Scheduler._enough``).
+#: The busy share of the workers that batches are sized for (``Scheduler._enough_gap``).
 TARGET_LOAD = 0.8
 
 
@@ -263,37 +263,41 @@ class Scheduler(Generic[T]):
     def _due(
         self, head: Entry[T], rows: int, now: float, fit: CostFit | None
     ) -> tuple[float, Reason]:
-        """When a batch of ``rows`` led by ``head`` goes, and why (if that is now)."""
+        """When a batch of ``rows`` led by ``head`` goes, and why (if that is now).
+
+        The moments that depend on the arrival rate account for the silence since the
+        last arrival, which makes the next one look further away as it lasts.
+        """
         policy = self.policy
-        waited_out = head.arrived + policy.max_wait
-        gap = self._rate.gap(now)
         if policy.slo is None:
-            if policy.idle_dispatch and now + gap >= waited_out:
-                return now, "idle"
-            return waited_out, "deadline"
-        if fit is None:
+            latest = head.arrived + policy.max_wait
+            early = self._rate.last_moment(latest) if policy.idle_dispatch else latest
+        elif fit is None:
             return now, "idle"
-        latest = min(waited_out, head.deadline - fit.guard - fit.cost(rows))
+        else:
+            latest = min(head.arrived + policy.max_wait, head.deadline - fit.guard - fit.cost(rows))
+            more = min(rows + self._rate.rows, self._limit(fit))
+            one_more = self._rate.last_moment(head.deadline - fit.guard - fit.cost(more))
+            early = min(one_more, self._rate.quiet_from(self._enough_gap(rows, fit)))
         if latest <= now:
             return now, "deadline"
-        more = min(rows + self._rate.rows, self._limit(fit))
-        one_more = head.deadline - fit.guard - fit.cost(more) - gap
-        if one_more <= now or rows >= self._enough(gap, fit):
+        if early <= now:
             return now, "idle"
-        return min(latest, one_more), "idle"
+        return min(latest, early), "idle"
 
-    def _enough(self, gap: float, fit: CostFit) -> float:
-        """The batch size at which the workers keep up with the arrivals at ``TARGET_LOAD``.
+    def _enough_gap(self, rows: int, fit: CostFit) -> float:
+        """The gap between requests from which a batch of ``rows`` need not wait for more.
 
-        Batches of ``n`` rows serve ``workers·n / L(n)`` rows a second; a batch that
-        large need not wait for more. Smaller ones wait (as the SLO allows) so that the
-        workers are not spent on tiny batches while requests pile up.
+        Batches of ``n`` rows serve ``workers·n / L(n)`` rows a second; while the arrivals
+        bring less than ``TARGET_LOAD`` of that, waiting for a bigger batch only adds
+        latency. (Smaller batches wait, as the SLO allows, so that the workers are not
+        spent on tiny batches while requests pile up.)
         """
-        rows_per_second = self._rate.rows / gap
-        spare = TARGET_LOAD * self._capacity() - rows_per_second * fit.per_row
-        if spare <= 0:
-            return math.inf
-        return rows_per_second * fit.intercept / spare
+        cost = fit.cost(rows)
+        if cost <= 0:
+            return 0.0
+        sustained = TARGET_LOAD * self._capacity() * rows / cost  # rows a second
+        return self._rate.rows / sustained
 
     def _finish(self, rows: int, now: float, fit: CostFit) -> float:
         """When a request of ``rows`` arriving now is expected to be answered, with margin.
