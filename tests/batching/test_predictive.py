@@ -273,8 +273,8 @@ async def test_errors_reach_every_member_of_the_batch_each_as_its_own_copy() -> 
     assert runner.calls == [1, 2]
     assert [getattr(r, "message", None) for r in results] == ["ValueError: boom"] * 3
     assert results[1] is not results[2]
-    # A failed call is still a measured cost: the model did run.
-    assert batcher.statistics().in_flight_batches == 0
+    stats = batcher.statistics()
+    assert (stats.in_flight_batches, stats.batches, stats.cost_samples) == (0, 2, 0)
 
 
 async def test_unbatchable_requests_go_straight_to_the_runner() -> None:

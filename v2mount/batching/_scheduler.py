@@ -226,11 +226,12 @@ class Scheduler(Generic[T]):
         return sent, wake
 
     def finished(self, dispatch: Dispatch[T], now: float, ok: bool) -> None:
-        """A batch came back; ``ok``: it was answered, so its time is a cost sample."""
+        """A batch came back; ``ok``: it was answered, so its time is a cost sample and
+        its requests answered after their deadline count as SLO misses."""
         self._in_flight.discard(dispatch)
         if ok:
             self._cost.record(dispatch.rows, now - dispatch.sent)
-        self.tally.slo_misses += sum(1 for entry in dispatch.entries if now > entry.deadline)
+            self.tally.slo_misses += sum(now > entry.deadline for entry in dispatch.entries)
 
     def _startable(self) -> bool:
         """Nothing queued and a worker free: a request would start at once, as fast as it
