@@ -156,9 +156,10 @@ class Scheduler(Generic[T]):
             self.tally.refused += 1
             raise Overloaded(f"{self.queued_requests} requests are waiting to be batched")
         fit = self._cost.fit() if policy.slo is not None else None
-        if fit is not None and policy.admission and not self._startable():
+        capacity = self._capacity()
+        if fit is not None and policy.admission and not self._startable(capacity):
             assert policy.slo is not None
-            late = self._finish(rows, now, fit) - (now + policy.slo)
+            late = self._finish(rows, now, fit, capacity) - (now + policy.slo)
             if late > 0:
                 self.tally.refused += 1
                 raise Overloaded(
@@ -194,7 +195,8 @@ class Scheduler(Generic[T]):
         """The batches to send now, and when to poll again (``inf``: on the next event)."""
         sent: list[Dispatch[T]] = []
         wake = math.inf
-        free = self._capacity() - len(self._in_flight)
+        capacity = self._capacity()
+        free = capacity - len(self._in_flight)
         fit = self._cost.fit()
         limit = self._limit(fit)
         for key, queue in sorted(self._queues.items(), key=lambda kv: kv[1].entries[0].arrived):
@@ -206,7 +208,7 @@ class Scheduler(Generic[T]):
                 if rows >= limit or count < len(queue.entries):
                     reason: Reason = "full"
                 else:
-                    due, reason = self._due(head, rows, now, fit)
+                    due, reason = self._due(head, rows, now, fit, capacity)
                     if due > now:
                         wake = min(wake, due)
                         break
@@ -233,11 +235,11 @@ class Scheduler(Generic[T]):
             self._cost.record(dispatch.rows, now - dispatch.sent)
             self.tally.slo_misses += sum(now > entry.deadline for entry in dispatch.entries)
 
-    def _startable(self) -> bool:
+    def _startable(self, capacity: int) -> bool:
         """Nothing queued and a worker free: a request would start at once, as fast as it
         ever could, so it is never refused (and the cost model keeps learning even when
         its guard says no SLO can be met)."""
-        return not self._queues and len(self._in_flight) < self._capacity()
+        return not self._queues and len(self._in_flight) < capacity
 
     def _limit(self, fit: CostFit | None) -> int:
         """Rows in a full batch: ``max_batch_size``, or fewer when a batch that large
@@ -262,7 +264,7 @@ class Scheduler(Generic[T]):
         return count, rows
 
     def _due(
-        self, head: Entry[T], rows: int, now: float, fit: CostFit | None
+        self, head: Entry[T], rows: int, now: float, fit: CostFit | None, capacity: int
     ) -> tuple[float, Reason]:
         """When a batch of ``rows`` led by ``head`` goes, and why (if that is now).
 
@@ -279,14 +281,15 @@ class Scheduler(Generic[T]):
             latest = min(head.arrived + policy.max_wait, head.deadline - fit.guard - fit.cost(rows))
             more = min(rows + self._rate.rows, self._limit(fit))
             one_more = self._rate.last_moment(head.deadline - fit.guard - fit.cost(more))
-            early = min(one_more, self._rate.quiet_from(self._enough_gap(rows, fit)))
+            enough = self._enough_gap(rows, fit, capacity)
+            early = min(one_more, self._rate.quiet_from(enough))
         if latest <= now:
             return now, "deadline"
         if early <= now:
             return now, "idle"
         return min(latest, early), "idle"
 
-    def _enough_gap(self, rows: int, fit: CostFit) -> float:
+    def _enough_gap(self, rows: int, fit: CostFit, capacity: int) -> float:
         """The gap between requests from which a batch of ``rows`` need not wait for more.
 
         Batches of ``n`` rows serve ``workers·n / L(n)`` rows a second; while the arrivals
@@ -297,10 +300,10 @@ class Scheduler(Generic[T]):
         cost = fit.cost(rows)
         if cost <= 0:
             return 0.0
-        sustained = TARGET_LOAD * self._capacity() * rows / cost  # rows a second
+        sustained = TARGET_LOAD * capacity * rows / cost  # rows a second
         return self._rate.rows / sustained
 
-    def _finish(self, rows: int, now: float, fit: CostFit) -> float:
+    def _finish(self, rows: int, now: float, fit: CostFit, capacity: int) -> float:
         """When a request of ``rows`` arriving now is expected to be answered, with margin.
 
         The rows queued ahead go first, in full batches, each on the worker that frees
@@ -312,7 +315,7 @@ class Scheduler(Generic[T]):
         """
         size = self._limit(fit)
         frees = [(max(now, dispatch.predicted), 1) for dispatch in self._in_flight]
-        frees += [(now, 0)] * max(0, self._capacity() - len(frees))
+        frees += [(now, 0)] * max(0, capacity - len(frees))
         if not frees:
             frees = [(now, 0)]
         heapq.heapify(frees)
