@@ -222,6 +222,35 @@ async def test_without_admission_the_same_request_waits_and_is_answered() -> Non
     assert (stats.dispatched_deadline, stats.slo_misses) == (2, 1)
 
 
+async def test_a_request_waits_for_expected_company_and_goes_when_the_batch_fills() -> None:
+    clock = FakeClock()
+    runner = CostRunner(10, 1, clock=clock)  # a request every 11-12 s, so far
+    batcher = PredictiveBatcher(
+        runner, Policy(max_batch_size=2, slo=100), clock=clock, min_samples=2
+    )
+    await batcher.infer(request([[1]]))
+    await batcher.infer(request([[2]]))
+    answers: list[object] = []
+
+    async def send(value: int) -> None:
+        answers.append(await batcher.infer(request([[value]])))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(send, 3)
+            await until(lambda: batcher.statistics().queued_requests == 1)
+            # The worker is free, but a batch of one would not keep up with the rate the
+            # requests came at: it waits (its timer is many seconds away) ...
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            assert runner.calls == [1, 1]
+            group.start_soon(send, 4)  # ... until the next one fills it.
+    assert runner.calls == [1, 1, 2]
+    assert sorted(y_of(answer) for answer in answers) == [[[6]], [[8]]]
+    stats = batcher.statistics()
+    assert (stats.dispatched_full, stats.queued_requests, stats.in_flight_batches) == (1, 0, 0)
+
+
 async def test_a_request_cancelled_while_queued_leaves_and_the_rest_are_answered() -> None:
     clock = FakeClock()
     runner = CostRunner(0.01, 0.001, clock=clock)
