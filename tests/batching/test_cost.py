@@ -118,6 +118,16 @@ def test_one_size_only_is_taken_as_proportional_so_larger_batches_are_not_undere
     assert fit.cost(8) >= A + 8 * C
 
 
+def test_below_the_sizes_seen_the_cost_is_flat_not_the_lines_guess() -> None:
+    model = CostModel()
+    for rows in (16, 20, 24, 28, 32) * 4:  # steady overload: only big batches
+        model.record(rows, A + C * rows)
+    fit = model.fit()
+    assert fit is not None and fit.min_rows >= 16
+    assert fit.cost(32) == pytest.approx(A + C * 32)
+    assert fit.cost(1) == fit.cost(fit.min_rows) >= A + C  # never below what was seen
+
+
 def test_a_falling_cost_never_fits_a_negative_slope() -> None:
     model = CostModel(min_samples=2)
     model.record(1, 0.010)

@@ -25,9 +25,13 @@ class CostFit:
     per_row: float
     guard: float
     samples: int
+    #: The smallest batch size the line rests on: below it the cost is taken as flat.
+    min_rows: float = 1.0
 
     def cost(self, rows: float) -> float:
-        return self.intercept + self.per_row * rows
+        """Seconds for a batch of ``rows``; below ``min_rows`` as much as ``min_rows``
+        (a batch costs no less than a smaller one, and the line was not seen there)."""
+        return self.intercept + self.per_row * max(rows, self.min_rows)
 
 
 class CostModel:
@@ -41,9 +45,11 @@ class CostModel:
     through the medians of the classes holding ``MIN_CLASS_SAMPLES`` batches or more (so
     a batch slowed by a garbage collection or a busy core moves it little), with
     Theil-Sen's slope — the median of the pairwise slopes, weighted by their spread in
-    rows — and the median intercept. With a single class the slope cannot be seen and the
-    cost is taken as proportional to the rows: right for that size, high for larger
-    batches, low for smaller ones. Both terms are kept non-negative. ``fit()`` is ``None`` until
+    rows — and the median intercept. Below the smallest size the line rests on, the cost
+    is taken as flat (under steady overload only full batches are seen, and the line's
+    intercept is a guess). With a single class the slope cannot be seen and the cost is
+    taken as proportional to the rows above that size, flat below. Both terms are kept
+    non-negative. ``fit()`` is ``None`` until
     ``min_samples`` batches were recorded: callers then do not wait at all.
     """
 
@@ -113,7 +119,7 @@ class CostModel:
         middle = statistics.median(residuals)
         spread = statistics.median(abs(r - middle) for r in residuals)
         guard = max(min(p95, middle + self.STALL_MADS * 1.4826 * spread), 0.0)
-        return CostFit(intercept, slope, guard, self._count)
+        return CostFit(intercept, slope, guard, self._count, min(x for x, _ in points))
 
 
 def _weighted_median(pairs: list[tuple[float, float]]) -> float:
