@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 __all__ = ["dataplane_routes"]
 
+#: A readiness check that is false: OIP asks for a 4xx, Triton answers 400; a
+#: Kubernetes probe fails on any status outside 200-399.
+NOT_READY = 400
+
 #: Bodies above this size are decoded and encoded in a worker thread, not on the loop.
 THREAD_CODEC_BYTES = 256 * 1024
 
@@ -48,7 +52,7 @@ def dataplane_routes(app: V2App) -> list[BaseRoute]:
         if not_ready:
             return json_response(
                 {"ready": False, "error": f"models not ready: {', '.join(sorted(not_ready))}"},
-                503,
+                NOT_READY,
             )
         return json_response({"ready": True})
 
@@ -58,7 +62,8 @@ def dataplane_routes(app: V2App) -> list[BaseRoute]:
         handle = registry.get(params["name"], params.get("version"))
         if not handle.ready:
             return json_response(
-                {"name": handle.name, "ready": False, "error": handle.not_ready_message()}, 503
+                {"name": handle.name, "ready": False, "error": handle.not_ready_message()},
+                NOT_READY,
             )
         return json_response({"name": handle.name, "ready": True})
 

@@ -234,7 +234,7 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
         "summary": "Readiness: every model is loaded",
         "responses": {
             "200": _json(_ref("ReadyResponse"), "Every model is ready"),
-            "503": _json(_ref("ReadyResponse"), "Some model is not ready"),
+            "400": _json(_ref("ReadyResponse"), "Some model is not ready"),
         },
     },
     ("get", _MODEL_PREFIX + "/ready"): {
@@ -243,8 +243,8 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
         "summary": "Readiness of one model",
         "responses": {
             "200": _json(_ref("ModelReadyResponse"), "The model is ready"),
+            "400": _json(_ref("ModelReadyResponse"), "The model is not ready"),
             "404": _NOT_FOUND,
-            "503": _json(_ref("ModelReadyResponse"), "The model is not ready"),
         },
     },
     ("get", _MODEL_PREFIX): {
