@@ -3,7 +3,8 @@
 ```
 V2MountError                      base class; ``status_code`` is 500
 ├── BadRequest                    400 malformed body, tensor, datatype, shape, names
-│   ├── PayloadTooLarge           413 body above ``max_request_bytes``
+│   ├── PayloadTooLarge           413 body above ``max_request_bytes`` (before or after inflating)
+│   ├── UnsupportedEncoding       415 a Content-Encoding other than gzip, deflate, identity
 │   └── HeadersTooLarge           431 headers above ``max_header_bytes``
 ├── ModelNotFound                 404 unknown model, or unknown version of a known model
 ├── ModelNotReady                 503 model known but not loaded (or failed to load)
@@ -33,6 +34,7 @@ __all__ = [
     "PayloadTooLarge",
     "RepositoryDisabled",
     "SettingsError",
+    "UnsupportedEncoding",
     "V2MountError",
     "describe_exception",
 ]
@@ -57,6 +59,10 @@ class BadRequest(V2MountError):
 
 class PayloadTooLarge(BadRequest):
     status_code = 413
+
+
+class UnsupportedEncoding(BadRequest):
+    status_code = 415
 
 
 class HeadersTooLarge(BadRequest):

@@ -137,6 +137,12 @@ class InProcessRunner:
     def reason(self) -> str | None:
         return None if self._ready else "not loaded"
 
+    @property
+    def inline(self) -> bool:
+        """Whether the next ``infer`` runs a plain predict on the event loop, awaiting
+        nothing on the way (see ``_InlinePolicy``)."""
+        return not self._async and self._policy.inline and self._limiter.borrowed_tokens == 0
+
     async def start(self) -> None:
         try:
             await call_load(self._model)
@@ -157,7 +163,7 @@ class InProcessRunner:
         try:
             if self._async:
                 return await call_predict(self._model, request)
-            if self._policy.inline and self._limiter.borrowed_tokens == 0:
+            if self._policy.inline and self._limiter.borrowed_tokens == 0:  # self.inline
                 start = time.perf_counter()
                 try:
                     return call_predict_sync(self._model, request)

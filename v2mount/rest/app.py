@@ -23,6 +23,7 @@ from v2mount.rest.dataplane import dataplane_routes
 from v2mount.rest.docs import docs_routes
 from v2mount.rest.errors import error_response, http_exception_handler
 from v2mount.rest.extensions import repository_routes, statistics_routes
+from v2mount.rest.infer import InferEndpoint
 from v2mount.rest.metrics import RestMetricsMiddleware, metrics_routes
 from v2mount.settings import ModelSettings, Settings, load_settings
 
@@ -70,6 +71,7 @@ class V2App:
             lifespan=self.lifespan,
         )
         self._router = RestMetricsMiddleware(router, self.metrics, router.routes)
+        self._infer = InferEndpoint(self)
         self.metrics.track_queues(self.registry.handles)
 
     def _add(self, model: Model) -> ModelHandle:
@@ -101,6 +103,10 @@ class V2App:
                 return
             if not self._started and not self._stopping:
                 await self.startup()
+            inference = self._infer.match(scope)
+            if inference is not None:  # the hot path skips Starlette's router
+                await self._infer.serve(scope, receive, send, inference)
+                return
         await self._router(scope, receive, send)
 
     # -- lifecycle -------------------------------------------------------------------
