@@ -93,7 +93,9 @@ class V2App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            size = 0
+            for name, value in scope["headers"]:
+                size += len(name) + len(value)
             if size > self.settings.max_header_bytes:
                 error = HeadersTooLarge(
                     f"request headers of {size} bytes exceed the "

@@ -27,6 +27,7 @@ from v2mount.rest.body import ClientDisconnect, read_body
 from v2mount.rest.encoding import COMPRESS_MIN_BYTES, compress, response_coding
 from v2mount.rest.metrics import RouteMetrics
 from v2mount.rest.scope import route_path
+from v2mount.types import InferenceResponse
 
 if TYPE_CHECKING:
     from v2mount.rest.app import V2App
@@ -53,6 +54,13 @@ _INTERNAL = json_dumps({"error": "internal server error"})
 Headers = list[tuple[bytes, bytes]]
 
 logger = logging.getLogger("v2mount")
+
+
+def _has_large_output(response: InferenceResponse) -> bool:
+    for tensor in response.outputs:
+        if tensor.data.nbytes > THREAD_CODEC_BYTES:
+            return True
+    return False
 
 
 class InferEndpoint:
@@ -144,7 +152,7 @@ class InferEndpoint:
         response = await handle.infer(payload)
 
         encoding = time.perf_counter_ns()
-        if large or any(t.data.nbytes > THREAD_CODEC_BYTES for t in response.outputs):
+        if large or _has_large_output(response):
             content, binary_header = await anyio.to_thread.run_sync(
                 encode_response, response, payload, limiter=self._limiter
             )
