@@ -103,7 +103,9 @@ def _scope(path: str, body: bytes, extra: list[tuple[bytes, bytes]]) -> dict[str
     }
 
 
-async def _run(app: ASGI, path: str, body: bytes, n: int, extra: list[tuple[bytes, bytes]]) -> float:
+async def _run(
+    app: ASGI, path: str, body: bytes, n: int, extra: list[tuple[bytes, bytes]]
+) -> float:
     statuses: list[int] = []
     message = {"type": "http.request", "body": body, "more_body": False}
 
@@ -143,7 +145,7 @@ async def main(n: int, reps: int) -> None:
             for name, app, path, body, extra in cases:
                 figure = await _run(app, path, body, n, extra)
                 best[name] = min(best.get(name, figure), figure)
-    print("| case | CPU µs per request (min of %d × %d) |" % (reps, n))
+    print(f"| case | CPU µs per request (min of {reps} runs of {n}) |")
     print("| --- | ---: |")
     for name, figure in best.items():
         print(f"| {name} | {figure:.1f} |")

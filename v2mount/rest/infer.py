@@ -87,10 +87,11 @@ class InferEndpoint:
     async def serve(self, scope: Scope, receive: Receive, send: Send, match: re.Match[str]) -> None:
         """Answer a request ``match`` found, counting and timing it in the REST metrics."""
         name, version = match.groups()
-        route = self._routes.get(version is not None)
+        versioned = version is not None
+        route = self._routes.get(versioned)
         if route is None:
-            template = MODEL_INFER if version is None else VERSION_INFER
-            route = self._routes[version is not None] = RouteMetrics(self._metrics, "POST", template)
+            template = VERSION_INFER if versioned else MODEL_INFER
+            route = self._routes[versioned] = RouteMetrics(self._metrics, "POST", template)
         route.in_progress.inc()
         start = time.perf_counter()
         status = CLIENT_CLOSED
