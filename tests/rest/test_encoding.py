@@ -12,9 +12,14 @@ import tracemalloc
 import zlib
 from typing import Any
 
+import httpx
 import numpy as np
 import orjson
 import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.routing import Mount
 
 from v2mount import InferenceRequest, Model, V2App
 from v2mount.errors import BadRequest, PayloadTooLarge
@@ -246,3 +251,22 @@ def test_inflater_errors_are_client_errors() -> None:
     with pytest.raises(PayloadTooLarge):
         Inflater(gzip.compress(bytes(101)), "gzip", 100).run()
     assert Inflater(gzip.compress(bytes(100)), "gzip", 100).run()
+
+
+async def test_a_host_gzip_middleware_does_not_compress_twice() -> None:
+    v2app = app()
+    host = Starlette(
+        routes=[Mount("/ml", v2app)], middleware=[Middleware(GZipMiddleware, minimum_size=10)]
+    )
+    async with v2app.lifespan():
+        transport = httpx.ASGITransport(app=host)
+        async with httpx.AsyncClient(transport=transport, base_url="http://host") as client:
+            r = await client.post(
+                "/ml" + INFER, content=body(1000), headers={"accept-encoding": "gzip"}
+            )
+            assert r.status_code == 200
+            assert r.headers["content-encoding"] == "gzip"
+            assert r.json()["outputs"][0]["data"] == list(map(float, range(1000)))
+            r = await client.get("/ml/v2/models/echo", headers={"accept-encoding": "gzip"})
+            assert r.headers["content-encoding"] == "gzip"  # the host's own, elsewhere
+            assert r.json()["name"] == "echo"
