@@ -79,12 +79,13 @@ class _InlinePolicy:
     A thread hop costs about 100 µs of CPU and more of latency, more than a tiny model's
     whole predict. After ``warmup`` threaded calls whose moving average is under
     ``budget`` seconds, calls run on the loop. ``STRIKES`` inline calls in a row slower
-    than ``10 * budget``, or one slower than ``100 * budget``, send them back to the
+    than ``10 * budget``, or one slower than ``1000 * budget``, send them back to the
     thread, and the next warm-up is twice as long (up to ``MAX_WARMUP``): a model that
     turns slow blocks the loop for a few calls at most, one that keeps changing its mind
     costs less and less. A lone slow call (a garbage collection, the OS preempting the
-    process) does not count: under load every trip to the thread costs each queued
-    request a GIL hand-over, a long tail for nothing. ``budget == 0``: always the thread.
+    process on a busy machine: 150 ms seen) does not count: under load every trip to the
+    thread costs each queued request a GIL hand-over, a long tail for nothing.
+    ``budget == 0``: always the thread.
     """
 
     WARMUP = 20
@@ -112,7 +113,7 @@ class _InlinePolicy:
             self._strikes = 0
             return
         self._strikes += 1
-        if self._strikes >= self.STRIKES or seconds > 100 * self.budget:
+        if self._strikes >= self.STRIKES or seconds > 1000 * self.budget:
             self.inline, self._samples = False, 0
             self.warmup = min(2 * self.warmup, self.MAX_WARMUP)
 
