@@ -104,7 +104,7 @@ def test_policy_leaves_the_loop_after_one_very_slow_call() -> None:
 def test_policy_warm_up_stops_doubling() -> None:
     policy = warmed()
     for _ in range(20):
-        policy.inlined(1.0)
+        policy.inlined(5.0)
         for _ in range(policy.warmup):
             policy.threaded(0.0001)
         assert policy.inline
