@@ -268,7 +268,15 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
                 "required": False,
                 "description": "Length of the JSON header in a binary request body.",
                 "schema": {"type": "integer", "minimum": 0},
-            }
+            },
+            {
+                "name": "Content-Encoding",
+                "in": "header",
+                "required": False,
+                "description": "gzip or deflate: the body is compressed (limits apply to it "
+                "inflated too).",
+                "schema": {"type": "string", "enum": ["gzip", "deflate", "identity"]},
+            },
         ],
         "requestBody": {
             "required": True,
@@ -287,7 +295,8 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
             },
             "400": _error("Malformed request, or tensors that do not match the model"),
             "404": _NOT_FOUND,
-            "413": _error("Request body too large"),
+            "413": _error("Request body too large (on the wire or once inflated)"),
+            "415": _error("A Content-Encoding other than gzip, deflate or identity"),
             "500": _error("The model failed"),
             "503": _error("Model not ready, or its queue is full (see Retry-After)"),
             "504": _error("The model did not answer in time"),
