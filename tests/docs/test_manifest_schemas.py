@@ -71,7 +71,9 @@ def _unique_map_keys(
         if isinstance(item, dict):
             key = tuple(item.get(name) for name in keys)
             if key in seen:
-                yield jsonschema.ValidationError(f"duplicate entry with {dict(zip(keys, key))}")
+                yield jsonschema.ValidationError(
+                    f"duplicate entry with {dict(zip(keys, key, strict=True))}"
+                )
             seen.add(key)
 
 
