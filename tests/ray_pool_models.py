@@ -1,0 +1,64 @@
+"""Models the Ray pool tests run in actors (loaded by path, so shipped as files)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from v2mount.model import Model
+from v2mount.types import InferenceRequest
+
+
+class Echo(Model):
+    """Returns each input unchanged, after writing to it (inputs must be the model's own)."""
+
+    name = "echo"
+
+    def load(self) -> None:
+        self.metrics.counter("echo_loads", documentation="loads")
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        outputs = {}
+        for tensor in payload.inputs:
+            data = tensor.data
+            if data.dtype != object and data.size:
+                data[...] = data  # raises on a read-only array
+            outputs[tensor.name] = data
+        outputs["pid"] = np.array([os.getpid()], np.int64)
+        return outputs
+
+
+class Gate(Model):
+    """Writes its pid to ``parameters["pidfile"]``, then holds the actor until the file
+    ``parameters["gate"]`` exists (a request the test releases when it chooses)."""
+
+    name = "gate"
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        params = payload.parameters
+        if "pidfile" in params:
+            Path(params["pidfile"]).write_text(str(os.getpid()))
+        if "gate" in params:
+            gate = Path(params["gate"])
+            deadline = time.monotonic() + 120
+            while not gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return {"pid": np.array([os.getpid()], np.int64)}
+
+
+class AsyncDouble(Model):
+    name = "async-double"
+
+    async def predict(self, payload: InferenceRequest) -> Any:
+        return {"y": payload["x"] * 2}
+
+
+class FailsToLoad(Model):
+    name = "broken"
+
+    def load(self) -> None:
+        raise RuntimeError("weights file is missing")
