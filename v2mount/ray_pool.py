@@ -46,20 +46,12 @@ from v2mount.errors import (
 )
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model, build_response
-from v2mount.pool._ipc import (
-    RequestWire,
-    error_from_wire,
-    error_to_wire,
-    request_from_wire,
-    request_to_wire,
-    response_from_wire,
-    response_to_wire,
-)
+from v2mount.pool._ipc import error_from_wire, error_to_wire
 from v2mount.pool._shipping import ModelPackage, pack_model, unpack_model
 from v2mount.pool._waiter import Waiter
 from v2mount.runner import MetricsSink, RunnerStatistics
 from v2mount.settings import TensorSpec
-from v2mount.types import InferenceRequest, InferenceResponse
+from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 __all__ = ["ModelActor", "RayPool"]
 
@@ -78,6 +70,61 @@ _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS
 _NEW, _STARTING, _RUNNING, _STOPPING, _STOPPED = range(5)
 # States of a job.
 _QUEUED, _SENT, _REPLIED, _DONE = range(4)
+
+
+# What crosses to and from an actor: plain tuples whose numpy arrays Ray serialises out of
+# band (large ones through its object store), never pydantic objects or lists.
+TensorWire = tuple[str, str, tuple[int, ...], dict[str, Any], Any]
+RequestWire = tuple[
+    str | None, dict[str, Any], list[tuple[str, dict[str, Any]]] | None, list[TensorWire]
+]
+ResponseWire = tuple[str, str | None, str | None, dict[str, Any], list[TensorWire]]
+
+
+def _tensors_to_wire(tensors: list[Tensor]) -> list[TensorWire]:
+    return [(t.name, t.datatype, tuple(t.shape), t.parameters, t.data) for t in tensors]
+
+
+def _tensors_from_wire(wire: list[TensorWire], own: bool = False) -> list[Tensor]:
+    """Tensors of a wire list; ``own``: copy read-only arrays (Ray's zero-copy ones)."""
+    tensors = []
+    for name, datatype, shape, parameters, data in wire:
+        if own and isinstance(data, np.ndarray) and not data.flags.writeable:
+            data = data.copy()
+        tensors.append(Tensor(name, datatype, shape, data, parameters))
+    return tensors
+
+
+def request_to_wire(request: InferenceRequest) -> RequestWire:
+    outputs = request.outputs
+    wanted = None if outputs is None else [(out.name, out.parameters) for out in outputs]
+    return (request.id, request.parameters, wanted, _tensors_to_wire(request.inputs))
+
+
+def request_from_wire(wire: RequestWire) -> InferenceRequest:
+    """Called in the actor; the model gets arrays of its own, as in a worker process."""
+    request_id, parameters, outputs, inputs = wire
+    return InferenceRequest(
+        inputs=_tensors_from_wire(inputs, own=True),
+        id=request_id,
+        parameters=parameters,
+        outputs=None if outputs is None else [RequestedOutput(n, p) for n, p in outputs],
+    )
+
+
+def response_to_wire(response: InferenceResponse) -> ResponseWire:
+    return (
+        response.model_name,
+        response.model_version,
+        response.id,
+        response.parameters,
+        _tensors_to_wire(response.outputs),
+    )
+
+
+def response_from_wire(wire: ResponseWire) -> InferenceResponse:
+    name, version, response_id, parameters, outputs = wire
+    return InferenceResponse(name, _tensors_from_wire(outputs), version, response_id, parameters)
 
 
 class ModelActor:
@@ -128,11 +175,6 @@ class ModelActor:
         assert model is not None
         try:
             request = request_from_wire(wire)
-            for tensor in request.inputs:
-                # Arrays from Ray's object store are read-only; a model may write to its own.
-                data = tensor.data
-                if isinstance(data, np.ndarray) and not data.flags.writeable:
-                    tensor.data = data.copy()
             response = build_response(model, request, self._run(model.predict, request))
             reply: tuple[Any, ...] = ("result", response_to_wire(response))
         except Exception as exc:
