@@ -224,25 +224,29 @@ async def test_a_killed_actor_fails_only_its_request_and_is_replaced(tmp_path: P
             tg.start_soon(call, victim)
             tg.start_soon(call, survivor)
             await eventually(lambda: victim_pid.exists() and survivor_pid.exists())
+            # One waits behind each gated request in its actor, one in the pool's queue.
             for i in range(3):
                 tg.start_soon(call, quick(f"queued-{i}"))
-            await eventually(lambda: pool.statistics().queued == 3)
+            await eventually(lambda: pool.statistics().queued == 1)
+            assert pool.statistics().in_flight == 5
             killed = int(victim_pid.read_text())
             (handle,) = [a.handle for a in pool._actors.values() if a.pid == killed]
             ray.kill(handle)
-            # The queued requests go to the replacement while the survivor still runs.
-            await eventually(lambda: all(f"queued-{i}" in results for i in range(3)))
+            # The one behind the victim and the queued one go to the replacement while
+            # the survivor (and the one behind it) still wait.
+            await eventually(lambda: len(results) == 3)
             assert "survivor" not in results
             survivor_gate.touch()
         assert isinstance(results["victim"], BrokenWorker)
         assert "died while running this request" in results["victim"].message
-        assert isinstance(results["survivor"], InferenceResponse)
-        for i in range(3):
-            assert isinstance(results[f"queued-{i}"], InferenceResponse)
+        answered = [r for name, r in results.items() if name != "victim"]
+        assert len(answered) == 4 and all(isinstance(r, InferenceResponse) for r in answered)
+        answering = {int(r.outputs[0].data[0]) for r in answered}
         await eventually(lambda: pool.statistics().live_workers == 2)
         now = set(pool.pids())
         assert killed not in now and int(survivor_pid.read_text()) in now
         assert len(now - first_pids) == 1
+        assert answering == now  # the replacement answered; the killed actor never did
         await eventually(lambda: not alive(killed))
     finally:
         await pool.stop()
@@ -289,16 +293,18 @@ async def test_a_full_queue_is_refused_and_a_cancelled_request_leaves_it(tmp_pat
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.infer, running)
             await eventually(pidfile.exists)
-            with anyio.CancelScope() as waiting:
-                tg.start_soon(pool.infer, quick("queued"))
-                await eventually(lambda: pool.statistics().queued == 1)
-                with pytest.raises(Overloaded, match="1 requests waiting"):
-                    await pool.infer(quick("refused"))
-            waiting.cancel()
-            tg.cancel_scope.cancel()
-        assert pool.statistics().queued == 0
+            # The first waits in the actor, behind the running one; the second queues.
+            tg.start_soon(pool.infer, quick("pipelined"))
+            tg.start_soon(pool.infer, quick("queued"))
+            await eventually(lambda: pool.statistics().queued == 1)
+            with pytest.raises(Overloaded, match="1 requests waiting"):
+                await pool.infer(quick("refused"))
+            tg.cancel_scope.cancel()  # the callers leave: the queued request is withdrawn
+        stats = pool.statistics()
+        assert (stats.queued, stats.in_flight) == (0, 2)  # the actor still holds two
         gate.touch()
         assert isinstance(await pool.infer(quick("after")), InferenceResponse)
+        await eventually(lambda: pool.statistics().in_flight == 0)  # dropped results freed
     finally:
         await pool.stop()
 
@@ -350,7 +356,8 @@ async def test_an_app_serves_a_model_on_ray_with_deadlines_and_backpressure(
         assert "did not answer within 1 s" in late.json()["error"]
         # The deadline dropped the request; the actor still runs it, so the next waits.
         async with anyio.create_task_group() as tg:
-            tg.start_soon(functools.partial(client.post, "/v2/models/gate/infer", json=body))
+            for _ in range(2):  # one waits in the actor behind the late one, one queues
+                tg.start_soon(functools.partial(client.post, "/v2/models/gate/infer", json=body))
             await eventually(lambda: app_queued(app) == 1)
             full = await client.post("/v2/models/gate/infer", json=body)
             assert full.status_code == 503 and full.headers["retry-after"] == "1"

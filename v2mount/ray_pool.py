@@ -64,6 +64,9 @@ EXIT_GRACE = 5.0
 PLACEMENT_WAIT = 120.0
 _MAX_BACKOFF = 60.0
 _TICK = 0.5
+#: Requests an actor holds at once: the one it runs and the next, already on its way, so
+#: the actor never idles for a round trip. Only the running one fails if it dies.
+_PIPELINE = 2
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 # Phases of a pool.
@@ -198,11 +201,14 @@ class _Actor:
         "dead",
         "handle",
         "id",
-        "job",
+        "jobs",
         "killed_for",
+        "last_reply",
         "load_failed",
         "loaded",
         "pid",
+        "send_lock",
+        "sent",
         "watch",
     )
 
@@ -213,9 +219,18 @@ class _Actor:
         self.load_failed = False
         self.dead = False
         self.pid: int | None = None
-        self.job: _Job | None = None
+        #: Jobs given to this actor and not finished, at most ``_PIPELINE``.
+        self.jobs: list[_Job] = []
+        #: Submissions so far: numbers the jobs in the order the actor runs them.
+        self.sent = 0
+        self.send_lock = threading.Lock()
+        self.last_reply = 0.0
         self.killed_for: V2MountError | None = None
         self.watch: Any = None
+
+    def running(self) -> _Job | None:
+        """The job the actor is running: the first submitted of those not answered."""
+        return _first([job for job in self.jobs if job.state == _SENT])
 
 
 class _Job:
@@ -224,6 +239,7 @@ class _Job:
         "actor",
         "future",
         "generation",
+        "order",
         "outcome",
         "sent_at",
         "state",
@@ -232,7 +248,7 @@ class _Job:
     )
 
     def __init__(self, wire: RequestWire) -> None:
-        self.wire = wire
+        self.wire: RequestWire | None = wire
         self.state = _QUEUED
         self.generation = 0
         self.actor: _Actor | None = None
@@ -241,6 +257,7 @@ class _Job:
         self.waiter: Waiter | None = None
         self.abandoned = False
         self.sent_at = 0.0
+        self.order: int | None = None
 
     def wake(self) -> None:
         if self.waiter is not None:
@@ -409,7 +426,7 @@ class RayPool:
 
     def statistics(self) -> RunnerStatistics:
         with self._lock:
-            running = sum(1 for a in self._actors.values() if a.job is not None)
+            running = sum(len(a.jobs) for a in self._actors.values())
             return RunnerStatistics(
                 workers=self._size,
                 live_workers=self._live(),
@@ -428,36 +445,52 @@ class RayPool:
     def _live(self) -> int:
         return sum(1 for a in self._actors.values() if a.loaded and not a.dead)
 
-    def _idle(self) -> _Actor | None:
+    def _least_loaded(self) -> _Actor | None:
+        """A live actor with the fewest jobs, if it has room for one more."""
+        best = None
         for actor in self._actors.values():
-            if actor.loaded and not actor.dead and actor.job is None:
-                return actor
-        return None
+            if actor.loaded and not actor.dead and len(actor.jobs) < _PIPELINE:
+                if best is None or len(actor.jobs) < len(best.jobs):
+                    best = actor
+        return best
 
     def _dispatch(self) -> list[tuple[_Actor, _Job, int]]:
-        """Give queued jobs to idle actors; the caller sends them once the lock is released."""
+        """Give queued jobs to actors; the caller sends them once the lock is released."""
         sends = []
         while self._queue and self._phase in (_STARTING, _RUNNING):
-            actor = self._idle()
+            actor = self._least_loaded()
             if actor is None:
                 break
             job = self._queue.popleft()
-            job.state, job.actor, job.future = _SENT, actor, None
+            job.state, job.actor, job.future, job.order = _SENT, actor, None, None
             job.generation += 1
             job.sent_at = time.monotonic()
-            actor.job = job
+            actor.jobs.append(job)
             sends.append((actor, job, job.generation))
             job.wake()
         return sends
 
     def _send(self, sends: list[tuple[_Actor, _Job, int]]) -> None:
-        """Submit jobs to their actors (lock not held: Ray may call back at once)."""
+        """Submit jobs to their actors (state lock not held: Ray may call back at once).
+
+        The actor's send lock makes the numbering of its jobs the order of submission,
+        which is the order a Ray actor runs one caller's calls in.
+        """
         for actor, job, generation in sends:
-            try:
-                future = actor.handle.predict.remote(job.wire).future()
-            except Exception as exc:
-                future = Future()
-                future.set_exception(exc)
+            with actor.send_lock:
+                try:
+                    ref: Any = actor.handle.predict.remote(job.wire)
+                except Exception as exc:
+                    ref = exc
+                with self._lock:
+                    if job.generation == generation:
+                        actor.sent += 1
+                        job.order = actor.sent
+            if isinstance(ref, Exception):
+                future: Future[Any] = Future()
+                future.set_exception(ref)
+            else:
+                future = ref.future()
             future.add_done_callback(functools.partial(self._on_reply, job, generation))
 
     def _on_reply(self, job: _Job, generation: int, future: Future[Any]) -> None:
@@ -477,12 +510,16 @@ class RayPool:
         error = future.exception()
         if error is not None and _is_death(error):
             self._actor_died(job.actor)
+            with self._lock:
+                if job.state == _REPLIED and job.outcome is None:  # never left unanswered
+                    job.state, job.outcome = _DONE, self._broken()
             return None
         with self._lock:
             actor = job.actor
-            if actor is not None and actor.job is job:
-                actor.job = None
-            job.state = _DONE
+            if actor is not None and job in actor.jobs:
+                actor.jobs.remove(job)
+                actor.last_reply = time.monotonic()
+            job.state, job.wire = _DONE, None
             sends = self._dispatch()
         self._send(sends)
         if error is not None:
@@ -513,24 +550,42 @@ class RayPool:
             self._finish(job, future)
 
     def _actor_died(self, actor: _Actor | None) -> None:
-        """Note a death (any thread, lock not held): fail its job, tell the supervisor."""
+        """Note a death (lock not held; not in a Ray thread): fail the request it was
+        running, give the others it held to other actors, tell the supervisor."""
         if actor is None:
             return
         with self._lock:
             if actor.dead:
                 return
             actor.dead = True
-            job, actor.job = actor.job, None
-            if job is not None and job.state in (_SENT, _REPLIED):
-                job.state = _DONE
-                job.outcome = actor.killed_for or BrokenWorker(
-                    f"model {self._name!r}: its Ray actor died while running this request"
-                )
+            unanswered = [
+                job
+                for job in actor.jobs
+                if job.state == _SENT
+                or (job.state == _REPLIED and job.future is not None and _died(job.future))
+            ]
+            running = _first(unanswered)
+            actor.jobs = []
+            requeue = []
+            for job in unanswered:
+                if job is running or job.abandoned or self._phase not in (_STARTING, _RUNNING):
+                    job.state = _DONE
+                    job.outcome = actor.killed_for or self._broken()
+                else:  # it never started: another actor runs it
+                    job.state, job.actor, job.future = _QUEUED, None, None
+                    job.generation += 1
+                    requeue.append(job)
+            self._queue.extendleft(reversed(requeue))
+            sends = self._dispatch()
             if not self._live() and self._phase == _RUNNING:
                 self._reason = f"model {self._name!r}: every Ray actor died; replacing them"
-        if job is not None:
+        for job in unanswered:
             job.wake()
+        self._send(sends)
         self._events.put(("died", actor))
+
+    def _broken(self) -> BrokenWorker:
+        return BrokenWorker(f"model {self._name!r}: its Ray actor died while running this request")
 
     def _apply_metrics(self, updates: list[MetricUpdate]) -> None:
         if updates:
@@ -611,7 +666,8 @@ class RayPool:
             if initial:
                 self._initial.add(actor.id)
         load.add_done_callback(lambda f: self._events.put(("loaded", actor, f)))
-        watch.add_done_callback(lambda f: self._actor_died(actor))
+        # Not handled in Ray's thread: a death resubmits jobs, which calls into Ray.
+        watch.add_done_callback(lambda f: self._events.put(("watch", actor)))
 
     def _on_event(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
@@ -627,6 +683,8 @@ class RayPool:
                     if not actor.load_failed:
                         self._reason = f"model {self._name!r}: its Ray actor died while loading"
             self._settle_start()
+        elif kind == "watch":
+            self._actor_died(event[1])
         elif kind == "reply":
             self._finish(event[1], event[2])
 
@@ -700,9 +758,10 @@ class RayPool:
                 return
             if self._hard_timeout is not None:
                 for actor in self._actors.values():
-                    job = actor.job
+                    job = actor.running()
                     if job is not None and actor.killed_for is None:
-                        if now - job.sent_at > self._hard_timeout:
+                        # It started when sent, or when the one before it was answered.
+                        if now - max(job.sent_at, actor.last_reply) > self._hard_timeout:
                             actor.killed_for = InferenceTimeout(
                                 f"model {self._name!r} ran longer than {self._hard_timeout:g} s; "
                                 "its Ray actor was killed"
@@ -722,13 +781,13 @@ class RayPool:
         deadline = time.monotonic() + STOP_GRACE
         while time.monotonic() < deadline:
             with self._lock:
-                if not any(a.job is not None for a in self._actors.values()):
+                if not any(a.jobs for a in self._actors.values()):
                     break
             try:
                 event = self._events.get(timeout=0.05)
             except queue.Empty:
                 continue
-            if event[0] in ("reply", "loaded", "died"):
+            if event[0] in ("reply", "loaded", "died", "watch"):
                 self._on_event(event)
         with self._lock:
             actors = list(self._actors.values())
@@ -756,6 +815,17 @@ class RayPool:
             waiter.fire()
         if start_waiter is not None:
             start_waiter.fire()
+
+
+def _first(jobs: list[_Job]) -> _Job | None:
+    """Of jobs sent to one actor, the one submitted first (the one it runs first)."""
+    submitted = [job for job in jobs if job.order is not None]
+    return min(submitted, key=lambda job: job.order or 0) if submitted else None
+
+
+def _died(future: Future[Any]) -> bool:
+    error = future.exception()
+    return error is not None and _is_death(error)
 
 
 def _is_death(error: BaseException) -> bool:
