@@ -351,7 +351,9 @@ class RayPool:
             await waiter.wait()
         except BaseException as exc:
             with self._lock:
-                if isinstance(exc, Exception):
+                if isinstance(exc, V2MountError):
+                    self._reason = exc.message
+                elif isinstance(exc, Exception):
                     self._reason = f"model {self._name!r}: Ray pool failed to start: {exc}"
                 reason = self._reason
             await self.stop()
@@ -611,8 +613,13 @@ class RayPool:
 
     def _connect(self) -> None:
         """Called in a worker thread: join (or start) Ray, and define the actor class."""
-        import ray
-
+        try:
+            import ray
+        except ImportError:
+            raise ModelNotReady(
+                f"model {self._name!r} has pool_backend 'ray', but Ray is not installed "
+                "(pip install 'v2mount[ray]')"
+            ) from None
         if not ray.is_initialized():
             ray.init(address=self._address, include_dashboard=False, log_to_driver=True)
         # Its own concurrency group lets ``watch`` wait beside the one predict at a time.
