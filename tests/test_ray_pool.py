@@ -25,9 +25,10 @@ import pytest
 from v2mount import V2App
 from v2mount.codecs.tensor import datatype_to_dtype
 from v2mount.errors import BrokenWorker, InferenceTimeout, ModelNotReady, Overloaded
+from v2mount.metrics.app import AppMetrics
 from v2mount.metrics.custom import MetricUpdate
-from v2mount.pool import WorkerPool
 from v2mount.ray_pool import RayPool
+from v2mount.registry import ModelHandle
 from v2mount.settings import ModelSettings, Settings
 from v2mount.types import DATATYPES, InferenceRequest, InferenceResponse, Tensor
 
@@ -129,30 +130,45 @@ def quick(name: str = "q") -> InferenceRequest:
     return InferenceRequest([Tensor("x", "FP32", (1,), np.zeros(1, np.float32))], id=name)
 
 
+def echo_handle(backend: str, workers: int) -> ModelHandle:
+    """A served Echo model (its registry handle), on ``backend``'s pool."""
+    settings = ModelSettings(
+        name="echo",
+        parallel_workers=workers,
+        pool_backend=backend,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ModelHandle(models.Echo(settings), Settings(), AppMetrics())
+
+
 @pytest.fixture(scope="module")
-def echo_pools() -> Iterator[tuple[RayPool, WorkerPool]]:
-    ray_echo = ray_pool(models.Echo())
-    process_echo = WorkerPool(models.Echo(), 1, max_queue_size=16, metrics_sink=Sink())
-    anyio.run(ray_echo.start)
-    anyio.run(process_echo.start)
-    yield ray_echo, process_echo
-    anyio.run(ray_echo.stop)
-    anyio.run(process_echo.stop)
+def echo_handles() -> Iterator[tuple[ModelHandle, ModelHandle]]:
+    on_ray, on_processes = echo_handle("ray", 2), echo_handle("process", 1)
+    for handle in (on_ray, on_processes):
+        anyio.run(handle.load)
+        assert handle.ready, handle.reason
+    yield on_ray, on_processes
+    for handle in (on_ray, on_processes):
+        anyio.run(handle.unload)
 
 
 def outputs(response: InferenceResponse) -> dict[str, Tensor]:
     return {t.name: t for t in response.outputs if t.name != "pid"}
 
 
+def pid_of(response: InferenceResponse) -> int:
+    return int(response.output("pid").data[0])
+
+
 async def test_answers_match_the_process_pool_for_every_datatype(
-    echo_pools: tuple[RayPool, WorkerPool],
+    echo_handles: tuple[ModelHandle, ModelHandle],
 ) -> None:
-    ray_echo, process_echo = echo_pools
+    on_ray, on_processes = echo_handles
     request = every_datatype()
-    by_ray, by_process = await ray_echo.infer(request), await process_echo.infer(request)
-    assert (
-        (by_ray.id, by_ray.model_name) == (by_process.id, by_process.model_name) == ("all", "echo")
-    )
+    by_ray, by_process = await on_ray.infer(request), await on_processes.infer(request)
+    assert (by_ray.id, by_ray.model_name) == (by_process.id, by_process.model_name)
+    assert (by_ray.id, by_ray.model_name) == ("all", "echo")
+    assert pid_of(by_ray) != os.getpid()
     sent = {t.name: t for t in request.inputs}
     got, expected = outputs(by_ray), outputs(by_process)
     assert set(got) == set(expected) == set(sent)
@@ -161,23 +177,23 @@ async def test_answers_match_the_process_pool_for_every_datatype(
         assert tensor.datatype == sent[name].datatype
         np.testing.assert_array_equal(tensor.data, expected[name].data)
         np.testing.assert_array_equal(tensor.data, sent[name].data)
-    assert ray_echo.ready and ray_echo.reason is None
 
 
-async def test_requests_spread_over_the_actors(echo_pools: tuple[RayPool, WorkerPool]) -> None:
-    ray_echo, _ = echo_pools
+async def test_requests_spread_over_the_actors(
+    echo_handles: tuple[ModelHandle, ModelHandle],
+) -> None:
+    on_ray, _ = echo_handles
     pids: set[int] = set()
-    assert len(ray_echo.pids()) == 2
 
     async def one(i: int) -> None:
-        response = await ray_echo.infer(quick(str(i)))
-        pids.add(int(next(t for t in response.outputs if t.name == "pid").data[0]))
+        pids.add(pid_of(await on_ray.infer(quick(str(i)))))
 
     async with anyio.create_task_group() as tg:
         for i in range(16):
             tg.start_soon(one, i)
-    assert pids <= set(ray_echo.pids())
-    stats = ray_echo.statistics()
+    assert len(pids) == 2 and os.getpid() not in pids
+    stats = on_ray.runner_statistics()
+    assert stats is not None
     assert (stats.workers, stats.live_workers, stats.queued, stats.in_flight) == (2, 2, 0, 0)
 
 
