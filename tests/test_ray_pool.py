@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -388,3 +389,46 @@ def app_queued(app: V2App) -> int:
     (handle,) = list(app.registry.handles())
     stats = handle.runner_statistics()
     return stats.queued if stats is not None else -1
+
+
+STARTS_ITS_OWN_RAY = """
+import importlib.util, sys
+import anyio, numpy as np, ray
+from v2mount.ray_pool import RayPool
+from v2mount.types import InferenceRequest, Tensor
+
+spec = importlib.util.spec_from_file_location("shipped_models", sys.argv[1])
+models = importlib.util.module_from_spec(spec)
+sys.modules["shipped_models"] = models
+spec.loader.exec_module(models)
+
+async def main():
+    pool = RayPool(models.Echo(), 1, max_queue_size=4, metrics_sink=lambda updates: None,
+                   actor_options={"num_cpus": 0})
+    await pool.start()
+    x = np.arange(3, dtype=np.float32)
+    response = await pool.infer(InferenceRequest([Tensor("x", "FP32", (3,), x)]))
+    await pool.stop()
+    print(ray.is_initialized(), response.output("x").data.tolist(), pool.ready)
+
+anyio.run(main)
+"""
+
+
+def test_a_pool_starts_a_local_ray_when_none_runs() -> None:
+    """The default path (``ray_address`` unset, Ray not initialised), in a fresh process."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STARTS_ITS_OWN_RAY,
+            str(Path(__file__).with_name("ray_pool_models.py")),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "True [0.0, 1.0, 2.0] False"
