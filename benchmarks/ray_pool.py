@@ -12,7 +12,8 @@ No HTTP: each figure times the runner call alone (``RayPool.infer``,
   pool and the process pool. The Ray pool should stay within about 1.2x of plain calls.
 - ``4mb``: a 4 MiB FP32 identity round trip, one worker, sequential: p50 and MB/s.
 - ``scaling``: a CPU-bound predict (about 10 ms of single-threaded numpy), 8 callers,
-  throughput with 1 and 2 workers, for both backends.
+  throughput with 1 and 2 workers, for both backends, and the cores the workers got
+  (on a busy machine a second worker finds no free core, and the ratio shows it).
 
 Run from the repository root, with ``v2mount[ray,sklearn]`` installed (asyncio only:
 plain actor calls are awaited the asyncio way):
@@ -37,7 +38,15 @@ from typing import Any
 import anyio
 import numpy as np
 
-from benchmarks.pool_overhead import Burn, Identity, fp32, ignore, percentiles, timed_calls
+from benchmarks.pool_overhead import (
+    Burn,
+    Identity,
+    cpu_seconds,
+    fp32,
+    ignore,
+    percentiles,
+    timed_calls,
+)
 from v2mount.model import Model
 from v2mount.pool import WorkerPool
 from v2mount.ray_pool import RayPool
@@ -186,18 +195,25 @@ async def big_tensor(calls: int) -> None:
 
 
 async def scaling(calls: int, rounds: int) -> None:
+    """Throughput with 1 and 2 workers, and the cores the workers got meanwhile."""
     request = InferenceRequest([Tensor("rounds", "INT64", (1,), np.array([rounds]))])
-    print(f"CPU-bound predict, 8 callers, {calls} calls            1 worker  2 workers  ratio")
+    print(f"CPU-bound predict, 8 callers, {calls} calls     1 worker (cores)  2 workers (cores)")
     for label, make in (("WorkerPool", process_pool_of), ("RayPool", ray_pool_of)):
-        rates = []
+        rates, cores = [], []
         for workers in (1, 2):
-            pool: Runner = await make(Burn(), workers, threads_per_worker=1)
+            pool: Any = await make(Burn(), workers, threads_per_worker=1)
             try:
                 await timed_calls(pool, request, 4)
+                pids = pool.pids()
+                cpu, start = cpu_seconds(pids), time.perf_counter()
                 rates.append((await concurrent(lambda p=pool: p.infer(request), 8, calls))[0])
+                cores.append((cpu_seconds(pids) - cpu) / (time.perf_counter() - start))
             finally:
                 await pool.stop()
-        print(f"  {label:<40} {rates[0]:7.1f}  {rates[1]:8.1f}  {rates[1] / rates[0]:5.2f}")
+        cells = "  ".join(
+            f"{rate:7.1f} ({got:4.2f})" for rate, got in zip(rates, cores, strict=True)
+        )
+        print(f"  {label:<36} {cells}   ratio {rates[1] / rates[0]:4.2f}")
 
 
 async def main(quick: bool, only: str | None) -> None:
