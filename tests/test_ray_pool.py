@@ -269,6 +269,43 @@ async def test_a_killed_actor_fails_only_its_request_and_is_replaced(tmp_path: P
         await pool.stop()
 
 
+async def test_actors_killed_under_a_stream_of_requests_cost_one_request_each() -> None:
+    pool = ray_pool(models.Echo(), workers=2, max_queue_size=64)
+    await pool.start()
+    outcomes: list[Any] = []
+    streaming = True
+
+    async def caller(n: int) -> None:
+        i = 0
+        while streaming:
+            i += 1
+            try:
+                outcomes.append(await pool.infer(quick(f"{n}-{i}")))
+            except Exception as exc:
+                outcomes.append(exc)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for n in range(8):
+                tg.start_soon(caller, n)
+            for _ in range(2):
+                await eventually(lambda: pool.statistics().live_workers == 2)
+                await eventually(lambda: pool.statistics().in_flight >= 3)
+                ray.kill(next(iter(pool._actors.values())).handle)
+                await eventually(lambda: pool.statistics().live_workers < 2)
+            streaming = False
+        broken = [o for o in outcomes if isinstance(o, BrokenWorker)]
+        others = [o for o in outcomes if isinstance(o, Exception) and o not in broken]
+        # Each kill fails at most the request its actor was running; the requests waiting
+        # in it and in the queue go to the other actor, so nothing else is lost.
+        assert others == [] and len(broken) <= 2
+        assert len(outcomes) - len(broken) > 16
+        await eventually(lambda: pool.statistics().live_workers == 2)
+        assert pool.statistics().in_flight == 0
+    finally:
+        await pool.stop()
+
+
 async def test_readiness_follows_the_actors(tmp_path: Path) -> None:
     pool = ray_pool(models.Gate(), workers=1)
     await pool.start()
