@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from v2mount.errors import BadRequest
 from v2mount.model import Model
 from v2mount.types import InferenceRequest
 
@@ -62,3 +63,17 @@ class FailsToLoad(Model):
 
     def load(self) -> None:
         raise RuntimeError("weights file is missing")
+
+
+class Refuses(Model):
+    """Raises what ``parameters["raise"]`` names: the errors must cross as they do."""
+
+    name = "refuses"
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        kind = payload.parameters.get("raise")
+        if kind == "value":
+            raise ValueError("bad input, refused")
+        if kind == "bad_request":
+            raise BadRequest("you asked for it")
+        return {"ok": np.array([1], np.int64)}

@@ -25,7 +25,14 @@ import pytest
 
 from v2mount import V2App
 from v2mount.codecs.tensor import datatype_to_dtype
-from v2mount.errors import BrokenWorker, InferenceTimeout, ModelNotReady, Overloaded
+from v2mount.errors import (
+    BadRequest,
+    BrokenWorker,
+    InferenceTimeout,
+    ModelError,
+    ModelNotReady,
+    Overloaded,
+)
 from v2mount.metrics.app import AppMetrics
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.ray_pool import RayPool
@@ -212,6 +219,24 @@ async def test_an_async_model_and_custom_metrics_cross_from_actors() -> None:
     await echo.start()
     await echo.stop()
     assert "echo_loads" in {update.name for update in sink.updates}
+
+
+async def test_errors_in_predict_cross_as_they_do_from_worker_processes() -> None:
+    pool = ray_pool(models.Refuses(), workers=1)
+    await pool.start()
+    try:
+        request = quick()
+        request.parameters = {"raise": "value"}
+        with pytest.raises(ModelError, match="ValueError: bad input, refused"):
+            await pool.infer(request)
+        request.parameters = {"raise": "bad_request"}
+        with pytest.raises(BadRequest, match="you asked for it"):
+            await pool.infer(request)
+        response = await pool.infer(quick())
+        assert response.output("ok").data.tolist() == [1]
+        assert pool.statistics().live_workers == 1
+    finally:
+        await pool.stop()
 
 
 async def test_a_model_that_fails_to_load_reports_why() -> None:
