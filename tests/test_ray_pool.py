@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -64,17 +65,19 @@ models = _load_models()
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray() -> Iterator[None]:
-    before = os.environ.get("RAY_USAGE_STATS_ENABLED")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    """One local Ray for the module; what ``ray.init`` changes in this process is undone."""
+    environ, excepthook = dict(os.environ), sys.excepthook
+    sigterm = signal.getsignal(signal.SIGTERM)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the machine
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
         ray.shutdown()
-        if before is None:
-            os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
-        else:
-            os.environ["RAY_USAGE_STATS_ENABLED"] = before
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.excepthook = excepthook
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 class Sink:
