@@ -32,7 +32,7 @@ def test_settings_choose_the_backend_and_check_actor_options(
 
 def test_v2mount_does_not_import_ray_unless_a_pool_uses_it() -> None:
     code = (
-        "import sys, v2mount, v2mount.ray_pool, v2mount.registry, v2mount.standalone\n"
+        "import sys, v2mount, v2mount.ray_pool, v2mount.ray_actor, v2mount.registry\n"
         "assert 'ray' not in sys.modules, 'ray imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})

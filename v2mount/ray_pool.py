@@ -13,27 +13,23 @@ Threads: the awaiting task submits its own request and reads its own reply; Ray'
 completion callbacks only wake it. One supervisor thread per pool owns the lifecycles:
 it creates actors, notices deaths (each actor holds a ``watch`` call that fails the moment
 it dies), replaces the dead, enforces ``hard_timeout`` and stops the pool. Ray is
-imported only when a pool starts.
+imported only when a pool starts; what runs in the actors is ``v2mount.ray_actor``.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 import anyio
 import anyio.to_thread
-import numpy as np
 
 from v2mount.errors import (
     BrokenWorker,
@@ -45,15 +41,16 @@ from v2mount.errors import (
     describe_exception,
 )
 from v2mount.metrics.custom import MetricUpdate
-from v2mount.model import Model, build_response
-from v2mount.pool._ipc import error_from_wire, error_to_wire
-from v2mount.pool._shipping import ModelPackage, pack_model, unpack_model
+from v2mount.model import Model
+from v2mount.pool._ipc import error_from_wire
+from v2mount.pool._shipping import ModelPackage, pack_model
 from v2mount.pool._waiter import Waiter
+from v2mount.ray_actor import ModelActor, RequestWire, request_to_wire, response_from_wire
 from v2mount.runner import MetricsSink, RunnerStatistics
 from v2mount.settings import TensorSpec
-from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from v2mount.types import InferenceRequest, InferenceResponse
 
-__all__ = ["ModelActor", "RayPool"]
+__all__ = ["RayPool"]
 
 logger = logging.getLogger("v2mount.pool")
 
@@ -67,133 +64,11 @@ _TICK = 0.5
 #: Requests an actor holds at once: the one it runs and the next, already on its way, so
 #: the actor never idles for a round trip. Only the running one fails if it dies.
 _PIPELINE = 2
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 # Phases of a pool.
 _NEW, _STARTING, _RUNNING, _STOPPING, _STOPPED = range(5)
 # States of a job.
 _QUEUED, _SENT, _REPLIED, _DONE = range(4)
-
-
-# What crosses to and from an actor: plain tuples whose numpy arrays Ray serialises out of
-# band (large ones through its object store), never pydantic objects or lists.
-TensorWire = tuple[str, str, tuple[int, ...], dict[str, Any], Any]
-RequestWire = tuple[
-    str | None, dict[str, Any], list[tuple[str, dict[str, Any]]] | None, list[TensorWire]
-]
-ResponseWire = tuple[str, str | None, str | None, dict[str, Any], list[TensorWire]]
-
-
-def _tensors_to_wire(tensors: list[Tensor]) -> list[TensorWire]:
-    return [(t.name, t.datatype, tuple(t.shape), t.parameters, t.data) for t in tensors]
-
-
-def _tensors_from_wire(wire: list[TensorWire], own: bool = False) -> list[Tensor]:
-    """Tensors of a wire list; ``own``: copy read-only arrays (Ray's zero-copy ones)."""
-    tensors = []
-    for name, datatype, shape, parameters, data in wire:
-        if own and isinstance(data, np.ndarray) and not data.flags.writeable:
-            data = data.copy()
-        tensors.append(Tensor(name, datatype, shape, data, parameters))
-    return tensors
-
-
-def request_to_wire(request: InferenceRequest) -> RequestWire:
-    outputs = request.outputs
-    wanted = None if outputs is None else [(out.name, out.parameters) for out in outputs]
-    return (request.id, request.parameters, wanted, _tensors_to_wire(request.inputs))
-
-
-def request_from_wire(wire: RequestWire) -> InferenceRequest:
-    """Called in the actor; the model gets arrays of its own, as in a worker process."""
-    request_id, parameters, outputs, inputs = wire
-    return InferenceRequest(
-        inputs=_tensors_from_wire(inputs, own=True),
-        id=request_id,
-        parameters=parameters,
-        outputs=None if outputs is None else [RequestedOutput(n, p) for n, p in outputs],
-    )
-
-
-def response_to_wire(response: InferenceResponse) -> ResponseWire:
-    return (
-        response.model_name,
-        response.model_version,
-        response.id,
-        response.parameters,
-        _tensors_to_wire(response.outputs),
-    )
-
-
-def response_from_wire(wire: ResponseWire) -> InferenceResponse:
-    name, version, response_id, parameters, outputs = wire
-    return InferenceResponse(name, _tensors_from_wire(outputs), version, response_id, parameters)
-
-
-class ModelActor:
-    """The model in a Ray worker process; every method is called in that process."""
-
-    def __init__(self, package: ModelPackage, threads: int | None) -> None:
-        self._package = package
-        self._threads = threads
-        self._model: Model | None = None
-        self._loop: Any = None
-        self._watching = threading.Event()
-
-    def _run(self, method: Callable[..., Any], *args: Any) -> Any:
-        result = method(*args)
-        if inspect.isawaitable(result):
-            import asyncio
-
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-            result = self._loop.run_until_complete(result)
-        return result
-
-    def load(self) -> tuple[Any, ...]:
-        """``("ready", metrics, declared or None, pid)`` or ``("load_failed", text, metrics)``."""
-        if self._threads is not None:
-            for name in _THREAD_VARIABLES:
-                os.environ[name] = str(self._threads)
-            try:
-                from threadpoolctl import threadpool_limits
-
-                threadpool_limits(limits=self._threads)
-            except ImportError:
-                pass
-        try:
-            model = self._model = unpack_model(self._package)
-            before = _declared(model)
-            self._run(model.load)
-        except Exception as exc:
-            logger.error("loading the model failed", exc_info=True)
-            drained = self._model.metrics.drain() if self._model is not None else []
-            return ("load_failed", describe_exception(exc), drained)
-        after = _declared(model)
-        return ("ready", model.metrics.drain(), after if after != before else None, os.getpid())
-
-    def predict(self, wire: RequestWire) -> tuple[Any, ...]:
-        """``("result", response wire, metrics)`` or ``("error", error wire, metrics)``."""
-        model = self._model
-        assert model is not None
-        try:
-            request = request_from_wire(wire)
-            response = build_response(model, request, self._run(model.predict, request))
-            reply: tuple[Any, ...] = ("result", response_to_wire(response))
-        except Exception as exc:
-            if not isinstance(exc, V2MountError):
-                logger.exception("predict raised")
-            reply = ("error", error_to_wire(exc))
-        return (*reply, model.metrics.drain())
-
-    def watch(self) -> None:
-        """Never returns while the actor lives: its failure tells the pool the actor died."""
-        self._watching.wait()
-
-
-def _declared(model: Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    settings = model.settings
-    return [s.model_dump() for s in settings.inputs], [s.model_dump() for s in settings.outputs]
 
 
 class _Actor:
