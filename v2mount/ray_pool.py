@@ -1,10 +1,11 @@
 """``RayPool``: a model's ``parallel_workers`` as Ray actors (``pool_backend: "ray"``).
 
 The same contract as the process pool (``v2mount.runner.Runner``): requests wait in one
-bounded queue (``Overloaded`` when it is full) and go to an idle live actor (one request
-per actor at a time, so an idle one is the least loaded); a dead actor is replaced, the
-request it was running fails with ``BrokenWorker`` and no other request is lost; an actor
-stuck past ``hard_timeout`` is killed. Actors are placed by ``ray_actor_options``
+bounded queue (``Overloaded`` when it is full) and go to the least-loaded live actor,
+which holds at most two (the one it runs and the next, so it never waits a round trip
+for work); a dead actor is replaced, the request it was running fails with
+``BrokenWorker`` and the one waiting in it goes to another actor; an actor stuck past
+``hard_timeout`` is killed. Actors are placed by ``ray_actor_options``
 (``num_cpus``, ``num_gpus``, ``memory``, ``resources``). Requests and replies travel as
 wire tuples holding numpy arrays, so Ray moves the buffers through its object store
 (zero-copy for large ones), never as Python lists; nothing goes through Ray Serve.
