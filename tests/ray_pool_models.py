@@ -77,3 +77,13 @@ class Refuses(Model):
         if kind == "bad_request":
             raise BadRequest("you asked for it")
         return {"ok": np.array([1], np.int64)}
+
+
+class Rows(Model):
+    """Returns its input and, for every row, how many rows the call it ran in had."""
+
+    name = "rows"
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        x = payload["x"]
+        return {"x": x, "rows": np.full(len(x), len(x), np.int64)}

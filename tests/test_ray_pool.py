@@ -208,6 +208,36 @@ async def test_requests_spread_over_the_actors(
     assert (stats.workers, stats.live_workers, stats.queued, stats.in_flight) == (2, 2, 0, 0)
 
 
+async def test_adaptive_batches_cross_to_an_actor_as_one_call() -> None:
+    settings = ModelSettings(
+        name="rows",
+        parallel_workers=1,
+        pool_backend="ray",
+        ray_actor_options={"num_cpus": 0},
+        max_batch_size=4,
+        max_batch_time=30,  # the batch goes when its 4 rows are in, long before that
+    )
+    handle = ModelHandle(models.Rows(settings), Settings(), AppMetrics())
+    await handle.load()
+    assert handle.ready, handle.reason
+    answers: dict[int, InferenceResponse] = {}
+
+    async def one(i: int) -> None:
+        x = np.array([[float(i), -float(i)]], np.float32)
+        answers[i] = await handle.infer(InferenceRequest([Tensor("x", "FP32", (1, 2), x)]))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(one, i)
+    finally:
+        await handle.unload()
+    assert sorted(answers) == [0, 1, 2, 3]
+    for i, response in answers.items():
+        np.testing.assert_array_equal(response.output("x").data, [[i, -i]])
+        assert response.output("rows").data.tolist() == [4]
+
+
 async def test_an_async_model_and_custom_metrics_cross_from_actors() -> None:
     sink = Sink()
     pool = ray_pool(models.AsyncDouble(), workers=1, metrics_sink=sink)
