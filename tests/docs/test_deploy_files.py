@@ -137,3 +137,27 @@ def test_the_service_and_autoscaler_point_at_the_deployment() -> None:
     target = by_kind["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"]) == (deployment["apiVersion"], "Deployment")
     assert target["name"] == deployment["metadata"]["name"]
+
+
+def test_the_image_has_the_extras_the_manifests_turn_on() -> None:
+    """The manifests run the image of docs/deploy/Dockerfile; gRPC needs its extra there."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    (extras,) = re.findall(r"pip install [^\n]*'\.\[([\w,]+)\]'", text)
+    variables = {
+        item["name"]
+        for name in MANIFESTS
+        for document in load(name)
+        if document["kind"] in SERVED
+        for container in containers(document)
+        for item in container.get("env", [])
+    }
+    assert "V2MOUNT_GRPC_PORT" in variables
+    assert "grpc" in extras.split(",")
+    images = {
+        container["image"]
+        for name in MANIFESTS
+        for document in load(name)
+        if document["kind"] in SERVED
+        for container in containers(document)
+    }
+    assert images == {"registry.example.com/v2mount-example:0.1.0"}
