@@ -285,8 +285,10 @@ class PoolWatch:
         return await until(
             self.settled,
             within,
-            lambda: f"not settled: loaded {self.loaded()}, processes {self.processes()}, "
-            f"hanging {self.hanging()}",
+            lambda: (
+                f"not settled: loaded {self.loaded()}, processes {self.processes()}, "
+                f"hanging {self.hanging()}"
+            ),
         )
 
     def whole(self) -> bool:
