@@ -45,7 +45,7 @@ __all__ = [
     "REQUEST",
     "RESULT",
     "Channel",
-    "Declared",
+    "DeclaredSpecs",
     "LoadFailed",
     "Log",
     "Ready",
@@ -77,7 +77,7 @@ ErrorWire = tuple[str, str, bytes | None]
 # -- control messages (worker to parent, on the control pipe) ------------------------------
 
 
-class Declared(NamedTuple):
+class DeclaredSpecs(NamedTuple):
     """Inputs and outputs a model's ``load`` declared (``TensorSpec`` dumps)."""
 
     inputs: list[dict[str, Any]]
@@ -88,7 +88,7 @@ class Ready(NamedTuple):
     """The worker loaded the model and serves; ``declared`` when load changed the metadata."""
 
     updates: list[MetricUpdate]
-    declared: Declared | None
+    declared: DeclaredSpecs | None
     has_arena: bool
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from v2mount.errors import ModelNotReady, Overloaded, V2MountError
 from v2mount.pool._config import PoolConfig
-from v2mount.pool._ipc import Channel, Declared
+from v2mount.pool._ipc import Channel, DeclaredSpecs
 from v2mount.pool._lifecycle import LIVE, Phase, move
 from v2mount.pool._process import WorkerProcess
 from v2mount.pool._waiter import Waiter
@@ -137,7 +137,7 @@ class PoolState:
         self.reason = f"model {name!r} is not started"
         self.start_ok = False
         #: What the workers' ``load`` declared (``start`` returns it).
-        self.declared: Declared | None = None
+        self.declared: DeclaredSpecs | None = None
         self.start_waiter: Waiter | None = None
         self.stop_waiters: list[Waiter] = []
         self.wake_read = self.wake_write = -1

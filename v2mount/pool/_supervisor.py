@@ -26,7 +26,7 @@ from v2mount.errors import ModelNotReady
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
 from v2mount.pool._arena import Arena, arena_path, unlink_quietly
-from v2mount.pool._ipc import Declared, LoadFailed, Log, Ready, updates_of
+from v2mount.pool._ipc import DeclaredSpecs, LoadFailed, Log, Ready, updates_of
 from v2mount.pool._lifecycle import Phase, Policy
 from v2mount.pool._process import WorkerProcess
 from v2mount.pool._shipping import ModelPackage, pack_model
@@ -212,7 +212,7 @@ class Supervisor:
         woken: Waiter | None = None
         with self._state.lock:
             if ready.declared is not None and self._state.declared is None:
-                self._state.declared = Declared(*ready.declared)
+                self._state.declared = DeclaredSpecs(*ready.declared)
             self._state.start_ok = True
             if worker.phase is Phase.LOADING:
                 woken = self._state.offer(worker)

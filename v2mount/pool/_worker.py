@@ -34,7 +34,7 @@ from v2mount.model import Model, build_response
 from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._ipc import (
     Channel,
-    Declared,
+    DeclaredSpecs,
     LoadFailed,
     Log,
     Ready,
@@ -139,10 +139,10 @@ class _Runner:
             self._loop.close()
 
 
-def _declared(model: Model) -> Declared:
+def _declared(model: Model) -> DeclaredSpecs:
     """The model's declared inputs and outputs, as plain data for the parent."""
     settings = model.settings
-    return Declared(
+    return DeclaredSpecs(
         [s.model_dump() for s in settings.inputs], [s.model_dump() for s in settings.outputs]
     )
 
