@@ -1,6 +1,7 @@
 """One worker process as the parent sees it: its pipes, its exit fd, its arena, its output.
 
-Everything here is called in the parent, from the pool's monitor thread.
+Everything here is called in the parent, from the pool's supervisor thread, except the
+request channel (``conn``), which belongs to whoever holds the worker (``_state.Worker``).
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from v2mount.pool._ipc import Arena, unlink_quietly
+from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._shipping import ModelPackage
 from v2mount.pool._worker import WorkerSpec, worker_main
 
@@ -53,7 +55,7 @@ class _Lines:
 
 
 class WorkerProcess:
-    """A started worker process; the pool's lock guards ``job``, ``loaded`` and friends."""
+    """A started worker process: its pipes, exit fd, arena path and output streams."""
 
     def __init__(
         self,
@@ -67,23 +69,25 @@ class WorkerProcess:
         #: Where the worker makes its arena, and the arena once the worker reports it made it.
         self.arena_path = spec.arena_path
         self.arena: Arena | None = None
+        #: The request channel (a socket pair) and the control pipe (worker to parent).
         self.conn, child_conn = context.Pipe(duplex=True)
+        self.events, events_write = context.Pipe(duplex=False)
         out_read, out_write = context.Pipe(duplex=False)
         err_read, err_write = context.Pipe(duplex=False)
         self.process = context.Process(
             target=worker_main,
-            args=(child_conn, out_write, err_write, package, spec),
+            args=(child_conn, events_write, out_write, err_write, package, spec),
             name=name,
             daemon=True,
         )
         try:
             self.process.start()
         except BaseException:
-            for end in (self.conn, out_read, err_read):
+            for end in (self.conn, self.events, out_read, err_read):
                 end.close()
             raise
         finally:
-            for end in (child_conn, out_write, err_write):
+            for end in (child_conn, events_write, out_write, err_write):
                 end.close()
         self.pid: int = self.process.pid
         self._outputs = {
@@ -101,23 +105,6 @@ class WorkerProcess:
             except OSError:
                 self._pidfd = -1
         self.exit_fd: int = self._pidfd if self._pidfd >= 0 else self.process.sentinel
-        self.job: Any = None
-        self.started = 0.0
-        self.loaded = False
-        self.load_error: str | None = None
-        #: Never to be given work again (exited, being killed, or its pipe broke).
-        self.retiring = False
-        #: Killed for running one request longer than the pool's ``hard_timeout``.
-        self.timed_out = False
-        #: Why the pool is replacing this healthy worker (served enough, grew too big);
-        #: it takes no more requests and exits once ``successor`` has loaded.
-        self.recycled: str | None = None
-        self.successor: WorkerProcess | None = None
-        self.predecessor: WorkerProcess | None = None
-        #: Requests answered; when a retired worker must have exited (else it is killed).
-        self.served = 0
-        self.exit_deadline: float | None = None
-        self.disposed = False
 
     @property
     def output_fds(self) -> list[int]:
@@ -139,8 +126,17 @@ class WorkerProcess:
             lines.feed(chunk)
 
     def close_input(self) -> None:
-        """Close the request pipe: an idle worker exits when it reads EOF."""
-        self.conn.close()
+        """End the request channel: an idle worker exits when it reads EOF.
+
+        A shutdown, not a close: whoever holds the worker may be waiting on the
+        descriptor, and must see EOF rather than a closed (or reused) one.
+        """
+        if not self.conn.closed:
+            with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def resident_mb(self) -> float | None:
         """The worker's resident memory now (Linux ``/proc``; ``None`` elsewhere)."""
@@ -171,8 +167,8 @@ class WorkerProcess:
 
     def dispose(self) -> None:
         """Release every fd and the arena (the process must be reaped already)."""
-        self.disposed = True
         self.conn.close()
+        self.events.close()
         for stream, lines in self._outputs.values():
             lines.flush()
             stream.close()
