@@ -47,6 +47,7 @@ from v2mount.pool._state import (
     PoolState,
     resolve,
 )
+from v2mount.pool._template import Template
 from v2mount.pool._worker import WorkerSpec
 from v2mount.runner import MetricsSink
 from v2mount.settings import TensorSpec
@@ -98,6 +99,7 @@ class Monitor:
         self._arena_paths = arena_paths
         self._selector: selectors.BaseSelector | None = None
         self._package: ModelPackage | None = None
+        self._template: Template | None = None
         self._worker_ids = itertools.count(1)
         self._loading_initial: set[int] = set()
         self._respawns: list[float] = []
@@ -118,6 +120,11 @@ class Monitor:
                         f"model {self._name!r} cannot be sent to worker processes: {exc}"
                     )
             else:
+                log = functools.partial(self._log, 0)
+                self._template = Template(
+                    self._context, self._package, self._threads, self._name, log
+                )
+                self._template.start()
                 for _ in range(self._state.size):
                     self._spawn(initial=True)
             self._settle_start()
@@ -177,7 +184,7 @@ class Monitor:
                 logger.exception("model %r: the metrics sink raised", self._name)
 
     def _spawn(self, *, initial: bool = False) -> WorkerProcess | None:
-        assert self._package is not None and self._selector is not None
+        assert self._template is not None and self._selector is not None
         worker_id = next(self._worker_ids)
         path = arena_path(f"v2mount-{os.getpid()}-{self._file_name}-{worker_id}")
         spec = WorkerSpec(
@@ -191,12 +198,8 @@ class Monitor:
         if path is not None:
             self._arena_paths.add(path)
         try:
-            worker = WorkerProcess(
-                self._context,
-                spec,
-                self._package,
-                f"v2mount-{self._name}-{worker_id}",
-                functools.partial(self._log, worker_id),
+            worker = self._template.fork_worker(
+                spec, f"v2mount-{self._name}-{worker_id}", functools.partial(self._log, worker_id)
             )
         except Exception as exc:
             if path is not None:
@@ -562,6 +565,8 @@ class Monitor:
             worker.reap(EXIT_GRACE)
             worker.dispose()
             self._arena_paths.discard(worker.arena_path or "")
+        if self._template is not None:
+            self._template.stop()
         with self._state.lock:
             running = [w.job for w in self._state.workers.values() if w.job and w.job.state == SENT]
             self._state.workers.clear()

@@ -1,6 +1,8 @@
 """One worker process as the parent sees it: its pipes, its exit fd, its arena, its output.
 
-Everything here is called in the parent, from the pool's monitor thread.
+Everything here is called in the parent, from the pool's monitor thread. How the
+process was started (spawned here, or forked by the pool's template) hides behind a
+``Handle``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from multiprocess.connection import Connection
 
 from v2mount.pool._ipc import Arena, unlink_quietly
 from v2mount.pool._shipping import ModelPackage
@@ -17,8 +21,9 @@ from v2mount.pool._worker import WorkerSpec, worker_main
 
 if TYPE_CHECKING:
     from multiprocess.context import SpawnContext
+    from multiprocess.process import BaseProcess
 
-__all__ = ["WorkerProcess"]
+__all__ = ["Handle", "LogSink", "WorkerProcess", "open_pidfd"]
 
 _READ_SIZE = 65536
 _MAX_LINE = 65536
@@ -52,55 +57,94 @@ class _Lines:
         self._log(self._level, self._prefix + line.decode("utf-8", "replace").rstrip("\r"))
 
 
+class Handle(Protocol):
+    """How the parent controls one worker process, whichever way it was started."""
+
+    pid: int
+    #: Readable once the process has exited.
+    exit_fd: int
+
+    def kill(self) -> None: ...
+
+    def reap(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` for the exit status (the process must have exited)."""
+
+    def exit_code(self) -> int | None:
+        """The exit code once reaped, ``-N`` for signal N; ``None`` if unknown yet."""
+
+    def close(self) -> None:
+        """Release the handle's fds (once reaped)."""
+
+
+class _SpawnedHandle:
+    """A worker spawned by ``multiprocess``: a child of this process."""
+
+    def __init__(self, process: BaseProcess) -> None:
+        self._process = process
+        self.pid: int = process.pid
+        self._pidfd = open_pidfd(self.pid)
+        # Unlike the sentinel pipe, a pidfd fires even if the model forked a child
+        # that inherited the worker's end of the pipe.
+        self.exit_fd: int = self._pidfd if self._pidfd >= 0 else process.sentinel
+
+    def kill(self) -> None:
+        if self._process.exitcode is None:
+            self._process.kill()
+
+    def reap(self, timeout: float | None) -> None:
+        self._process.join(timeout)
+
+    def exit_code(self) -> int | None:
+        code: int | None = self._process.exitcode
+        return code
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        # No ``process.close()``: at interpreter exit, multiprocess may still be joining
+        # this process from the main thread; the Popen frees its fd when collected.
+
+
+def open_pidfd(pid: int) -> int:
+    """A pidfd of ``pid``, or -1 where there is none (not Linux, or Linux < 5.3)."""
+    if hasattr(os, "pidfd_open"):
+        try:
+            return os.pidfd_open(pid)
+        except OSError:
+            pass
+    return -1
+
+
 class WorkerProcess:
-    """A started worker process; the pool's lock guards ``job``, ``loaded`` and friends."""
+    """A started worker process; the pool's lock guards ``job``, ``loaded`` and friends.
+
+    Made by ``spawn`` here, or by ``Template.fork_worker``; users see no difference.
+    """
 
     def __init__(
         self,
-        context: SpawnContext,
         spec: WorkerSpec,
-        package: ModelPackage,
-        name: str,
+        conn: Connection,
+        stdout: Connection,
+        stderr: Connection,
+        handle: Handle,
         log: LogSink,
     ) -> None:
         self.id = spec.worker_id
         #: Where the worker makes its arena, and the arena once the worker reports it made it.
         self.arena_path = spec.arena_path
         self.arena: Arena | None = None
-        self.conn, child_conn = context.Pipe(duplex=True)
-        out_read, out_write = context.Pipe(duplex=False)
-        err_read, err_write = context.Pipe(duplex=False)
-        self.process = context.Process(
-            target=worker_main,
-            args=(child_conn, out_write, err_write, package, spec),
-            name=name,
-            daemon=True,
-        )
-        try:
-            self.process.start()
-        except BaseException:
-            for end in (self.conn, out_read, err_read):
-                end.close()
-            raise
-        finally:
-            for end in (child_conn, out_write, err_write):
-                end.close()
-        self.pid: int = self.process.pid
+        self.conn = conn
+        self._handle = handle
+        self.pid: int = handle.pid
+        self.exit_fd: int = handle.exit_fd
         self._outputs = {
-            out_read.fileno(): (out_read, _Lines("stdout", logging.INFO, log)),
-            err_read.fileno(): (err_read, _Lines("stderr", logging.WARNING, log)),
+            stdout.fileno(): (stdout, _Lines("stdout", logging.INFO, log)),
+            stderr.fileno(): (stderr, _Lines("stderr", logging.WARNING, log)),
         }
         for fd in self._outputs:
             os.set_blocking(fd, False)
-        self._pidfd = -1
-        if hasattr(os, "pidfd_open"):
-            # Unlike the sentinel pipe, a pidfd fires even if the model forked a child
-            # that inherited the worker's end of the pipe.
-            try:
-                self._pidfd = os.pidfd_open(self.pid)
-            except OSError:
-                self._pidfd = -1
-        self.exit_fd: int = self._pidfd if self._pidfd >= 0 else self.process.sentinel
         self.job: Any = None
         self.started = 0.0
         self.loaded = False
@@ -118,6 +162,36 @@ class WorkerProcess:
         self.served = 0
         self.exit_deadline: float | None = None
         self.disposed = False
+
+    @classmethod
+    def spawn(
+        cls,
+        context: SpawnContext,
+        spec: WorkerSpec,
+        package: ModelPackage,
+        name: str,
+        log: LogSink,
+    ) -> WorkerProcess:
+        """Start a worker in a fresh interpreter (what a pool without template does)."""
+        conn, child_conn = context.Pipe(duplex=True)
+        out_read, out_write = context.Pipe(duplex=False)
+        err_read, err_write = context.Pipe(duplex=False)
+        process = context.Process(
+            target=worker_main,
+            args=(child_conn, out_write, err_write, package, spec),
+            name=name,
+            daemon=True,
+        )
+        try:
+            process.start()
+        except BaseException:
+            for end in (conn, out_read, err_read):
+                end.close()
+            raise
+        finally:
+            for end in (child_conn, out_write, err_write):
+                end.close()
+        return cls(spec, conn, out_read, err_read, _SpawnedHandle(process), log)
 
     @property
     def output_fds(self) -> list[int]:
@@ -152,14 +226,13 @@ class WorkerProcess:
         return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
     def kill(self) -> None:
-        if self.process.exitcode is None:
-            self.process.kill()
+        self._handle.kill()
 
     def reap(self, timeout: float | None = None) -> None:
-        self.process.join(timeout)
+        self._handle.reap(timeout)
 
     def describe_exit(self) -> str:
-        code = self.process.exitcode
+        code = self._handle.exit_code()
         if code is None:
             return "stopped answering"
         if code < 0:
@@ -176,12 +249,8 @@ class WorkerProcess:
         for stream, lines in self._outputs.values():
             lines.flush()
             stream.close()
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
+        self._handle.close()
         if self.arena is not None:
             self.arena.close()
         if self.arena_path is not None:
             unlink_quietly(self.arena_path)
-        # No ``process.close()``: at interpreter exit, multiprocess may still be joining
-        # this process from the main thread; the Popen frees its fd when collected.
