@@ -349,7 +349,10 @@ def template_main(
     """Entry point of the template process (called in the child)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     name_process(TEMPLATE_NAME)
-    parent_fd = os.pidfd_open(parent_pid)
+    try:
+        parent_fd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        return  # the parent died already
     if os.getppid() != parent_pid:
         return  # the parent died before its pidfd was open
     limit_threads(threads)
