@@ -109,8 +109,11 @@ class _Session:
         self.state = _BOOTING
         #: Why the template cannot serve (it said so, or it died).
         self.why: str | None = None
-        #: What the template printed while importing: (stdout, stderr).
-        self.output = ("", "")
+        #: Whether it was ever ready, and whether another try would fare no better.
+        self.was_ready = False
+        self.hopeless = False
+        #: What the template printed while importing, (stdout, stderr), until logged.
+        self.output: tuple[str, str] | None = None
         self._codes: dict[int, int] = {}
         self._forked: tuple[int, int] | str | None = None
 
@@ -136,9 +139,9 @@ class _Session:
         elif kind == "fork_failed":
             self._forked = message[1]
         elif kind == "ready":
-            self.state, self.output = _READY, message[1]
+            self.state, self.was_ready, self.output = _READY, True, message[1]
         elif kind == "unusable":
-            self.output = message[2]
+            self.hopeless, self.output = True, message[2]
             self.close(message[1])
         for fd in fds:
             os.close(fd)
@@ -149,6 +152,7 @@ class _Session:
         while self.state == _BOOTING and time.monotonic() < deadline:
             self.receive(deadline - time.monotonic())
         if self.state == _BOOTING:
+            self.hopeless = True
             self.close(f"the template did not start within {timeout:g} s")
 
     def fork(self, spec: WorkerSpec, name: str, fds: list[int]) -> tuple[int, int] | str:
@@ -236,7 +240,8 @@ class Template:
         self._name = name
         self._log = log
         self._session: _Session | None = None
-        self._served = False
+        #: Whether a template was ever ready: only the first one is waited for.
+        self._ever_ready = False
         self._boot_failures = 0
         #: Why workers are spawned for good, if they are.
         self.disabled: str | None = None if template_supported() else "no pidfd on this platform"
@@ -276,27 +281,24 @@ class Template:
         self.disabled = self.disabled or "stopped"
 
     def _ready_session(self) -> _Session | None:
+        """The template if it can fork now; starts another if it died, or gives up."""
         session = self._session
         if session is None:
             return None
         while session.receive(0):
             pass
-        if session.state == _BOOTING and not self._served:
+        if session.state == _BOOTING and not self._ever_ready:
             session.wait_ready(BOOT_TIMEOUT)
-            if session.state == _GONE and session.why and "did not start" in session.why:
-                self._disable(session.why)
+        self._log_output(session)
         if session.state == _READY:
-            if not self._served:
-                self._log_output(session)
-            self._served = True
+            self._ever_ready = True
             self._boot_failures = 0
             return session
-        if session.state == _GONE and self.disabled is None:
-            self._log_output(session)
-            if not self._served:
+        if session.state == _GONE:
+            if not session.was_ready:
                 self._boot_failures += 1
-            if session.why is not None and session.why.startswith("unusable: "):
-                self._disable(session.why.removeprefix("unusable: "))
+            if session.hopeless:
+                self._disable(str(session.why))
             elif self._boot_failures >= _MAX_BOOT_FAILURES:
                 self._disable(f"{session.why} ({self._boot_failures} times in a row)")
             else:
@@ -335,7 +337,8 @@ class Template:
             self._session = None
 
     def _log_output(self, session: _Session) -> None:
-        for text, level in zip(session.output, (logging.INFO, logging.WARNING), strict=True):
+        output, session.output = session.output or ("", ""), None
+        for text, level in zip(output, (logging.INFO, logging.WARNING), strict=True):
             for line in text.splitlines():
                 self._log(level, f"template: {line}")
 
@@ -364,9 +367,9 @@ def template_main(
             model = unpack_model(package)
         except BaseException:
             traceback.print_exc()
-            why = "unusable: the template cannot unpickle the model"
+            why = "the template cannot unpickle the model"
     if model is not None and threading.active_count() > 1:
-        why = "unusable: importing the model's module started a thread"
+        why = "importing the model's module started a thread"
     reply = ("ready", tuple(output)) if why is None else ("unusable", why, tuple(output))
     _send(control, reply)
     if why is None and model is not None:

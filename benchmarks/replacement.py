@@ -1,0 +1,209 @@
+"""How fast a pool heals: a killed worker's replacement, spawned or forked from the template.
+
+No HTTP: each figure watches ``WorkerPool`` itself.
+
+- ``replace``: a pool of 2 serving one caller; SIGKILL one of its loaded workers and time
+  until the pool has 2 loaded workers again (the victim gone); median, min and max over
+  ``--kills`` kills. For the demo ``identity`` and ``linear`` models (``linear`` loads
+  its weights from an ``.npz``), with workers forked from the pool's template and with
+  workers spawned (the fallback: a fresh interpreter that imports numpy and the model).
+- ``storm``: 16 concurrent callers on a pool of 2 (identity); every 0.5 s for 10 s,
+  SIGKILL the worker that answered last (a serving one); then the time from the last
+  kill until the pool is whole again, and what became of the requests meanwhile.
+
+Run from the repository root:
+
+    python -m benchmarks.replacement                  # both figures, template and spawn
+    python -m benchmarks.replacement --kills 20
+    python -m benchmarks.replacement --only storm --start template
+
+On a shared machine, a spawned replacement waits for a core as long as the rest of the
+machine is busy: the load average is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import random
+import signal
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+
+import v2mount.demo
+from v2mount.demo.models import Identity, LinearClassifier
+from v2mount.errors import V2MountError
+from v2mount.metrics.custom import MetricUpdate
+from v2mount.model import Model
+from v2mount.pool import WorkerPool
+from v2mount.pool import _template as template_module
+from v2mount.types import InferenceRequest, Tensor
+
+STARTS = ("template", "spawn")
+SUPPORTED = template_module.template_supported
+LINEAR_WEIGHTS = Path(v2mount.demo.__file__).parent / "linear" / "1" / "weights.npz"
+
+
+class PidIdentity(Identity):
+    """The demo identity model that also says which worker answered."""
+
+    def predict(self, payload: InferenceRequest) -> dict[str, Any]:
+        return {**super().predict(payload), "pid": np.array([os.getpid()])}
+
+
+def ignore(updates: list[MetricUpdate]) -> None:
+    """The metrics sink: these models record none."""
+
+
+MODELS: dict[str, Callable[[], Model]] = {
+    "identity": lambda: PidIdentity(name="identity"),
+    "linear": lambda: LinearClassifier(name="linear", parameters={"uri": str(LINEAR_WEIGHTS)}),
+}
+
+
+def rows(n: int) -> InferenceRequest:
+    return InferenceRequest([Tensor("x", "FP32", (n, 4), np.ones((n, 4), np.float32))])
+
+
+def _never() -> bool:
+    return False
+
+
+def use_start(start: str) -> None:
+    """``spawn`` forces the fallback a pool takes where no template can run."""
+    template_module.template_supported = SUPPORTED if start == "template" else _never
+
+
+def whole(pool: WorkerPool, size: int) -> bool:
+    return pool.statistics().live_workers == size and len(pool.pids()) == size
+
+
+async def wait_for(condition: Callable[[], bool], within: float = 120.0) -> float:
+    """Seconds until ``condition()`` holds, polled every millisecond."""
+    start = time.perf_counter()
+    with anyio.fail_after(within):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.001)
+    return time.perf_counter() - start
+
+
+async def replace(model: str, start: str, kills: int) -> list[float]:
+    """Seconds from SIGKILL of a loaded worker to a whole pool again, once per kill."""
+    use_start(start)
+    pool = WorkerPool(MODELS[model](), 2, max_queue_size=64, metrics_sink=ignore)
+    await pool.start()
+    samples: list[float] = []
+    done = anyio.Event()
+
+    async def caller() -> None:  # the pool is serving while its workers are killed
+        while not done.is_set():
+            try:
+                await pool.infer(rows(1))
+            except V2MountError:
+                await anyio.sleep(0.001)
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(caller)
+            for _ in range(kills):
+                await wait_for(lambda: whole(pool, 2))
+                await anyio.sleep(0.2)  # let the newcomer serve a little
+                victim = random.choice(pool.pids())
+                os.kill(victim, signal.SIGKILL)
+                samples.append(await wait_for(lambda: whole(pool, 2) and victim not in pool.pids()))  # noqa: B023
+            done.set()
+    finally:
+        await pool.stop()
+    return samples
+
+
+async def storm(start: str, seconds: float, every: float, concurrency: int) -> dict[str, Any]:
+    """Kill the worker that answered last every ``every`` s; then time the healing."""
+    use_start(start)
+    pool = WorkerPool(MODELS["identity"](), 2, max_queue_size=256, metrics_sink=ignore)
+    await pool.start()
+    outcomes: Counter[str] = Counter()
+    last_pid = 0
+    stop = anyio.Event()
+
+    async def caller() -> None:
+        nonlocal last_pid
+        while not stop.is_set():
+            try:
+                response = await pool.infer(rows(1))
+            except V2MountError as exc:
+                outcomes[type(exc).__name__] += 1
+                await anyio.sleep(0.001)
+            else:
+                outcomes["ok"] += 1
+                last_pid = int(response.outputs[1].data[0])
+
+    try:
+        async with anyio.create_task_group() as group:
+            for _ in range(concurrency):
+                group.start_soon(caller)
+            await wait_for(lambda: whole(pool, 2) and last_pid != 0)
+            end = time.perf_counter() + seconds
+            victims: list[int] = []
+            while True:
+                candidates = [last_pid] if last_pid not in victims else pool.pids()
+                victim = random.choice([pid for pid in candidates if pid not in victims] or [0])
+                if victim:
+                    os.kill(victim, signal.SIGKILL)
+                    victims.append(victim)
+                last_kill = time.perf_counter()
+                if last_kill + every > end:
+                    break
+                await anyio.sleep(every)
+            await wait_for(lambda: whole(pool, 2) and victims[-1] not in pool.pids())
+            healed = time.perf_counter() - last_kill
+            stop.set()
+    finally:
+        await pool.stop()
+    return {"kills": len(victims), "healed": healed, "outcomes": dict(outcomes)}
+
+
+def describe(samples: list[float]) -> str:
+    ms = [s * 1e3 for s in samples]
+    return (
+        f"median {statistics.median(ms):7.1f} ms  min {min(ms):7.1f}  max {max(ms):7.1f}"
+        f"  ({len(ms)} kills)"
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    logging.getLogger("v2mount").setLevel(logging.ERROR)  # one warning per kill otherwise
+    print(f"{platform.python_version()} on {platform.system()}, {os.cpu_count()} cores")
+    for start in args.start:
+        if "replace" in args.only:
+            for model in ("identity", "linear"):
+                samples = await replace(model, start, args.kills)
+                print(f"replace  {model:<8} {start:<8} {describe(samples)}")
+                print(f"         load average {os.getloadavg()[0]:.2f}")
+        if "storm" in args.only:
+            result = await storm(start, args.storm_seconds, 0.5, 16)
+            print(
+                f"storm    identity {start:<8} whole {result['healed'] * 1e3:7.1f} ms after the "
+                f"last of {result['kills']} kills; requests {result['outcomes']}"
+            )
+            print(f"         load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=12)
+    parser.add_argument("--storm-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--only", nargs="+", choices=("replace", "storm"), default=["replace", "storm"]
+    )
+    parser.add_argument("--start", nargs="+", choices=STARTS, default=list(STARTS))
+    anyio.run(main, parser.parse_args())
