@@ -27,9 +27,10 @@ are spawned.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
-import pickle
 import select
 import selectors
 import signal
@@ -130,7 +131,7 @@ class _Session:
         if not data:
             self.close(f"the template process {self.process.pid} exited")
             return True
-        message: tuple[Any, ...] = pickle.loads(data)
+        message: list[Any] = json.loads(data)
         kind = message[0]
         if kind == "exited":
             self._codes[message[1]] = message[2]
@@ -139,9 +140,9 @@ class _Session:
         elif kind == "fork_failed":
             self._forked = message[1]
         elif kind == "ready":
-            self.state, self.was_ready, self.output = _READY, True, message[1]
+            self.state, self.was_ready, self.output = _READY, True, tuple(message[1])
         elif kind == "unusable":
-            self.hopeless, self.output = True, message[2]
+            self.hopeless, self.output = True, tuple(message[2])
             self.close(message[1])
         for fd in fds:
             os.close(fd)
@@ -159,7 +160,8 @@ class _Session:
         """Have the template fork a worker: its (pid, pidfd), or why it could not."""
         self._forked = None
         try:
-            socket.send_fds(self._sock, [pickle.dumps((spec, name))], fds)
+            request = json.dumps([dataclasses.asdict(spec), name]).encode()
+            socket.send_fds(self._sock, [request], fds)
         except OSError as exc:
             self.close(f"the template cannot be reached: {exc}")
         deadline = time.monotonic() + _FORK_TIMEOUT
@@ -377,7 +379,8 @@ def template_main(
 
 
 def _numpy_random_state() -> bytes:
-    return pickle.dumps(np.random.get_state())
+    state: Any = np.random.get_state()  # ("MT19937", keys, position, has_gauss, gauss)
+    return bytes(state[1].tobytes()) + repr(state[2:]).encode()
 
 
 @contextlib.contextmanager
@@ -404,7 +407,7 @@ def _captured_output() -> Iterator[list[str]]:
 
 
 def _send(control: socket.socket, message: tuple[Any, ...], fds: tuple[int, ...] = ()) -> None:
-    socket.send_fds(control, [pickle.dumps(message)], list(fds))
+    socket.send_fds(control, [json.dumps(message).encode()], list(fds))
 
 
 def _serve(control: socket.socket, parent_fd: int, model: Model, *, reseed: bool) -> None:
@@ -430,7 +433,8 @@ def _serve(control: socket.socket, parent_fd: int, model: Model, *, reseed: bool
                     return
                 if not data:
                     return
-                spec, name = pickle.loads(data)
+                fields, name = json.loads(data)
+                spec = WorkerSpec(**fields)
                 sys.stdout.flush()
                 sys.stderr.flush()
                 try:
