@@ -122,6 +122,8 @@ class _Session:
         """Handle one message of the template; ``False`` if none came within ``timeout``."""
         if self.state == _GONE:
             return False
+        if timeout is not None:
+            timeout = max(0.0, timeout)
         if not select.select([self._sock], [], [], timeout)[0]:
             return False
         try:
