@@ -7,6 +7,8 @@ No HTTP: each figure watches ``WorkerPool`` itself.
   ``--kills`` kills. For the demo ``identity`` and ``linear`` models (``linear`` loads
   its weights from an ``.npz``), with workers forked from the pool's template and with
   workers spawned (the fallback: a fresh interpreter that imports numpy and the model).
+- ``memory``: proportional set size (PSS) of this process and every process it started,
+  with 3 models (``identity``, ``linear``, ``identity``) in pools of 2 (Linux).
 - ``storm``: 16 concurrent callers on a pool of 2 (identity); every 0.5 s for 10 s,
   SIGKILL the worker that answered last (a serving one); then the time from the last
   kill until the pool is whole again, and what became of the requests meanwhile.
@@ -172,6 +174,48 @@ async def storm(start: str, seconds: float, every: float, concurrency: int) -> d
     return {"kills": len(victims), "healed": healed, "outcomes": dict(outcomes)}
 
 
+def pss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def tree(root: int) -> set[int]:
+    """``root`` and every living process below it."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = {root}, {root}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+async def memory(start: str) -> tuple[float, int]:
+    """PSS (MB) of the whole process tree with 3 pools of 2 started, and its processes."""
+    use_start(start)
+    pools = [
+        WorkerPool(MODELS[name](), 2, max_queue_size=8, metrics_sink=ignore)
+        for name in ("identity", "linear", "identity")
+    ]
+    try:
+        for pool in pools:
+            await pool.start()
+        processes = tree(os.getpid())
+        return sum(pss_mb(pid) for pid in processes), len(processes)
+    finally:
+        for pool in pools:
+            await pool.stop()
+
+
 def describe(samples: list[float]) -> str:
     ms = [s * 1e3 for s in samples]
     return (
@@ -189,6 +233,9 @@ async def main(args: argparse.Namespace) -> None:
                 samples = await replace(model, start, args.kills)
                 print(f"replace  {model:<8} {start:<8} {describe(samples)}")
                 print(f"         load average {os.getloadavg()[0]:.2f}")
+        if "memory" in args.only:
+            total, processes = await memory(start)
+            print(f"memory   3 pools  {start:<8} PSS {total:7.1f} MB in {processes} processes")
         if "storm" in args.only:
             result = await storm(start, args.storm_seconds, 0.5, 16)
             print(
@@ -203,7 +250,10 @@ if __name__ == "__main__":
     parser.add_argument("--kills", type=int, default=12)
     parser.add_argument("--storm-seconds", type=float, default=10.0)
     parser.add_argument(
-        "--only", nargs="+", choices=("replace", "storm"), default=["replace", "storm"]
+        "--only",
+        nargs="+",
+        choices=("replace", "memory", "storm"),
+        default=["replace", "memory", "storm"],
     )
     parser.add_argument("--start", nargs="+", choices=STARTS, default=list(STARTS))
     anyio.run(main, parser.parse_args())

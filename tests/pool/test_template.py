@@ -279,16 +279,21 @@ import anyio
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 import template_models
-from v2mount.pool import WorkerPool
+from v2mount.pool import WorkerPool, _template
 from v2mount.types import InferenceRequest, Tensor
 
 async def main():
+    if sys.argv[2] == "spawned":
+        _template.template_supported = lambda: False
     pool = WorkerPool(template_models.Draw(), 2, max_queue_size=4, metrics_sink=print)
     await pool.start()
     x = Tensor("x", "FP32", (1,), np.zeros(1, np.float32))
-    await pool.infer(InferenceRequest([x]))
-    print(*pool.pids(), flush=True)
-    await anyio.sleep(120)
+    async with anyio.create_task_group() as group:
+        # One worker busy (only its pidfd watch can tell it the parent died), one idle.
+        group.start_soon(pool.infer, InferenceRequest([x], parameters={"seconds": 120}))
+        while pool.statistics().in_flight < 1:
+            await anyio.sleep(0.01)
+        print(*pool.pids(), flush=True)
 
 if __name__ == "__main__":
     anyio.run(main)
@@ -296,22 +301,26 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-def test_the_template_and_its_workers_exit_with_the_parent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", ["forked", "spawned"])
+def test_the_template_and_its_workers_exit_with_the_parent(tmp_path: Path, start: str) -> None:
     script = tmp_path / "host.py"
     script.write_text(HOST)
-    with subprocess.Popen(
-        [sys.executable, str(script), str(HERE)], stdout=subprocess.PIPE, text=True
-    ) as host:
+    command = [sys.executable, str(script), str(HERE), start]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as host:
         try:
             assert host.stdout is not None
             line = host.stdout.readline()
             while line == "template_models imported\n":  # the host's own imports
                 line = host.stdout.readline()
             workers = [int(pid) for pid in line.split()]
-            templates = {parent_of(pid) for pid in workers}
-            assert len(workers) == 2 and len(templates) == 1
-            assert parent_of(next(iter(templates))) == host.pid
+            parents = {parent_of(pid) for pid in workers}
+            assert len(workers) == 2 and len(parents) == 1
+            if start == "forked":
+                assert parent_of(next(iter(parents))) == host.pid
+            else:
+                assert parents == {host.pid}
         finally:
             host.kill()
-    anyio.run(eventually, lambda: not any(alive(pid) for pid in [*workers, *templates]), 15.0)
+    left = [*workers, *parents - {host.pid}]
+    anyio.run(eventually, lambda: not any(alive(pid) for pid in left), 15.0)
     assert not [name for name in os.listdir(SHM_DIR) if name.startswith(f"v2mount-{host.pid}-")]

@@ -49,7 +49,13 @@ from multiprocess.connection import Connection
 from v2mount.model import Model
 from v2mount.pool._process import LogSink, WorkerProcess
 from v2mount.pool._shipping import ModelPackage, unpack_model
-from v2mount.pool._worker import WorkerSpec, forked_worker_main, limit_threads, name_process
+from v2mount.pool._worker import (
+    WorkerSpec,
+    forked_worker_main,
+    limit_threads,
+    name_process,
+    parent_pidfd,
+)
 
 if TYPE_CHECKING:
     from multiprocess.context import SpawnContext
@@ -356,12 +362,9 @@ def template_main(
     """Entry point of the template process (called in the child)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     name_process(TEMPLATE_NAME)
-    try:
-        parent_fd = os.pidfd_open(parent_pid)
-    except ProcessLookupError:
+    parent_fd = parent_pidfd(parent_pid)
+    if parent_fd is None:
         return  # the parent died already
-    if os.getppid() != parent_pid:
-        return  # the parent died before its pidfd was open
     limit_threads(threads)
     seeded = _numpy_random_state()
     model: Model | None = None

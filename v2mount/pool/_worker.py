@@ -56,6 +56,7 @@ __all__ = [
     "forked_worker_main",
     "limit_threads",
     "name_process",
+    "parent_pidfd",
     "worker_main",
 ]
 
@@ -136,11 +137,26 @@ def name_process(name: str) -> None:
         pass
 
 
+def parent_pidfd(parent_pid: int) -> int | None:
+    """A pidfd of ``parent_pid``, this process's parent; ``None`` without pidfds (not
+    Linux 5.3+) or when the parent is gone already (``getppid`` then differs)."""
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except OSError:
+        return None
+    if os.getppid() != parent_pid:  # the fd may be of whoever took the pid since
+        os.close(fd)
+        return None
+    return fd
+
+
 def _watch_parent(parent_pid: int, parent_fd: int | None, arena_path: str | None) -> None:
     """Exit if the parent died while this worker was busy (its pipe EOF comes only when idle).
 
-    ``parent_fd`` is a pidfd of the parent (a forked worker inherits the template's);
-    without one, the parent is polled.
+    ``parent_fd`` is a pidfd of the parent (a forked worker inherits the template's), which
+    fires at once; without one, the parent is polled every second.
     """
     if parent_fd is None:
         while os.getppid() == parent_pid:
@@ -228,7 +244,7 @@ def worker_main(
     stderr.close()
     name_process(WORKER_NAME)
     limit_threads(spec.threads)
-    _run(conn, functools.partial(unpack_model, package), spec, None)
+    _run(conn, functools.partial(unpack_model, package), spec, parent_pidfd(spec.parent_pid))
 
 
 def forked_worker_main(
