@@ -164,6 +164,33 @@ class WorkerProcess:
         self.disposed = False
 
     @classmethod
+    def start(
+        cls,
+        context: SpawnContext,
+        spec: WorkerSpec,
+        log: LogSink,
+        launch: Callable[[Connection, Connection, Connection], Handle],
+    ) -> WorkerProcess:
+        """Make the worker's pipes and start it with ``launch(requests, stdout, stderr)``.
+
+        ``launch`` gets the child's ends of the pipes (closed here once it returns) and
+        returns the started process's handle; whatever it raises is raised here.
+        """
+        conn, child_conn = context.Pipe(duplex=True)
+        out_read, out_write = context.Pipe(duplex=False)
+        err_read, err_write = context.Pipe(duplex=False)
+        try:
+            handle = launch(child_conn, out_write, err_write)
+        except BaseException:
+            for end in (conn, out_read, err_read):
+                end.close()
+            raise
+        finally:
+            for end in (child_conn, out_write, err_write):
+                end.close()
+        return cls(spec, conn, out_read, err_read, handle, log)
+
+    @classmethod
     def spawn(
         cls,
         context: SpawnContext,
@@ -173,25 +200,18 @@ class WorkerProcess:
         log: LogSink,
     ) -> WorkerProcess:
         """Start a worker in a fresh interpreter (what a pool without template does)."""
-        conn, child_conn = context.Pipe(duplex=True)
-        out_read, out_write = context.Pipe(duplex=False)
-        err_read, err_write = context.Pipe(duplex=False)
-        process = context.Process(
-            target=worker_main,
-            args=(child_conn, out_write, err_write, package, spec),
-            name=name,
-            daemon=True,
-        )
-        try:
+
+        def launch(conn: Connection, stdout: Connection, stderr: Connection) -> Handle:
+            process = context.Process(
+                target=worker_main,
+                args=(conn, stdout, stderr, package, spec),
+                name=name,
+                daemon=True,
+            )
             process.start()
-        except BaseException:
-            for end in (conn, out_read, err_read):
-                end.close()
-            raise
-        finally:
-            for end in (child_conn, out_write, err_write):
-                end.close()
-        return cls(spec, conn, out_read, err_read, _SpawnedHandle(process), log)
+            return _SpawnedHandle(process)
+
+        return cls.start(context, spec, log, launch)
 
     @property
     def output_fds(self) -> list[int]:

@@ -47,7 +47,7 @@ import numpy as np
 from multiprocess.connection import Connection
 
 from v2mount.model import Model
-from v2mount.pool._process import LogSink, WorkerProcess
+from v2mount.pool._process import Handle, LogSink, WorkerProcess
 from v2mount.pool._shipping import ModelPackage, unpack_model
 from v2mount.pool._worker import (
     WorkerSpec,
@@ -200,6 +200,10 @@ class _Session:
             self.process.join()
 
 
+class _NotForked(Exception):
+    """The template could not fork a worker (the text says why)."""
+
+
 class _ForkedHandle:
     """A worker forked by a template: watched and killed through its pidfd."""
 
@@ -320,24 +324,17 @@ class Template:
     def _fork(
         self, session: _Session, spec: WorkerSpec, name: str, log: LogSink
     ) -> WorkerProcess | None:
-        conn, child_conn = self._context.Pipe(duplex=True)
-        out_read, out_write = self._context.Pipe(duplex=False)
-        err_read, err_write = self._context.Pipe(duplex=False)
+        def launch(conn: Connection, stdout: Connection, stderr: Connection) -> Handle:
+            forked = session.fork(spec, name, [conn.fileno(), stdout.fileno(), stderr.fileno()])
+            if isinstance(forked, str):
+                raise _NotForked(forked)
+            return _ForkedHandle(session, *forked)
+
         try:
-            fds = [child_conn.fileno(), out_write.fileno(), err_write.fileno()]
-            forked = session.fork(spec, name, fds)
-        finally:
-            for end in (child_conn, out_write, err_write):
-                end.close()
-        if isinstance(forked, str):
-            for end in (conn, out_read, err_read):
-                end.close()
-            logger.warning("model %s: no worker forked (%s); spawning one", self._name, forked)
+            return WorkerProcess.start(self._context, spec, log, launch)
+        except _NotForked as exc:
+            logger.warning("model %s: no worker forked (%s); spawning one", self._name, exc)
             return None
-        pid, pidfd = forked
-        return WorkerProcess(
-            spec, conn, out_read, err_read, _ForkedHandle(session, pid, pidfd), log
-        )
 
     def _disable(self, why: str) -> None:
         logger.info("model %s: workers are spawned, not forked: %s", self._name, why)
