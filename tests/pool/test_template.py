@@ -24,7 +24,7 @@ import multiprocess
 import numpy as np
 import pytest
 
-from v2mount.errors import BrokenWorker
+from v2mount.errors import BrokenWorker, ModelNotReady
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.pool import WorkerPool
 from v2mount.pool import _template as template_module
@@ -231,11 +231,13 @@ def test_a_killed_template_is_restarted_and_workers_keep_serving() -> None:
     pool = WorkerPool(draws.Draw(), 1, max_queue_size=4, metrics_sink=ignore)
     with started(pool):
         first = template_of(pool)
+        orphan = pool.pids()[0]
         os.kill(first, signal.SIGKILL)
         anyio.run(eventually, lambda: not alive(first))
         served = anyio.run(pool.infer, request())
-        assert served.outputs[0].data.tolist() == pool.pids()  # the old worker lives on
+        assert served.outputs[0].data.tolist() == [orphan]  # its worker lives on
         # Replacements are spawned until a new template is ready, then forked from it.
+        seen = {orphan}
         for _ in range(30):
             victim = pool.pids()[0]
             os.kill(victim, signal.SIGKILL)
@@ -243,11 +245,53 @@ def test_a_killed_template_is_restarted_and_workers_keep_serving() -> None:
                 eventually,
                 lambda v=victim: pool.statistics().live_workers == 1 and v not in pool.pids(),
             )
+            seen.update(pool.pids())
             parent = parent_of(pool.pids()[0])
             if parent != os.getpid():
                 break
         assert parent not in (first, os.getpid()) and name_of(parent) == TEMPLATE_NAME
         assert anyio.run(pool.infer, request()).outputs[0].data.tolist() == pool.pids()
+    assert not [pid for pid in (*seen, parent) if alive(pid)]
+
+
+def test_a_kill_storm_under_load_heals_from_the_same_template(draw: WorkerPool) -> None:
+    """Kill whichever worker answered last, as soon as a new one answered, 10 times."""
+    anyio.run(eventually, lambda: draw.statistics().live_workers == 2)
+    template = template_of(draw)
+    failures: list[str] = []
+    served: list[int] = []
+    killed: list[int] = []
+
+    async def storm() -> None:
+        stop = anyio.Event()
+
+        async def caller() -> None:
+            while not stop.is_set():
+                try:
+                    response = await draw.infer(request())
+                except (BrokenWorker, ModelNotReady) as exc:
+                    failures.append(type(exc).__name__)
+                    await anyio.sleep(0.01)
+                else:
+                    served.append(int(response.outputs[0].data[0]))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(16):
+                group.start_soon(caller)
+            while len(killed) < 10:
+                await eventually(lambda: bool(served) and served[-1] not in killed)
+                killed.append(served[-1])
+                os.kill(killed[-1], signal.SIGKILL)
+            await eventually(
+                lambda: draw.statistics().live_workers == 2 and not set(killed) & set(draw.pids())
+            )
+            stop.set()
+
+    anyio.run(storm)
+    # The template outlived the storm and forked every replacement: none was spawned.
+    assert template_of(draw) == template
+    assert set(failures) <= {"BrokenWorker", "ModelNotReady"}
+    assert anyio.run(draw.infer, request()).outputs[0].data[0] not in killed
 
 
 def test_a_module_that_starts_a_thread_gets_spawned_workers(
