@@ -36,7 +36,6 @@ import selectors
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -80,10 +79,11 @@ _BOOTING, _READY, _GONE = "booting", "ready", "gone"
 
 
 def template_supported() -> bool:
-    """Whether this platform has what a template needs (pidfds, fd passing, fork)."""
+    """Whether this platform has what a template needs (pidfds, fd passing, memfds)."""
     return (
         sys.platform == "linux"
         and hasattr(os, "pidfd_open")
+        and hasattr(os, "memfd_create")
         and hasattr(signal, "pidfd_send_signal")
         and hasattr(socket, "send_fds")
     )
@@ -389,7 +389,11 @@ def _numpy_random_state() -> bytes:
 def _captured_output() -> Iterator[list[str]]:
     """Collect what fds 1 and 2 receive meanwhile (imports may print or warn)."""
     captured: list[str] = []
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    # Anonymous memory files: nothing on disk, nothing left behind by a crash.
+    with (
+        open(os.memfd_create("stdout"), "w+b") as out,
+        open(os.memfd_create("stderr"), "w+b") as err,
+    ):
         sys.stdout.flush()
         sys.stderr.flush()
         saved = [os.dup(1), os.dup(2)]
