@@ -32,3 +32,18 @@ class Draw(Model):
             "ppid": np.array([os.getppid()]),
             "first": np.array([self.first]),
         }
+
+
+class Unpicklable(Model):
+    """Refuses to be unpickled in any process but the one that made it."""
+
+    name = "unpicklable"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maker = os.getpid()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state["maker"] != os.getpid():
+            raise RuntimeError("unpickled in another process")
+        self.__dict__.update(state)

@@ -305,6 +305,18 @@ def test_a_module_that_starts_a_thread_gets_spawned_workers(
     assert "importing the model's module started a thread" in caplog.text
 
 
+async def test_a_model_the_template_cannot_unpickle_fails_to_load_as_spawned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="v2mount.pool")
+    pool = WorkerPool(draws.Unpicklable(), 1, max_queue_size=4, metrics_sink=ignore)
+    with pytest.raises(ModelNotReady, match="failed to load: unpickled in another process"):
+        await pool.start()
+    assert "spawned, not forked: the template cannot unpickle the model" in caplog.text
+    # The template's traceback is logged too.
+    assert "template: RuntimeError: unpickled in another process" in caplog.text
+
+
 async def test_a_module_that_seeds_numpy_seeds_every_worker_alike() -> None:
     pool = WorkerPool(seeded.SeededDraw(), 2, max_queue_size=16, metrics_sink=ignore)
     await pool.start()

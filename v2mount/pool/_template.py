@@ -6,7 +6,9 @@ did all that costs a few milliseconds. The pool's own process must not fork (it 
 threads and an event loop), so each pool spawns a *template* process that:
 
 - limits native thread pools as its workers will, unpickles the model (importing its
-  module) without loading it, and checks that it runs no thread but its own;
+  module) without loading it, and checks that no Python thread was started meanwhile
+  (a fork keeps only the forking thread; native pools such as OpenBLAS's handle fork
+  themselves, and the template never runs model code that would start an OpenMP team);
 - forks a worker when the parent asks over a Unix socket. The parent makes the worker's
   pipes and passes their fds (``SCM_RIGHTS``); the template answers with the worker's
   pid and a pidfd of it, which the parent watches (workers are the template's children,
