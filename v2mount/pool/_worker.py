@@ -259,7 +259,8 @@ def forked_worker_main(
     """Entry point of a worker forked from the template (called in the child).
 
     ``model`` is the template's unloaded copy, ``parent_fd`` a pidfd of the pool's
-    process. Threads were limited in the template already, before anything imported.
+    process (``spec.parent_pid``; the template is only the direct parent). Native
+    threads were limited in the template, whose environment and pools it inherits.
     """
     _redirect_output(stdout, stderr)
     os.close(stdout)
