@@ -115,6 +115,9 @@ class _Session:
         finally:
             theirs.close()
         self._sock = ours
+        # Not ``process.sentinel``: forked workers inherit its other end, so it would
+        # not fire while they live. The template is our child: no pid reuse before join.
+        self._pidfd = os.pidfd_open(self.process.pid)
         self.state = _BOOTING
         #: Why the template cannot serve (it said so, or it died).
         self.why: str | None = None
@@ -196,10 +199,10 @@ class _Session:
             return
         self.state, self.why = _GONE, why
         self._sock.close()  # the template exits at EOF
-        self.process.join(2.0)
-        if self.process.exitcode is None:
+        if not select.select([self._pidfd], [], [], 2.0)[0]:
             self.process.kill()
-            self.process.join()
+        self.process.join()
+        os.close(self._pidfd)
 
 
 class _NotForked(Exception):
