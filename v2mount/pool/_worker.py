@@ -71,7 +71,10 @@ logger = logging.getLogger("v2mount.worker")
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker needs besides its pipes and the model bytes."""
+    """What a worker needs besides its pipes and the model bytes.
+
+    Sent to the template as JSON (``dataclasses.asdict``): plain fields only.
+    """
 
     worker_id: int
     parent_pid: int
