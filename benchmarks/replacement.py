@@ -47,7 +47,7 @@ from v2mount.demo.models import Identity, LinearClassifier
 from v2mount.errors import V2MountError
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
-from v2mount.pool import WorkerPool
+from v2mount.pool import PoolConfig, WorkerPool
 from v2mount.pool import _template as template_module
 from v2mount.types import InferenceRequest, Tensor
 
@@ -102,7 +102,7 @@ async def wait_for(condition: Callable[[], bool], within: float = 120.0) -> floa
 async def replace(model: str, start: str, kills: int) -> list[float]:
     """Seconds from SIGKILL of a loaded worker to a whole pool again, once per kill."""
     use_start(start)
-    pool = WorkerPool(MODELS[model](), 2, max_queue_size=64, metrics_sink=ignore)
+    pool = WorkerPool(MODELS[model](), PoolConfig(2, 64), metrics_sink=ignore)
     await pool.start()
     samples: list[float] = []
     done = anyio.Event()
@@ -132,7 +132,7 @@ async def replace(model: str, start: str, kills: int) -> list[float]:
 async def storm(start: str, seconds: float, every: float, concurrency: int) -> dict[str, Any]:
     """Kill the worker that answered last every ``every`` s; then time the healing."""
     use_start(start)
-    pool = WorkerPool(MODELS["identity"](), 2, max_queue_size=256, metrics_sink=ignore)
+    pool = WorkerPool(MODELS["identity"](), PoolConfig(2, 256), metrics_sink=ignore)
     await pool.start()
     outcomes: Counter[str] = Counter()
     last_pid = 0
@@ -202,7 +202,7 @@ async def memory(start: str) -> tuple[float, int]:
     """PSS (MB) of the whole process tree with 3 pools of 2 started, and its processes."""
     use_start(start)
     pools = [
-        WorkerPool(MODELS[name](), 2, max_queue_size=8, metrics_sink=ignore)
+        WorkerPool(MODELS[name](), PoolConfig(2, 8), metrics_sink=ignore)
         for name in ("identity", "linear", "identity")
     ]
     try:

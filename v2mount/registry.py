@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterable
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -29,13 +29,13 @@ from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
 from v2mount.runner import InProcessRunner, Runner, RunnerStatistics
 from v2mount.settings import ModelSettings, Settings
-from v2mount.stats import InferenceStats
+from v2mount.stats import InferenceStats, mark_started, started_at
 from v2mount.types import InferenceRequest, InferenceResponse
 
 if TYPE_CHECKING:
     from v2mount.batching import AdaptiveBatcher, BatcherStatistics
 
-__all__ = ["ModelHandle", "ModelRegistry", "ModelState", "version_key"]
+__all__ = ["ModelHandle", "ModelRegistry", "ModelState", "effective_settings", "version_key"]
 
 logger = logging.getLogger("v2mount")
 
@@ -56,6 +56,22 @@ def version_key(version: str | None) -> tuple[int, int, str]:
     return (2, 0, version)
 
 
+def effective_settings(settings: ModelSettings, server: Settings) -> ModelSettings:
+    """A copy of a model's settings with every field it left unset taken from the server."""
+    defaults = {
+        "parallel_workers": server.model_parallel_workers,
+        "max_batch_size": server.model_max_batch_size,
+        "max_batch_time": server.model_max_batch_time,
+        "inference_timeout": server.model_inference_timeout,
+        "max_queue_size": server.model_max_queue_size,
+        "threads_per_worker": server.model_threads_per_worker,
+        "max_requests_per_worker": server.model_max_requests_per_worker,
+        "max_worker_memory_mb": server.model_max_worker_memory_mb,
+    }
+    unset = {name: value for name, value in defaults.items() if getattr(settings, name) is None}
+    return settings.model_copy(update=unset)
+
+
 def _rows(request: InferenceRequest) -> int:
     first = request.inputs[0].shape
     return first[0] if first else 1
@@ -66,7 +82,10 @@ class ModelHandle:
 
     def __init__(self, model: Model, server: Settings, metrics: AppMetrics) -> None:
         self.model = model
-        self.settings: ModelSettings = model.settings
+        #: The model's settings with the server's defaults filled in, made once; the model
+        #: gets this copy too (runtimes size their thread pools from it).
+        self.settings: ModelSettings = effective_settings(model.settings, server)
+        model.settings = self.settings
         self.server = server
         self.metrics = metrics
         check_declared_content_types(self.settings)
@@ -90,34 +109,22 @@ class ModelHandle:
     def ready(self) -> bool:
         return self.state is ModelState.READY and self._runner is not None and self._runner.ready
 
-    def _setting(self, field: str) -> Any:
-        value = getattr(self.settings, field)
-        return getattr(self.server, f"model_{field}") if value is None else value
-
     def _make_runner(self) -> Runner:
-        # Runtimes size their native thread pools from the model's own settings.
-        self.settings.threads_per_worker = self._setting("threads_per_worker")
-        workers: int = self._setting("parallel_workers")
-        queue: int = self._setting("max_queue_size")
-        if workers == 0:
+        settings = self.settings
+        assert settings.parallel_workers is not None and settings.max_queue_size is not None
+        if settings.parallel_workers == 0:
             return InProcessRunner(
                 self.model,
-                queue,
+                settings.max_queue_size,
                 self.metrics.apply_custom,
                 inline_budget=self.server.inline_predict_budget,
             )
-        from v2mount.pool import WorkerPool
+        from v2mount.pool import PoolConfig, WorkerPool
 
         return WorkerPool(
             self.model,
-            workers,
-            max_queue_size=queue,
+            PoolConfig.from_settings(settings, self.server),
             metrics_sink=self.metrics.apply_custom,
-            shm_threshold=self.server.shm_threshold_bytes,
-            threads_per_worker=self.settings.threads_per_worker,
-            hard_timeout=2 * float(self._setting("inference_timeout")),
-            max_requests_per_worker=self._setting("max_requests_per_worker") or None,
-            max_worker_memory_mb=self._setting("max_worker_memory_mb") or None,
         )
 
     async def load(self) -> None:
@@ -126,7 +133,7 @@ class ModelHandle:
         runner: Runner | None = None
         try:
             runner = self._make_runner()
-            await runner.start()
+            declared = await runner.start()
         except Exception as exc:
             if runner is not None:
                 with anyio.CancelScope(shield=True):
@@ -136,15 +143,20 @@ class ModelHandle:
             logger.error("model %s failed to load: %s", self.label, self.reason)
             return
         assert runner is not None
+        if declared is not None:
+            # What the model's load declared in a worker: the metadata this handle serves.
+            update = {"inputs": declared.inputs, "outputs": declared.outputs}
+            self.settings = self.settings.model_copy(update=update)
         self._runner = runner
-        batch_size: int = self._setting("max_batch_size")
+        batch_size = self.settings.max_batch_size
+        assert batch_size is not None and self.settings.max_batch_time is not None
         if batch_size > 1:
             from v2mount.batching import AdaptiveBatcher
 
             self._batcher = AdaptiveBatcher(
                 runner,
                 max_batch_size=batch_size,
-                max_batch_time=float(self._setting("max_batch_time")),
+                max_batch_time=self.settings.max_batch_time,
                 on_batch=lambda rows: self.metrics.observe_batch(self.name, self.version, rows),
             )
         self.state = ModelState.READY
@@ -179,8 +191,10 @@ class ModelHandle:
             raise ModelNotReady(self.not_ready_message())
         if not runner.ready:  # a pool between workers: a replacement is starting
             raise ModelNotReady(self.not_ready_message(), retry_after=1)
-        timeout = float(self._setting("inference_timeout"))
+        timeout = self.settings.inference_timeout
+        assert timeout is not None
         start = time.perf_counter_ns()
+        mark_started(start)
         self._in_flight += 1
         ok = False
         try:
@@ -196,8 +210,10 @@ class ModelHandle:
                 f"model {self.label} did not answer within {timeout:g} s"
             ) from None
         finally:
-            elapsed = time.perf_counter_ns() - start
-            self.stats.record(ok, elapsed, elapsed, _rows(request))
+            end = time.perf_counter_ns()
+            elapsed = end - start
+            # Queue time: until the runner (or the batcher) took the request up.
+            self.stats.record(ok, elapsed, end - (started_at() or start), _rows(request))
             self.metrics.record_inference(self.name, self.version, ok, elapsed / 1e9)
             self._in_flight -= 1
             if self._in_flight == 0 and self._idle is not None:

@@ -26,9 +26,10 @@ import pytest
 
 from v2mount.errors import BrokenWorker, ModelNotReady
 from v2mount.metrics.custom import MetricUpdate
-from v2mount.pool import WorkerPool
+from v2mount.pool import PoolConfig, WorkerPool
 from v2mount.pool import _template as template_module
-from v2mount.pool._ipc import SHM_DIR, decode
+from v2mount.pool._arena import SHM_DIR
+from v2mount.pool._ipc import Ready
 from v2mount.pool._shipping import pack_model
 from v2mount.pool._template import TEMPLATE_NAME, Template
 from v2mount.pool._worker import WORKER_NAME, WorkerSpec
@@ -117,7 +118,7 @@ def started(pool: WorkerPool) -> Iterator[WorkerPool]:
 
 @pytest.fixture(scope="module")
 def draw() -> Iterator[WorkerPool]:
-    with started(WorkerPool(draws.Draw(), 2, max_queue_size=16, metrics_sink=ignore)) as pool:
+    with started(WorkerPool(draws.Draw(), PoolConfig(2, 16), metrics_sink=ignore)) as pool:
         yield pool
 
 
@@ -146,8 +147,8 @@ def test_a_forked_worker_can_be_watched_killed_and_reaped() -> None:
         assert template.pid is not None and parent_of(worker.pid) == template.pid
         # What the model's module printed on import, in the template, reached the log.
         assert (logging.INFO, "template: template_models imported") in logs
-        assert worker.conn.poll(60)
-        assert decode(worker.conn.recv_bytes(), None)[0] == "ready"
+        assert worker.events.poll(60)
+        assert isinstance(worker.events.recv(), Ready)
         assert name_of(worker.pid) == WORKER_NAME and name_of(template.pid) == TEMPLATE_NAME
         resident = worker.resident_mb()
         assert resident is not None and resident > 0
@@ -165,7 +166,7 @@ def test_a_forked_worker_can_be_watched_killed_and_reaped() -> None:
 
 def test_without_pidfds_workers_are_spawned(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(template_module, "template_supported", lambda: False)
-    pool = WorkerPool(draws.Draw(), 1, max_queue_size=4, metrics_sink=ignore)
+    pool = WorkerPool(draws.Draw(), PoolConfig(1, 4), metrics_sink=ignore)
     with started(pool):
         assert [parent_of(pid) for pid in pool.pids()] == [os.getpid()]
         response = anyio.run(pool.infer, request())
@@ -192,10 +193,9 @@ async def test_killed_serving_workers_are_replaced_by_forks_of_the_same_template
 ) -> None:
     template = template_of(draw)
     for _ in range(5):
+        await draw.infer(request())
         victim = draw.pids()[0]
-        async with anyio.create_task_group() as group:
-            group.start_soon(draw.infer, request())  # the other worker keeps serving
-            os.kill(victim, signal.SIGKILL)
+        os.kill(victim, signal.SIGKILL)
         await eventually(
             lambda v=victim: draw.statistics().live_workers == 2 and v not in draw.pids()
         )
@@ -228,7 +228,7 @@ async def test_a_request_on_a_killed_forked_worker_fails_alone(draw: WorkerPool)
 
 
 def test_a_killed_template_is_restarted_and_workers_keep_serving() -> None:
-    pool = WorkerPool(draws.Draw(), 1, max_queue_size=4, metrics_sink=ignore)
+    pool = WorkerPool(draws.Draw(), PoolConfig(1, 4), metrics_sink=ignore)
     with started(pool):
         first = template_of(pool)
         orphan = pool.pids()[0]
@@ -298,7 +298,7 @@ def test_a_module_that_starts_a_thread_gets_spawned_workers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="v2mount.pool")
-    pool = WorkerPool(threaded.Threaded(), 1, max_queue_size=4, metrics_sink=ignore)
+    pool = WorkerPool(threaded.Threaded(), PoolConfig(1, 4), metrics_sink=ignore)
     with started(pool):
         assert [parent_of(pid) for pid in pool.pids()] == [os.getpid()]
         assert anyio.run(pool.infer, request()).outputs[0].data.tolist() == [os.getpid()]
@@ -309,7 +309,7 @@ async def test_a_model_the_template_cannot_unpickle_fails_to_load_as_spawned(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="v2mount.pool")
-    pool = WorkerPool(draws.Unpicklable(), 1, max_queue_size=4, metrics_sink=ignore)
+    pool = WorkerPool(draws.Unpicklable(), PoolConfig(1, 4), metrics_sink=ignore)
     with pytest.raises(ModelNotReady, match="failed to load: unpickled in another process"):
         await pool.start()
     assert "spawned, not forked: the template cannot unpickle the model" in caplog.text
@@ -318,7 +318,7 @@ async def test_a_model_the_template_cannot_unpickle_fails_to_load_as_spawned(
 
 
 async def test_a_module_that_seeds_numpy_seeds_every_worker_alike() -> None:
-    pool = WorkerPool(seeded.SeededDraw(), 2, max_queue_size=16, metrics_sink=ignore)
+    pool = WorkerPool(seeded.SeededDraw(), PoolConfig(2, 16), metrics_sink=ignore)
     await pool.start()
     try:
         template_of(pool)
@@ -335,13 +335,13 @@ import anyio
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 import template_models
-from v2mount.pool import WorkerPool, _template
+from v2mount.pool import PoolConfig, WorkerPool, _template
 from v2mount.types import InferenceRequest, Tensor
 
 async def main():
     if sys.argv[2] == "spawned":
         _template.template_supported = lambda: False
-    pool = WorkerPool(template_models.Draw(), 2, max_queue_size=4, metrics_sink=print)
+    pool = WorkerPool(template_models.Draw(), PoolConfig(2, 4), metrics_sink=print)
     await pool.start()
     x = Tensor("x", "FP32", (1,), np.zeros(1, np.float32))
     async with anyio.create_task_group() as group:

@@ -262,15 +262,39 @@ class PoolWatch:
     def processes(self) -> set[int]:
         return {p for p in descendants(self.parent) if is_spawned_worker(p)}
 
-    def loaded(self) -> set[int]:
+    def _marked(self, prefix: str) -> set[int]:
+        """Live processes that left a marker ``<prefix><pid>``."""
         found = set()
         for marker in self.markers.iterdir():
-            if marker.name.isdigit():
-                fields = _stat(int(marker.name))
+            pid = marker.name.removeprefix(prefix)
+            if marker.name.startswith(prefix) and pid.isdigit():
+                fields = _stat(int(pid))
                 # Alive, and the very process that wrote the marker (pids are reused).
                 if fields and fields[0] != "Z" and fields[19] == marker.read_text():
-                    found.add(int(marker.name))
+                    found.add(int(pid))
         return found
+
+    def loaded(self) -> set[int]:
+        return self._marked("")
+
+    def hanging(self) -> set[int]:
+        """Live workers stuck in ``Faulty``'s ``hang`` action (killed by the hard timeout)."""
+        return self._marked("hanging-")
+
+    def settled(self) -> bool:
+        """Whole, nothing hanging, and no worker process besides the loaded ones."""
+        return not self.hanging() and self.whole() and self.processes() == self.loaded()
+
+    async def wait_settled(self, within: float = 60) -> float:
+        """Seconds until every stuck worker was killed and replaced (fails after ``within``)."""
+        return await until(
+            self.settled,
+            within,
+            lambda: (
+                f"not settled: loaded {self.loaded()}, processes {self.processes()}, "
+                f"hanging {self.hanging()}"
+            ),
+        )
 
     def whole(self) -> bool:
         return len(self.loaded()) == self.size

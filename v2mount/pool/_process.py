@@ -1,8 +1,9 @@
 """One worker process as the parent sees it: its pipes, its exit fd, its arena, its output.
 
-Everything here is called in the parent, from the pool's monitor thread. How the
-process was started (spawned here, or forked by the pool's template) hides behind a
-``Handle``.
+Everything here is called in the parent, from the pool's supervisor thread, except the
+request channel (``conn``), which belongs to whoever holds the worker (``_state.Worker``).
+How the process was started (spawned here, or forked by the pool's template) hides
+behind a ``Handle``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from multiprocess.connection import Connection
 
-from v2mount.pool._ipc import Arena, unlink_quietly
+from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._shipping import ModelPackage
 from v2mount.pool._worker import WorkerSpec, worker_main
 
@@ -117,7 +119,7 @@ def open_pidfd(pid: int) -> int:
 
 
 class WorkerProcess:
-    """A started worker process; the pool's lock guards ``job``, ``loaded`` and friends.
+    """A started worker process: its pipes, exit fd, arena path and output streams.
 
     Made by ``spawn`` here, or by ``Template.fork_worker``; users see no difference.
     """
@@ -126,6 +128,7 @@ class WorkerProcess:
         self,
         spec: WorkerSpec,
         conn: Connection,
+        events: Connection,
         stdout: Connection,
         stderr: Connection,
         handle: Handle,
@@ -135,7 +138,9 @@ class WorkerProcess:
         #: Where the worker makes its arena, and the arena once the worker reports it made it.
         self.arena_path = spec.arena_path
         self.arena: Arena | None = None
+        #: The request channel (a socket pair) and the control pipe (worker to parent).
         self.conn = conn
+        self.events = events
         self._handle = handle
         self.pid: int = handle.pid
         self.exit_fd: int = handle.exit_fd
@@ -145,23 +150,6 @@ class WorkerProcess:
         }
         for fd in self._outputs:
             os.set_blocking(fd, False)
-        self.job: Any = None
-        self.started = 0.0
-        self.loaded = False
-        self.load_error: str | None = None
-        #: Never to be given work again (exited, being killed, or its pipe broke).
-        self.retiring = False
-        #: Killed for running one request longer than the pool's ``hard_timeout``.
-        self.timed_out = False
-        #: Why the pool is replacing this healthy worker (served enough, grew too big);
-        #: it takes no more requests and exits once ``successor`` has loaded.
-        self.recycled: str | None = None
-        self.successor: WorkerProcess | None = None
-        self.predecessor: WorkerProcess | None = None
-        #: Requests answered; when a retired worker must have exited (else it is killed).
-        self.served = 0
-        self.exit_deadline: float | None = None
-        self.disposed = False
 
     @classmethod
     def start(
@@ -169,26 +157,28 @@ class WorkerProcess:
         context: SpawnContext,
         spec: WorkerSpec,
         log: LogSink,
-        launch: Callable[[Connection, Connection, Connection], Handle],
+        launch: Callable[[Connection, Connection, Connection, Connection], Handle],
     ) -> WorkerProcess:
-        """Make the worker's pipes and start it with ``launch(requests, stdout, stderr)``.
+        """Make the worker's pipes and start it with ``launch(requests, events, stdout,
+        stderr)``.
 
         ``launch`` gets the child's ends of the pipes (closed here once it returns) and
         returns the started process's handle; whatever it raises is raised here.
         """
         conn, child_conn = context.Pipe(duplex=True)
+        events, events_write = context.Pipe(duplex=False)
         out_read, out_write = context.Pipe(duplex=False)
         err_read, err_write = context.Pipe(duplex=False)
         try:
-            handle = launch(child_conn, out_write, err_write)
+            handle = launch(child_conn, events_write, out_write, err_write)
         except BaseException:
-            for end in (conn, out_read, err_read):
+            for end in (conn, events, out_read, err_read):
                 end.close()
             raise
         finally:
-            for end in (child_conn, out_write, err_write):
+            for end in (child_conn, events_write, out_write, err_write):
                 end.close()
-        return cls(spec, conn, out_read, err_read, handle, log)
+        return cls(spec, conn, events, out_read, err_read, handle, log)
 
     @classmethod
     def spawn(
@@ -201,10 +191,12 @@ class WorkerProcess:
     ) -> WorkerProcess:
         """Start a worker in a fresh interpreter (what a pool without template does)."""
 
-        def launch(conn: Connection, stdout: Connection, stderr: Connection) -> Handle:
+        def launch(
+            conn: Connection, events: Connection, stdout: Connection, stderr: Connection
+        ) -> Handle:
             process = context.Process(
                 target=worker_main,
-                args=(conn, stdout, stderr, package, spec),
+                args=(conn, events, stdout, stderr, package, spec),
                 name=name,
                 daemon=True,
             )
@@ -233,8 +225,17 @@ class WorkerProcess:
             lines.feed(chunk)
 
     def close_input(self) -> None:
-        """Close the request pipe: an idle worker exits when it reads EOF."""
-        self.conn.close()
+        """End the request channel: an idle worker exits when it reads EOF.
+
+        A shutdown, not a close: whoever holds the worker may be waiting on the
+        descriptor, and must see EOF rather than a closed (or reused) one.
+        """
+        if not self.conn.closed:
+            with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def resident_mb(self) -> float | None:
         """The worker's resident memory now (Linux ``/proc``; ``None`` elsewhere)."""
@@ -251,6 +252,11 @@ class WorkerProcess:
     def reap(self, timeout: float | None = None) -> None:
         self._handle.reap(timeout)
 
+    @property
+    def exit_code(self) -> int | None:
+        """Its exit code once reaped (``-N``: killed by signal N); ``None`` if unknown."""
+        return self._handle.exit_code()
+
     def describe_exit(self) -> str:
         code = self._handle.exit_code()
         if code is None:
@@ -264,8 +270,8 @@ class WorkerProcess:
 
     def dispose(self) -> None:
         """Release every fd and the arena (the process must be reaped already)."""
-        self.disposed = True
         self.conn.close()
+        self.events.close()
         for stream, lines in self._outputs.values():
             lines.flush()
             stream.close()

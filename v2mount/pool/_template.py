@@ -329,8 +329,11 @@ class Template:
     def _fork(
         self, session: _Session, spec: WorkerSpec, name: str, log: LogSink
     ) -> WorkerProcess | None:
-        def launch(conn: Connection, stdout: Connection, stderr: Connection) -> Handle:
-            forked = session.fork(spec, name, [conn.fileno(), stdout.fileno(), stderr.fileno()])
+        def launch(
+            conn: Connection, events: Connection, stdout: Connection, stderr: Connection
+        ) -> Handle:
+            fds = [conn.fileno(), events.fileno(), stdout.fileno(), stderr.fileno()]
+            forked = session.fork(spec, name, fds)
             if isinstance(forked, str):
                 raise _NotForked(forked)
             return _ForkedHandle(session, *forked)
@@ -439,7 +442,7 @@ def _serve(control: socket.socket, parent_fd: int, model: Model, *, reseed: bool
                     _send(control, ("exited", pid, os.waitstatus_to_exitcode(status)))
                     continue
                 try:
-                    data, fds, _, _ = socket.recv_fds(control, _MAX_MESSAGE, 3)
+                    data, fds, _, _ = socket.recv_fds(control, _MAX_MESSAGE, 4)
                 except OSError:
                     return
                 if not data:
@@ -477,8 +480,17 @@ def _run_worker(
     try:
         if reseed:
             np.random.seed()
-        conn_fd, stdout, stderr = fds
-        forked_worker_main(Connection(conn_fd), stdout, stderr, model, spec, name, parent_fd)
+        conn, events, stdout, stderr = fds
+        forked_worker_main(
+            Connection(conn),
+            Connection(events, readable=False),
+            stdout,
+            stderr,
+            model,
+            spec,
+            name,
+            parent_fd,
+        )
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
