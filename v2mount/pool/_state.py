@@ -220,7 +220,6 @@ class PoolState:
         """A request task is done with a worker that answered (``worn``: recycle it)."""
         with self.lock:
             worker.busy_since = 0.0
-            worker.served += 1
             if worn is not None and worker.phase is Phase.BUSY and self.phase == RUNNING:
                 worker.recycled, worker.held = worn, False
                 self.set_phase(worker, Phase.WORN)
