@@ -239,7 +239,7 @@ class _ForkedHandle:
 class Template:
     """Starts a pool's workers: forked from its template process where it can, else spawned.
 
-    Called in the parent, from one thread at a time (the pool's monitor thread).
+    Called in the parent, from one thread at a time (the thread that runs the pool's processes).
     ``start`` spawns the template and returns at once; the first ``fork_worker`` waits
     until the template has imported everything (``BOOT_TIMEOUT`` at most), later ones
     never wait for a template: while one is restarting, workers are spawned.
