@@ -6,6 +6,9 @@ Every server setting is also a flag (``--model-parallel-workers 2``, ``--metrics
 none``); a flag wins over its ``V2MOUNT_*`` environment variable, which wins over the
 repository's ``settings.json``. One server process: for several, run ``uvicorn
 v2mount:app --workers N`` (or gunicorn) with the settings in the environment.
+
+``python -m v2mount tune REPOSITORY MODEL`` measures a model and recommends its settings
+(``v2mount.tuning``, docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -89,6 +92,11 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, build the app, run uvicorn until it stops; the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tune"]:
+        from v2mount.tuning.cli import main as tune
+
+        return tune(argv[1:])
     args = build_parser().parse_args(argv)
     from v2mount.standalone import create_app
 
