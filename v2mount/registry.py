@@ -33,7 +33,12 @@ from v2mount.stats import InferenceStats, mark_started, started_at
 from v2mount.types import InferenceRequest, InferenceResponse
 
 if TYPE_CHECKING:
-    from v2mount.batching import AdaptiveBatcher, BatcherStatistics
+    from v2mount.batching import (
+        AdaptiveBatcher,
+        BatcherStatistics,
+        PredictiveBatcher,
+        PredictiveStatistics,
+    )
 
 __all__ = ["ModelHandle", "ModelRegistry", "ModelState", "effective_settings", "version_key"]
 
@@ -93,7 +98,7 @@ class ModelHandle:
         self.reason = ""
         self.stats = InferenceStats()
         self._runner: Runner | None = None
-        self._batcher: AdaptiveBatcher | None = None
+        self._batcher: AdaptiveBatcher | PredictiveBatcher | None = None
         self._in_flight = 0
         self._idle: anyio.Event | None = None
 
@@ -148,17 +153,25 @@ class ModelHandle:
             update = {"inputs": declared.inputs, "outputs": declared.outputs}
             self.settings = self.settings.model_copy(update=update)
         self._runner = runner
-        batch_size = self.settings.max_batch_size
-        assert batch_size is not None and self.settings.max_batch_time is not None
+        settings = self.settings
+        batch_size = settings.max_batch_size
+        assert batch_size is not None and settings.max_batch_time is not None
+        assert settings.max_queue_size is not None
         if batch_size > 1:
-            from v2mount.batching import AdaptiveBatcher
+            from v2mount.batching import batcher_for
 
-            self._batcher = AdaptiveBatcher(
+            self._batcher = batcher_for(
                 runner,
+                self.settings.batching,
                 max_batch_size=batch_size,
-                max_batch_time=self.settings.max_batch_time,
-                on_batch=lambda rows: self.metrics.observe_batch(self.name, self.version, rows),
+                max_batch_time=settings.max_batch_time,
+                max_queue_size=settings.max_queue_size,
+                on_batch=lambda rows, delays: self.metrics.observe_batch(
+                    self.name, self.version, rows, delays
+                ),
             )
+        elif self.settings.batching is not None:
+            logger.warning("model %s: batching is off (max_batch_size <= 1)", self.label)
         self.state = ModelState.READY
         logger.info("model %s ready", self.label)
 
@@ -181,7 +194,7 @@ class ModelHandle:
     def runner_statistics(self) -> RunnerStatistics | None:
         return self._runner.statistics() if self._runner is not None else None
 
-    def batcher_statistics(self) -> BatcherStatistics | None:
+    def batcher_statistics(self) -> BatcherStatistics | PredictiveStatistics | None:
         return self._batcher.statistics() if self._batcher is not None else None
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:

@@ -150,123 +150,126 @@ def _from_strings(view: memoryview, count: int) -> np.ndarray[Any, Any]:
     return out
 
 
-class _Tensors:
-    """Lays tensors out for one frame: their meta entries and their bytes."""
-
-    def __init__(self) -> None:
-        self.entries: list[list[Any]] = []
-        self.buffers: list[memoryview | bytes] = []
-        self.plain = True
-
-    def add(self, tensor: Tensor) -> None:
-        data: Any = tensor.data
-        parameters = tensor.parameters
-        if parameters and not _plain(parameters):
-            self.plain = False
-        buffer: memoryview | bytes
-        if isinstance(data, np.ndarray) and data.dtype.kind in _NUMERIC_KINDS:
-            if not data.flags.c_contiguous:
-                data = np.ascontiguousarray(data)
-            dtype, place = data.dtype.str, _INLINE
-            try:
-                buffer = memoryview(data).cast("B")
-            except (TypeError, ValueError):  # a 0-d array, or a format memoryview lacks
-                buffer = memoryview(data.reshape(-1).view(np.uint8))
-        else:
-            strings = (
-                _strings(data) if isinstance(data, np.ndarray) and data.dtype == object else None
-            )
-            if strings is not None:
-                dtype, place, buffer = None, _STRINGS, strings
-            else:
-                dtype, place, buffer = None, _PICKLED, pickle.dumps(data, protocol=5)
-        shape = list(data.shape) if isinstance(data, np.ndarray) else None
-        self.entries.append(
-            [
-                tensor.name,
-                tensor.datatype,
-                list(tensor.shape),
-                parameters,
-                dtype,
-                place,
-                0,
-                0,
-                shape,
-            ]
-        )
-        self.buffers.append(buffer)
-
-    def place(self, arena: Arena | None, threshold: int) -> tuple[list[memoryview | bytes], int]:
-        """Give each buffer its offset (in ``data``, or in the arena); the inline ones."""
-        shared = [
-            i
-            for i, (entry, buffer) in enumerate(zip(self.entries, self.buffers, strict=True))
-            if entry[5] == _INLINE and len(buffer) >= threshold
-        ]
-        if shared and arena is not None:
-            end = 0
-            for i in shared:
-                end = _aligned(end + len(self.buffers[i]))
-            if arena.reserve(end):
-                offset = 0
-                for i in shared:
-                    buffer = self.buffers[i]
-                    arena.put(offset, memoryview(buffer))
-                    entry = self.entries[i]
-                    entry[5], entry[6], entry[7] = _SHARED, offset, len(buffer)
-                    offset = _aligned(offset + len(buffer))
-        inline: list[memoryview | bytes] = []
-        offset = 0
-        for entry, buffer in zip(self.entries, self.buffers, strict=True):
-            if entry[5] == _SHARED:
-                continue
-            if offset % _ALIGN:
-                pad = _ALIGN - offset % _ALIGN
-                inline.append(bytes(pad))
-                offset += pad
-            entry[6], entry[7] = offset, len(buffer)
-            inline.append(buffer)
-            offset += len(buffer)
-        return inline, offset
+def _buffer(data: Any) -> tuple[str | None, int, memoryview | bytes]:
+    """A tensor's bytes: (numpy dtype, where they go, the bytes)."""
+    if type(data) is np.ndarray and data.dtype.kind in _NUMERIC_KINDS:
+        if not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        try:
+            return data.dtype.str, _INLINE, memoryview(data).cast("B")
+        except (TypeError, ValueError):  # a 0-d array, or a format memoryview lacks
+            return data.dtype.str, _INLINE, memoryview(data.reshape(-1).view(np.uint8))
+    if isinstance(data, np.ndarray) and data.dtype == object:
+        strings = _strings(data)
+        if strings is not None:
+            return None, _STRINGS, strings
+    return None, _PICKLED, pickle.dumps(data, protocol=5)
 
 
 def _frame(
     kind: int,
     seq: int,
     head: list[Any],
-    tensors: _Tensors,
+    tensors: list[Tensor],
     arena: Arena | None,
     threshold: int,
+    plain: bool,
     extra: bytes = b"",
 ) -> bytes:
-    inline, data_length = tensors.place(arena, threshold)
-    meta_object = [*head, tensors.entries]
+    """One frame: ``head`` and the tensors' entries as meta, their bytes inline or shared.
+
+    ``plain``: ``head``'s parameters are plain JSON values (tensors' are checked here).
+    """
+    entries: list[list[Any]] = []
+    inline: list[memoryview | bytes] = []
+    shared: list[tuple[list[Any], memoryview | bytes]] = []
+    offset = 0
+    for tensor in tensors:
+        data = tensor.data
+        dtype, place, buffer = _buffer(data)
+        parameters = tensor.parameters
+        if parameters and plain and not _plain(parameters):
+            plain = False
+        shape = list(data.shape) if isinstance(data, np.ndarray) else None
+        entry = [
+            tensor.name,
+            tensor.datatype,
+            list(tensor.shape),
+            parameters,
+            dtype,
+            place,
+            0,
+            0,
+            shape,
+        ]
+        entries.append(entry)
+        size = len(buffer)
+        if arena is not None and place == _INLINE and size >= threshold:
+            shared.append((entry, buffer))
+            continue
+        if offset % _ALIGN:
+            pad = _ALIGN - offset % _ALIGN
+            inline.append(bytes(pad))
+            offset += pad
+        entry[6], entry[7] = offset, size
+        inline.append(buffer)
+        offset += size
+    if shared:
+        assert arena is not None
+        end = 0
+        for _, buffer in shared:
+            end = _aligned(end + len(buffer))
+        room = arena.reserve(end)
+        position = 0
+        for entry, buffer in shared:
+            if room:
+                arena.put(position, memoryview(buffer))
+                entry[5], entry[6], entry[7] = _SHARED, position, len(buffer)
+                position = _aligned(position + len(buffer))
+            else:  # /dev/shm is full: the frame carries them
+                offset = _aligned(offset)
+                entry[6], entry[7] = offset, len(buffer)
+                inline.append(bytes(offset - sum(map(len, inline))))
+                inline.append(buffer)
+                offset += len(buffer)
+    meta_object = [*head, entries]
     flags = 0
     meta = b""
-    if tensors.plain:
+    if plain:
         try:
             meta = orjson.dumps(meta_object)
         except TypeError:
-            tensors.plain = False
-    if not tensors.plain:
+            plain = False
+    if not plain:
         meta, flags = pickle.dumps(meta_object, protocol=5), PICKLED_META
     start = HEADER.size + len(meta) + len(extra)
-    padding = _aligned(start) - start if data_length else 0
-    total = start + padding + data_length
-    header = HEADER.pack(total, kind, flags, 0, len(meta), len(extra), seq)
+    padding = (_aligned(start) - start) if offset else 0
+    header = HEADER.pack(start + padding + offset, kind, flags, 0, len(meta), len(extra), seq)
     return b"".join([header, meta, extra, bytes(padding), *inline])
+
+
+_DTYPES: dict[str, np.dtype[Any]] = {}
+
+
+def _dtype(name: str) -> np.dtype[Any]:
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        dtype = _DTYPES[name] = np.dtype(name)
+    return dtype
 
 
 def _tensor_from(entry: Sequence[Any], frame: bytearray, data: int, arena: Arena | None) -> Tensor:
     name, datatype, shape, parameters, dtype, place, offset, length, array_shape = entry
     array: Any
     if place == _INLINE:
-        count = length // np.dtype(dtype).itemsize
-        array = np.frombuffer(frame, dtype, count, data + offset).reshape(array_shape)
+        numpy_type = _dtype(dtype)
+        array = np.frombuffer(frame, numpy_type, length // numpy_type.itemsize, data + offset)
+        if len(array_shape) != 1:
+            array = array.reshape(array_shape)
     elif place == _SHARED:
         if arena is None:
             raise ValueError("frame refers to shared memory but this end has no arena")
-        array = np.frombuffer(arena.take(offset, length), dtype).reshape(array_shape)
+        array = np.frombuffer(arena.take(offset, length), _dtype(dtype)).reshape(array_shape)
     elif place == _STRINGS:
         with memoryview(frame) as view:
             count = math.prod(array_shape)
@@ -291,29 +294,25 @@ def _parse(frame: bytearray) -> _Parsed:
     if total != len(frame):
         raise ValueError(f"frame of {len(frame)} bytes says it has {total}")
     start = HEADER.size
-    with memoryview(frame) as view:
-        raw = view[start : start + meta_length]
-        meta = pickle.loads(raw) if flags & PICKLED_META else orjson.loads(raw)
-        extra = bytes(view[start + meta_length : start + meta_length + extra_length])
-    return _Parsed(kind, seq, meta, extra, _aligned(start + meta_length + extra_length))
+    end = start + meta_length
+    raw = frame[start:end]  # a small copy, cheaper than a memoryview's bookkeeping
+    meta = pickle.loads(raw) if flags & PICKLED_META else orjson.loads(raw)
+    extra = bytes(frame[end : end + extra_length]) if extra_length else b""
+    return _Parsed(kind, seq, meta, extra, _aligned(end + extra_length))
 
 
 def encode_request(
     request: InferenceRequest, seq: int, arena: Arena | None, threshold: int
 ) -> bytes:
     """Called in the parent: the frame of one request."""
-    tensors = _Tensors()
-    for tensor in request.inputs:
-        tensors.add(tensor)
-    outputs = (
-        None if request.outputs is None else [[out.name, out.parameters] for out in request.outputs]
-    )
-    if request.parameters and not _plain(request.parameters):
-        tensors.plain = False
-    if outputs and not all(not p or _plain(p) for _, p in outputs):
-        tensors.plain = False
-    head = [request.id, request.parameters, outputs]
-    return _frame(REQUEST, seq, head, tensors, arena, threshold)
+    parameters = request.parameters
+    plain = not parameters or _plain(parameters)
+    outputs = None
+    if request.outputs is not None:
+        outputs = [[out.name, out.parameters] for out in request.outputs]
+        plain = plain and all(not p or _plain(p) for _, p in outputs)
+    head = [request.id, parameters, outputs]
+    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain)
 
 
 def decode_request(frame: bytearray, arena: Arena | None) -> tuple[int, InferenceRequest]:
@@ -335,21 +334,16 @@ def encode_result(
     threshold: int,
 ) -> bytes:
     """Called in the worker: the frame of a response (``updates``: custom metrics)."""
-    tensors = _Tensors()
-    for tensor in response.outputs:
-        tensors.add(tensor)
-    if response.parameters and not _plain(response.parameters):
-        tensors.plain = False
-    head = [response.model_name, response.model_version, response.id, response.parameters]
+    parameters = response.parameters
+    plain = not parameters or _plain(parameters)
+    head = [response.model_name, response.model_version, response.id, parameters]
     extra = pickle.dumps(updates, protocol=5) if updates else b""
-    return _frame(RESULT, seq, head, tensors, arena, threshold, extra)
+    return _frame(RESULT, seq, head, response.outputs, arena, threshold, plain, extra)
 
 
 def encode_error(exc: Exception, seq: int, updates: list[MetricUpdate]) -> bytes:
     """Called in the worker: the frame of an error (never carries a traceback)."""
-    tensors = _Tensors()
-    tensors.plain = False
-    return _frame(ERROR, seq, [error_to_wire(exc), updates], tensors, None, 0)
+    return _frame(ERROR, seq, [error_to_wire(exc), updates], [], None, 0, False)
 
 
 class Reply(NamedTuple):

@@ -90,14 +90,14 @@ class Policy:
     def load_failed(self) -> None:
         self.load_failures += 1
 
-    def killed_while_loading(self, exitcode: int | None, siblings_live: bool) -> bool:
+    def killed_while_loading(self, exitcode: int | None) -> bool:
         """Whether the death of a loading worker counts as a failed load.
 
-        Not when a signal from outside ended it while its siblings serve: the model
-        loads fine, something else killed the process (a SIGKILL storm, say).
+        Not when a signal from outside ended it (an operator, a SIGKILL storm): the model
+        may load fine. Unless that happens to every load (``_KILLS_BEFORE_BACKOFF`` in a
+        row, no load in between: an OOM killer, say), which then backs off too.
         """
-        outside = exitcode is not None and exitcode < 0 and -exitcode in _OUTSIDE_SIGNALS
-        if outside and siblings_live:
+        if exitcode is not None and exitcode < 0 and -exitcode in _OUTSIDE_SIGNALS:
             self._outside_kills += 1
             return self._outside_kills > _KILLS_BEFORE_BACKOFF
         return True

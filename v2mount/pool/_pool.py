@@ -171,6 +171,7 @@ class WorkerPool:
         channel.begin(frame)
         del frame
         worker.busy_since = time.monotonic()
+        reply: bytearray | None = None
         try:
             try:
                 while not channel.write_some():
@@ -182,11 +183,13 @@ class WorkerPool:
                 while (reply := channel.read_some()) is None:
                     await anyio.wait_readable(channel.fd)
             except (EOFError, OSError, ValueError):
-                raise await self._broken(worker) from None
+                pass  # the worker ended: see below
         except BaseException as exc:
-            if not isinstance(exc, (_Lost, V2MountError)):
+            if not isinstance(exc, _Lost):
                 state.drain(worker)  # cancelled: the supervisor reads the reply
             raise
+        if reply is None:
+            raise await self._broken(worker)
         try:
             answered, outcome, updates = decode_reply(reply, worker.process.arena)
             if answered != seq:
@@ -211,8 +214,8 @@ class WorkerPool:
         try:
             how = self._state.exit_of(worker)
             if isinstance(how, Waiter):
-                with anyio.CancelScope(shield=True):
-                    await how.wait()
+                # Not shielded: a cancelled caller (its deadline) stops waiting here too.
+                await how.wait()
                 how = worker.exit or "ended"
         finally:
             self._state.let_go(worker)

@@ -27,7 +27,7 @@ from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
 from v2mount.pool._arena import Arena, arena_path, unlink_quietly
 from v2mount.pool._ipc import Declared, LoadFailed, Log, Ready, updates_of
-from v2mount.pool._lifecycle import LIVE, Phase, Policy
+from v2mount.pool._lifecycle import Phase, Policy
 from v2mount.pool._process import WorkerProcess
 from v2mount.pool._shipping import ModelPackage, pack_model
 from v2mount.pool._state import RUNNING, STARTING, STOPPED, STOPPING, PoolState, Worker, fire
@@ -367,8 +367,6 @@ class Supervisor:
         how = process.describe_exit()
         stopping = self._state.phase == STOPPING
         with self._state.lock:
-            phase = worker.phase
-            siblings_live = self._state.live - (phase in LIVE) > 0
             self._state.workers.pop(worker.id, None)
             worker.exit = how
             self._state.set_phase(worker, Phase.DEAD)
@@ -400,7 +398,7 @@ class Supervisor:
                 logger.warning("%s %s; replacing it", worker.where, how)
         else:
             failed = worker.load_error is not None or self.policy.killed_while_loading(
-                process.exit_code, siblings_live
+                process.exit_code
             )
             if failed:
                 reason = worker.load_error
@@ -409,6 +407,12 @@ class Supervisor:
                 self._load_failed(reason)
             elif not stopping:
                 logger.warning("%s %s while loading; replacing it", worker.where, how)
+                with self._state.lock:
+                    if self._state.live == 0:
+                        self._state.reason = (
+                            f"model {self._name!r} has no live worker: worker {worker.id} "
+                            f"{how} while loading; a replacement is starting"
+                        )
             if replace:
                 self._respawns.append(self.policy.respawn_at(worker_loaded=not failed))
         self._loading_initial.discard(worker.id)
