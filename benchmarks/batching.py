@@ -6,8 +6,9 @@ costs, with no HTTP in the way. The model is a two-layer perceptron (64 → 1536
 → 1, float32): one row costs about as much as a few dozen, because reading the 9 MB
 hidden weight matrix dominates, which is how vectorised numpy / ONNX / torch models
 behave. The ``overhead`` points serve a model that does nothing with
-``max_batch_time=0``: at concurrency 1 every request is a batch of its own, so the
-difference to batching off is the batcher's own cost per batch.
+``max_batch_time=0`` (``overhead-slo``: the predictive batcher, 50 ms SLO): at
+concurrency 1 every request is a batch of its own, so the difference to batching off is
+the batcher's own cost per batch.
 
 Every point runs ``--repeat`` times, the rounds interleaved, and the report gives the
 median: on a shared machine wall-clock figures move a lot, CPU time per request less.
@@ -17,6 +18,17 @@ Run with one BLAS thread so the model uses one core, like a pool worker:
     python -m benchmarks.batching --quick --backend trio   # a smaller grid
 
 It prints a Markdown report (``--json FILE`` also writes every measurement).
+
+``--sweep`` compares instead how batches are *timed* under open-loop Poisson traffic at
+offered loads from 20 % to 150 % of the model's capacity: the fixed window
+(``max_batch_time`` 10 ms and 50 ms), the same 10 ms window sending early when idle
+(``batching: {}``), and predictive batching under a 200 ms SLO (``batching:
+{"slo_ms": 200}``). The model there sleeps ``a + c·rows`` (20 ms + 2 ms a row, like an
+accelerator or a remote call), so the figures show the batching policy, not the CPU;
+latency counts from each request's scheduled arrival, so a lagging sender is not hidden,
+and "goodput" counts the requests answered within the SLO.
+
+    python -m benchmarks.batching --sweep --chart benchmarks/results/batching-slo.png
 """
 
 from __future__ import annotations
@@ -35,7 +47,8 @@ from typing import Any
 import anyio
 import numpy as np
 
-from v2mount.batching import AdaptiveBatcher
+from v2mount.batching import AdaptiveBatcher, Policy, PredictiveBatcher
+from v2mount.errors import Overloaded
 from v2mount.model import Model
 from v2mount.runner import InProcessRunner
 from v2mount.types import InferenceRequest, InferenceResponse, Tensor
@@ -80,14 +93,14 @@ class Nothing(Model):
 
 @dataclass(frozen=True)
 class Point:
-    mode: str  # "off", "on", "overhead-off" or "overhead-on"
+    mode: str  # "off", "on", "overhead-off", "overhead-on" or "overhead-slo"
     concurrency: int
     max_batch_size: int = 0
     max_batch_time: float = 0.0
 
     @property
     def batching(self) -> bool:
-        return self.mode.endswith("on")
+        return self.mode.endswith(("on", "slo"))
 
 
 @dataclass(frozen=True)
@@ -144,7 +157,10 @@ async def measure(model: Model, point: Point, duration: float, think: float) -> 
     await runner.start()
     infer: Infer = runner.infer
     batches: list[int] = []
-    if point.batching:
+    if point.mode == "overhead-slo":  # the predictive batcher, nothing to wait for
+        policy = Policy(point.max_batch_size, slo=0.05, max_queue=100_000)
+        infer = PredictiveBatcher(runner, policy, on_batch=lambda r: batches.append(r.rows)).infer
+    elif point.batching:
         batcher = AdaptiveBatcher(
             runner,
             max_batch_size=point.max_batch_size,
@@ -168,9 +184,9 @@ async def measure(model: Model, point: Point, duration: float, think: float) -> 
 
 def grid(sizes: Sequence[int], times: Sequence[float]) -> list[Point]:
     points = [
-        Point(mode, concurrency, 64 if mode == "overhead-on" else 0)
+        Point(mode, concurrency, 0 if mode == "overhead-off" else 64)
         for concurrency in (1, 16)
-        for mode in ("overhead-off", "overhead-on")
+        for mode in ("overhead-off", "overhead-on", "overhead-slo")
     ]
     for concurrency in CONCURRENCIES:
         points.append(Point("off", concurrency))
@@ -271,6 +287,165 @@ def report(table: dict[Point, Figure], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+# -- the sweep: how batches are timed, under open-loop load ----------------------------
+
+SWEEP_A, SWEEP_C, SWEEP_SIZE, SWEEP_SLO = 0.020, 0.002, 32, 0.200
+SWEEP_LOADS = (0.2, 0.5, 0.8, 1.0, 1.2, 1.5)
+SWEEP_MODES = ("fixed 10 ms", "fixed 50 ms", "fixed 10 ms + idle", "predictive 200 ms")
+
+
+class Sleeper(Model):
+    """Takes ``a + c·rows`` seconds (asleep: no CPU) and doubles ``x``."""
+
+    name = "sleeper"
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        x = payload["x"]
+        time.sleep(SWEEP_A + SWEEP_C * len(x))
+        return {"y": x * 2}
+
+
+@dataclass(frozen=True)
+class SweepFigure:
+    mode: str
+    load: float  # offered, as a share of capacity
+    offered: float  # requests per second sent
+    served: float  # requests per second answered (however late)
+    goodput: float  # requests per second answered within SWEEP_SLO
+    refused_share: float
+    p50_ms: float
+    p99_ms: float
+    over_slo_share: float  # answered after SWEEP_SLO
+    mean_batch_rows: float
+
+
+def sweep_batcher(mode: str, runner: InProcessRunner, on_batch: Callable[[int], None]) -> Infer:
+    wait = 0.010 if "10 ms" in mode else 0.050
+    if mode.startswith("fixed") and not mode.endswith("idle"):
+        return AdaptiveBatcher(
+            runner, max_batch_size=SWEEP_SIZE, max_batch_time=wait, on_batch=on_batch
+        ).infer
+    policy = (
+        Policy(SWEEP_SIZE, slo=SWEEP_SLO, max_queue=100_000)
+        if mode.startswith("predictive")
+        else Policy(SWEEP_SIZE, max_wait=wait, max_queue=100_000)
+    )
+    return PredictiveBatcher(runner, policy, on_batch=lambda report: on_batch(report.rows)).infer
+
+
+async def sweep_point(mode: str, load: float, duration: float, seed: int) -> SweepFigure:
+    """Poisson arrivals at ``load`` times capacity for ``duration`` s (after a 1 s warm-up)."""
+    capacity = SWEEP_SIZE / (SWEEP_A + SWEEP_C * SWEEP_SIZE)
+    rate = load * capacity
+    runner = InProcessRunner(Sleeper(), max_queue_size=100_000, metrics_sink=lambda u: None)
+    await runner.start()
+    rows: list[int] = []
+    infer = sweep_batcher(mode, runner, rows.append)
+    rng = np.random.default_rng(seed)
+    warmup = 1.0
+    gaps = rng.exponential(1 / rate, int(rate * (warmup + duration) * 1.2) + 10)
+    arrivals = np.cumsum(gaps)
+    arrivals = arrivals[arrivals < warmup + duration]
+    latencies: list[float] = []
+    refused = 0
+    x = np.ones((1, 1), np.float32)
+
+    async def one(scheduled: float, record: bool) -> None:
+        nonlocal refused
+        try:
+            await infer(InferenceRequest([Tensor("x", "FP32", (1, 1), x)]))
+        except Overloaded:
+            refused += record
+            return
+        if record:
+            latencies.append(time.perf_counter() - scheduled)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as group:
+        for offset in arrivals:
+            scheduled = start + float(offset)
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await anyio.sleep(delay)
+            group.start_soon(one, scheduled, bool(offset >= warmup))
+    await runner.stop()
+    sent = int(np.sum(arrivals >= warmup))
+    milliseconds = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
+    return SweepFigure(
+        mode=mode,
+        load=load,
+        offered=sent / duration,
+        served=len(latencies) / duration,
+        goodput=float(np.sum(milliseconds <= SWEEP_SLO * 1000)) / duration if latencies else 0,
+        refused_share=refused / max(1, sent),
+        p50_ms=float(np.percentile(milliseconds, 50)),
+        p99_ms=float(np.percentile(milliseconds, 99)),
+        over_slo_share=float(np.mean(milliseconds > SWEEP_SLO * 1000)),
+        mean_batch_rows=float(np.mean(rows)) if rows else 0.0,
+    )
+
+
+async def run_sweep(
+    duration: float, loads: Sequence[float], log: Callable[[str], None]
+) -> list[SweepFigure]:
+    figures = []
+    for load in loads:
+        for mode in SWEEP_MODES:
+            f = await sweep_point(mode, load, duration, seed=int(load * 100))
+            figures.append(f)
+            log(
+                f"{mode:>18} load {load:4.0%}  offered {f.offered:6.0f}/s served"
+                f" {f.served:6.0f}/s good {f.goodput:6.0f}/s refused {f.refused_share:5.1%}"
+                f"  p50 {f.p50_ms:7.1f} ms"
+                f"  p99 {f.p99_ms:8.1f} ms  >SLO {f.over_slo_share:5.1%}"
+                f"  rows/batch {f.mean_batch_rows:4.1f}"
+            )
+    return figures
+
+
+def sweep_report(figures: Sequence[SweepFigure], args: argparse.Namespace) -> str:
+    capacity = SWEEP_SIZE / (SWEEP_A + SWEEP_C * SWEEP_SIZE)
+    lines = [
+        f"# Batch timing under open-loop Poisson load ({args.backend}, Python"
+        f" {platform.python_version()}, {args.duration:g} s per point after 1 s of warm-up;"
+        f" model 20 ms + 2 ms a row, max_batch_size {SWEEP_SIZE}, capacity"
+        f" {capacity:.0f} req/s)",
+        "",
+        "| mode | offered load | offered req/s | answered req/s | within SLO req/s | refused"
+        f" | p50 (ms) | p99 (ms) | answered > {SWEEP_SLO * 1000:g} ms | rows/batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for f in figures:
+        lines.append(
+            f"| {f.mode} | {f.load:.0%} | {f.offered:.0f} | {f.served:.0f} | {f.goodput:.0f}"
+            f" | {f.refused_share:.1%} | {f.p50_ms:.1f} | {f.p99_ms:.1f}"
+            f" | {f.over_slo_share:.1%} | {f.mean_batch_rows:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_chart(figures: Sequence[SweepFigure], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (latency, served) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in SWEEP_MODES:
+        points = [f for f in figures if f.mode == mode]
+        loads = [100 * f.load for f in points]
+        latency.plot(loads, [f.p99_ms for f in points], marker="o", label=mode)
+        served.plot(loads, [f.goodput for f in points], marker="o", label=mode)
+    latency.axhline(SWEEP_SLO * 1000, color="grey", linestyle="--", linewidth=1)
+    latency.set(yscale="log", xlabel="offered load (% of capacity)", ylabel="p99 latency (ms)")
+    latency.set_title(f"p99 of answered requests (dashed: {SWEEP_SLO * 1000:g} ms SLO)")
+    served.set(xlabel="offered load (% of capacity)", ylabel="req/s answered within the SLO")
+    served.set_title("goodput")
+    served.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
@@ -281,12 +456,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--think", type=float, default=0.0005, help="max seconds a client pauses between requests"
     )
     parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument(
+        "--sweep", action="store_true", help="fixed window vs predictive, open-loop load"
+    )
+    parser.add_argument("--chart", type=Path, help="--sweep: draw the figures here (PNG)")
     args = parser.parse_args(argv)
-    points = grid(*((QUICK_SIZES, QUICK_TIMES) if args.quick else (SIZES, TIMES)))
 
     def log(line: str) -> None:
         print(line, flush=True)
 
+    if args.sweep:
+        swept = anyio.run(run_sweep, args.duration, SWEEP_LOADS, log, backend=args.backend)
+        print()
+        print(sweep_report(swept, args))
+        if args.json:
+            args.json.write_text(json.dumps([asdict(f) for f in swept], indent=1))
+        if args.chart:
+            sweep_chart(swept, args.chart)
+        return
+    points = grid(*((QUICK_SIZES, QUICK_TIMES) if args.quick else (SIZES, TIMES)))
     figures = anyio.run(
         run_all, points, args.repeat, args.duration, args.think, log, backend=args.backend
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from benchmarks import report
+from benchmarks.grpc_loadgen import METHOD, run_grpc
 from benchmarks.loadgen import LoadResult, find_wrk, run_load
 from benchmarks.scenarios import (
     Case,
@@ -138,6 +139,26 @@ def _outputs(headers: dict[str, str], body: bytes) -> dict[str, list[float]]:
     return outputs
 
 
+def _grpc_outputs(port: int, body: bytes) -> dict[str, list[float]]:
+    """Send one serialised ModelInferRequest; output name -> flat values."""
+    import grpc
+    import numpy as np
+
+    from v2mount.grpc.proto import grpc_predict_v2_pb2 as pb
+
+    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        answer = channel.unary_unary(METHOD)(body, timeout=60)
+    response = pb.ModelInferResponse.FromString(answer)
+    dtypes = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4"}
+    return {
+        output.name: np.frombuffer(
+            response.raw_output_contents[index], dtypes[output.datatype]
+        ).tolist()
+        for index, output in enumerate(response.outputs)
+    }
+
+
 def check_answers(ctx: Context, setup: Setup, servers: dict[str, RunningServer]) -> None:
     """Send each case's body once to each server: 200 and the same predictions, or raise."""
     for case in setup.cases:
@@ -146,6 +167,11 @@ def check_answers(ctx: Context, setup: Setup, servers: dict[str, RunningServer])
         answers = {}
         for kind in case.servers:
             if kind not in servers:
+                continue
+            if case.protocol == "grpc":
+                port = servers[kind].grpc_port
+                assert port is not None
+                answers[kind] = _grpc_outputs(port, body)
                 continue
             status, headers, answer = http_request(
                 servers[kind].port,
@@ -199,8 +225,7 @@ def _profile(ctx: Context, server: RunningServer, case: Case, payload: Payload) 
     ]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)
-    url = f"{server.base_url}/v2/models/{case.model}/infer"
-    run_load(ctx.tool, url, payload.path, payload.headers, case.concurrency, seconds - 1)
+    _load(ctx, server, case, seconds - 1)
     _, errors = spy.communicate(timeout=seconds + 60)
     if spy.returncode != 0 or not raw.exists():
         ctx.notes.append(f"py-spy failed on {case.key}: {errors.decode()[-300:]}")
@@ -209,18 +234,25 @@ def _profile(ctx: Context, server: RunningServer, case: Case, payload: Payload) 
     _log(f"profile of {case.key} written to {out}")
 
 
-def measure(ctx: Context, server: RunningServer, case: Case, rep: int) -> Run:
+def _load(ctx: Context, server: RunningServer, case: Case, duration: float) -> LoadResult:
     payload = ctx.payloads[case.payload]
+    if case.protocol == "grpc":
+        target = f"127.0.0.1:{server.grpc_port}"
+        return run_grpc(target, payload.path, case.concurrency, duration)
     url = f"{server.base_url}/v2/models/{case.model}/infer"
+    return run_load(ctx.tool, url, payload.path, payload.headers, case.concurrency, duration)
+
+
+def measure(ctx: Context, server: RunningServer, case: Case, rep: int) -> Run:
     duration = ctx.args.duration
     if case.model == "echo":
         duration = max(duration, 5.0)
     if wait_for_quiet(timeout_s=ctx.args.quiet_timeout) > 0.15:
         ctx.busy_starts += 1
     if ctx.args.warmup > 0:
-        run_load(ctx.tool, url, payload.path, payload.headers, case.concurrency, ctx.args.warmup)
+        _load(ctx, server, case, ctx.args.warmup)
     before, busy_before = tree_stats(server.process.pid), system_busy_s()
-    load = run_load(ctx.tool, url, payload.path, payload.headers, case.concurrency, duration)
+    load = _load(ctx, server, case, duration)
     after, busy_after = tree_stats(server.process.pid), system_busy_s()
     server_cpu = after.cpu_s - before.cpu_s
     other = max(0.0, busy_after - busy_before - server_cpu - load.loadgen_cpu_s)
@@ -319,7 +351,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated setup-key prefixes (tiny,heavy,batch,echo,memory)",
+        help="comma-separated setup-key prefixes (tiny,heavy,batch,echo,grpc,memory)",
     )
     parser.add_argument(
         "--servers", default="v2mount,mlserver", help="comma-separated subset of v2mount,mlserver"
@@ -380,6 +412,11 @@ def main(argv: list[str] | None = None) -> None:
     for setup in setups:
         run_setup(ctx, setup)
     elapsed = time.monotonic() - started
+    if any(case.protocol == "grpc" for setup in setups for case in setup.cases):
+        ctx.notes.append(
+            "gRPC cases were driven by benchmarks.grpc_loadgen (grpc.aio, one HTTP/2 "
+            "connection), not wrk; its CPU is in the load-gen column"
+        )
     if ctx.busy_starts:
         ctx.notes.append(
             f"{ctx.busy_starts} of {len(ctx.runs)} runs started while other processes kept more "

@@ -1,4 +1,4 @@
-"""The five benchmark scenarios: which servers to stand up, with which models, and what to send.
+"""The benchmark scenarios: which servers to stand up, with which models, and what to send.
 
 A ``Setup`` is one pair of servers (v2mount and MLServer) configured alike; its ``Case``s
 are the measured points run against both while they are up, interleaved. Request bodies
@@ -65,6 +65,8 @@ class Case:
     concurrency: int
     servers: tuple[str, ...] = ("v2mount", "mlserver")
     baseline: str | None = None
+    #: ``http`` (wrk or the asyncio client) or ``grpc`` (``grpc_loadgen``, ModelInfer).
+    protocol: str = "http"
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ def all_setups() -> list[Setup]:
                 f"echo-pw{workers}", f"1M FP32, {where}", workers, (echo,), (json_case, binary_case)
             )
         )
+    setups += grpc_setups(tiny, echo)
     for workers in (0, 2):
         where = "in-process" if workers == 0 else f"pool of {workers}"
         models = tuple(ModelSpec(f"tiny-{c}", "TinyModel", "tiny") for c in "abc")
@@ -157,6 +160,56 @@ def all_setups() -> list[Setup]:
             )
         )
     return setups
+
+
+def grpc_setups(tiny: ModelSpec, echo: ModelSpec) -> list[Setup]:
+    """Scenario 6: both servers' own gRPC servers (``ModelInfer``, raw contents)."""
+    scenario = "6 gRPC"
+    tiny_cases = tuple(
+        Case(
+            f"grpc-tiny-c{c}",
+            scenario,
+            f"tiny model, in-process, c={c}",
+            "tiny",
+            "tiny-grpc",
+            c,
+            protocol="grpc",
+        )
+        for c in TINY_CONCURRENCY
+    )
+    echo_grpc = Case(
+        "grpc-echo",
+        scenario,
+        "1M FP32 raw contents, in-process, c=1",
+        "echo",
+        "echo-grpc",
+        1,
+        protocol="grpc",
+    )
+    echo_rest = Case(
+        "grpc-echo-rest-binary",
+        scenario,
+        "1M FP32: v2mount binary REST vs MLServer gRPC, in-process, c=1",
+        "echo",
+        "echo-binary",
+        1,
+        servers=("v2mount",),
+        baseline=echo_grpc.key,
+    )
+    return [
+        Setup("grpc-tiny", "tiny model over gRPC, in-process", 0, (tiny,), tiny_cases),
+        Setup("grpc-echo", "1M FP32 over gRPC, in-process", 0, (echo,), (echo_grpc, echo_rest)),
+    ]
+
+
+def _grpc_body(model: str, name: str, array: np.ndarray) -> bytes:
+    """A serialised ModelInferRequest carrying ``array`` as raw_input_contents."""
+    from v2mount.grpc.proto import grpc_predict_v2_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=name, datatype="FP32", shape=list(array.shape))
+    request.raw_input_contents.append(array.astype("<f4").tobytes())
+    return request.SerializeToString()
 
 
 def _json_body(name: str, array: np.ndarray) -> bytes:
@@ -190,6 +243,14 @@ def write_payloads(folder: Path) -> dict[str, Payload]:
         path = folder / f"{key}.json"
         path.write_bytes(body)
         payloads[key] = Payload(path, json_headers)
+    grpc_bodies = {
+        "tiny-grpc": _grpc_body("tiny", "x", np.array([[5.9, 3.0, 5.1, 1.8]], dtype=np.float32)),
+        "echo-grpc": _grpc_body("echo", "x", echo),
+    }
+    for key, body in grpc_bodies.items():
+        path = folder / f"{key}.pb"
+        path.write_bytes(body)
+        payloads[key] = Payload(path, {})
     header = json.dumps(
         {
             "inputs": [

@@ -111,6 +111,8 @@ class RunningServer:
     log: Path
     started_at: float = field(default_factory=time.monotonic)
     extra_ports: list[int] = field(default_factory=list)
+    #: Where its gRPC server listens (v2mount: ``V2MOUNT_GRPC_PORT``; MLServer: always).
+    grpc_port: int | None = None
 
     @property
     def base_url(self) -> str:
@@ -180,7 +182,8 @@ def _pythonpath(extra: Path) -> str:
 def start_v2mount(
     repository: Path, *, log: Path, env: Mapping[str, str] | None = None
 ) -> RunningServer:
-    """``uvicorn v2mount:app`` on a free port with httptools, uvloop and no access log."""
+    """``uvicorn v2mount:app`` on a free port with httptools, uvloop and no access log,
+    and its gRPC server on another (as MLServer always runs one)."""
     port = free_port()
     command = [
         sys.executable,
@@ -199,13 +202,18 @@ def start_v2mount(
         "--log-level",
         "warning",
     ]
+    grpc_port = free_port()
     full_env = {
         **BLAS_ENV,
         "PYTHONPATH": _pythonpath(MODELS_DIR),
         "V2MOUNT_MODEL_REPOSITORY": str(repository),
+        "V2MOUNT_GRPC_PORT": str(grpc_port),
+        "V2MOUNT_GRPC_HOST": "127.0.0.1",
         **(env or {}),
     }
-    return _spawn("v2mount", command, full_env, log, port, repository)
+    server = _spawn("v2mount", command, full_env, log, port, repository)
+    server.grpc_port = grpc_port
+    return server
 
 
 def write_mlserver_settings(repository: Path, parallel_workers: int) -> list[int]:
@@ -232,6 +240,7 @@ def start_mlserver(repository: Path, bin_dir: Path, *, log: Path) -> RunningServ
     env = {**BLAS_ENV, "PYTHONPATH": _pythonpath(MODELS_DIR)}
     server = _spawn("mlserver", command, env, log, settings["http_port"], repository)
     server.extra_ports = [settings["grpc_port"], settings["metrics_port"]]
+    server.grpc_port = settings["grpc_port"]
     return server
 
 

@@ -20,7 +20,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from v2mount.settings import ModelParameters, ModelSettings, Settings, TensorSpec
+from v2mount.settings import BatchingSettings, ModelParameters, ModelSettings, Settings, TensorSpec
 
 PAGE = Path(__file__).resolve().parent / "settings.md"
 
@@ -64,6 +64,13 @@ PARAMETERS_INTRO = """\
 ### `parameters` (`ModelParameters`)
 
 Any other key is kept and readable by the model as `self.settings.parameters.<key>`.
+"""
+
+BATCHING_INTRO = """\
+### `batching` (`BatchingSettings`)
+
+v2mount's own block (MLServer has no such field): how batches are timed. See
+[adaptive batching](adaptive-batching.md). An unknown key in it is an error.
 """
 
 TENSOR_INTRO = """\
@@ -167,6 +174,8 @@ def render() -> str:
         "\n".join(model_table(ModelSettings, frozenset({"source_dir"}))) + "\n",
         PARAMETERS_INTRO,
         "\n".join(model_table(ModelParameters)) + "\n",
+        BATCHING_INTRO,
+        "\n".join(model_table(BatchingSettings)) + "\n",
         TENSOR_INTRO,
         "\n".join(model_table(TensorSpec)) + "\n",
     ]

@@ -24,6 +24,7 @@ PUBLIC_MODULES = [
     "v2mount.testing",
     "v2mount.runtimes",
     "v2mount.codecs.content",
+    "v2mount.grpc",
     "v2mount.tuning",
     "v2mount.tuning.cli",
 ]

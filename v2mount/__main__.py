@@ -4,8 +4,10 @@
 
 Every server setting is also a flag (``--model-parallel-workers 2``, ``--metrics-path
 none``); a flag wins over its ``V2MOUNT_*`` environment variable, which wins over the
-repository's ``settings.json``. One server process: for several, run ``uvicorn
-v2mount:app --workers N`` (or gunicorn) with the settings in the environment.
+repository's ``settings.json``. ``--grpc-port 8081`` adds the gRPC service (extra
+``v2mount[grpc]``), on ``--host`` unless ``--grpc-host`` says otherwise. One server
+process: for several, run ``uvicorn v2mount:app --workers N`` (or gunicorn) with the
+settings in the environment.
 
 ``python -m v2mount tune REPOSITORY MODEL`` measures a model and recommends its settings
 (``v2mount.tuning``, docs/tuning.md).
@@ -14,6 +16,7 @@ v2mount:app --workers N`` (or gunicorn) with the settings in the environment.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -100,8 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from v2mount.standalone import create_app
 
+    overrides = settings_overrides(args)
+    if "grpc_host" not in overrides and "V2MOUNT_GRPC_HOST" not in os.environ:
+        overrides["grpc_host"] = args.host  # gRPC listens where REST does unless told
     try:
-        app = create_app(**settings_overrides(args))
+        app = create_app(**overrides)
     except SettingsError as exc:
         print(f"python -m v2mount: {exc.message}", file=sys.stderr)
         return 2

@@ -1,22 +1,24 @@
-"""Every error v2mount raises, and the HTTP status each one maps to.
+"""Every error v2mount raises, and the HTTP status and gRPC status code each maps to.
 
 ```
-V2MountError                      base class; ``status_code`` is 500
-├── BadRequest                    400 malformed body, tensor, datatype, shape, names
-│   ├── PayloadTooLarge           413 body above ``max_request_bytes``
-│   └── HeadersTooLarge           431 headers above ``max_header_bytes``
-├── ModelNotFound                 404 unknown model, or unknown version of a known model
-├── ModelNotReady                 503 model known but not loaded (or failed to load)
-├── RepositoryDisabled            403 repository extension switched off
-├── Overloaded                    503 + ``Retry-After``: a model's queue is full
-├── InferenceTimeout              504 a request outlived ``inference_timeout``
-├── ModelError                    500 the model's own code raised (message kept, no traceback)
-├── BrokenWorker                  500 a worker process died while holding the request
+V2MountError                      base class; 500, INTERNAL
+├── BadRequest                    400 INVALID_ARGUMENT malformed body, tensor, datatype, shape
+│   ├── PayloadTooLarge           413 RESOURCE_EXHAUSTED body above ``max_request_bytes``
+│   ├── UnsupportedEncoding       415 INVALID_ARGUMENT a Content-Encoding not gzip/deflate
+│   └── HeadersTooLarge           431 INVALID_ARGUMENT headers above ``max_header_bytes``
+├── ModelNotFound                 404 NOT_FOUND unknown model, or unknown version of a model
+├── ModelNotReady                 503 UNAVAILABLE model known but not loaded (or failed to)
+├── RepositoryDisabled            403 PERMISSION_DENIED repository extension switched off
+├── Overloaded                    503 + ``Retry-After``, RESOURCE_EXHAUSTED: queue full
+├── InferenceTimeout              504 DEADLINE_EXCEEDED outlived ``inference_timeout``
+├── ModelError                    500 INTERNAL the model's own code raised (no traceback)
+├── BrokenWorker                  500 INTERNAL a worker process died holding the request
 └── SettingsError                 raised at start-up: a bad settings file or field
 ```
 
-``error_status`` and ``error_headers`` are the one place where an exception becomes
-an HTTP answer.
+``status_code`` and ``headers()`` are the one place where an exception becomes an HTTP
+answer; ``grpc_code`` (a ``grpc.StatusCode`` member name, as Triton uses them) the one
+place where it becomes a gRPC status.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "PayloadTooLarge",
     "RepositoryDisabled",
     "SettingsError",
+    "UnsupportedEncoding",
     "V2MountError",
     "describe_exception",
 ]
@@ -42,6 +45,7 @@ class V2MountError(Exception):
     """Base class; the message is what the client sees in ``{"error": ...}``."""
 
     status_code = 500
+    grpc_code = "INTERNAL"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -53,10 +57,16 @@ class V2MountError(Exception):
 
 class BadRequest(V2MountError):
     status_code = 400
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class PayloadTooLarge(BadRequest):
     status_code = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class UnsupportedEncoding(BadRequest):
+    status_code = 415
 
 
 class HeadersTooLarge(BadRequest):
@@ -65,12 +75,14 @@ class HeadersTooLarge(BadRequest):
 
 class ModelNotFound(V2MountError):
     status_code = 404
+    grpc_code = "NOT_FOUND"
 
 
 class ModelNotReady(V2MountError):
     """``retry_after`` (seconds) is set when readiness is expected back soon."""
 
     status_code = 503
+    grpc_code = "UNAVAILABLE"
 
     def __init__(self, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
@@ -82,10 +94,12 @@ class ModelNotReady(V2MountError):
 
 class RepositoryDisabled(V2MountError):
     status_code = 403
+    grpc_code = "PERMISSION_DENIED"
 
 
 class Overloaded(V2MountError):
     status_code = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
@@ -97,6 +111,7 @@ class Overloaded(V2MountError):
 
 class InferenceTimeout(V2MountError):
     status_code = 504
+    grpc_code = "DEADLINE_EXCEEDED"
 
 
 class ModelError(V2MountError):

@@ -33,7 +33,12 @@ from v2mount.stats import InferenceStats
 from v2mount.types import InferenceRequest, InferenceResponse
 
 if TYPE_CHECKING:
-    from v2mount.batching import AdaptiveBatcher, BatcherStatistics
+    from v2mount.batching import (
+        AdaptiveBatcher,
+        BatcherStatistics,
+        PredictiveBatcher,
+        PredictiveStatistics,
+    )
 
 __all__ = ["ModelHandle", "ModelRegistry", "ModelState", "version_key"]
 
@@ -74,7 +79,7 @@ class ModelHandle:
         self.reason = ""
         self.stats = InferenceStats()
         self._runner: Runner | None = None
-        self._batcher: AdaptiveBatcher | None = None
+        self._batcher: AdaptiveBatcher | PredictiveBatcher | None = None
         self._in_flight = 0
         self._idle: anyio.Event | None = None
 
@@ -139,14 +144,20 @@ class ModelHandle:
         self._runner = runner
         batch_size: int = self._setting("max_batch_size")
         if batch_size > 1:
-            from v2mount.batching import AdaptiveBatcher
+            from v2mount.batching import batcher_for
 
-            self._batcher = AdaptiveBatcher(
+            self._batcher = batcher_for(
                 runner,
+                self.settings.batching,
                 max_batch_size=batch_size,
                 max_batch_time=float(self._setting("max_batch_time")),
-                on_batch=lambda rows: self.metrics.observe_batch(self.name, self.version, rows),
+                max_queue_size=self._setting("max_queue_size"),
+                on_batch=lambda rows, delays: self.metrics.observe_batch(
+                    self.name, self.version, rows, delays
+                ),
             )
+        elif self.settings.batching is not None:
+            logger.warning("model %s: batching is off (max_batch_size <= 1)", self.label)
         self.state = ModelState.READY
         logger.info("model %s ready", self.label)
 
@@ -169,7 +180,7 @@ class ModelHandle:
     def runner_statistics(self) -> RunnerStatistics | None:
         return self._runner.statistics() if self._runner is not None else None
 
-    def batcher_statistics(self) -> BatcherStatistics | None:
+    def batcher_statistics(self) -> BatcherStatistics | PredictiveStatistics | None:
         return self._batcher.statistics() if self._batcher is not None else None
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
@@ -186,8 +197,13 @@ class ModelHandle:
         try:
             validate_request(self.settings, request)
             check_content_types(request, self.settings)
-            with anyio.fail_after(timeout):
-                response = await executor.infer(request)
+            if executor is runner and isinstance(runner, InProcessRunner) and runner.inline:
+                # No await inside an inline predict where a deadline could fire: skip
+                # the cancel scope (and its timer) this request would pay for nothing.
+                response = await runner.infer(request)
+            else:
+                with anyio.fail_after(timeout):
+                    response = await executor.infer(request)
             response = select_outputs(response, request)
             ok = True
             return response

@@ -11,13 +11,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from v2mount.errors import SettingsError
 from v2mount.types import DATATYPES
 
 __all__ = [
+    "BatchingSettings",
     "ModelParameters",
     "ModelSettings",
     "Settings",
@@ -74,6 +82,35 @@ class ModelParameters(BaseModel):
     """Default content type for decoding the request (``np``, ``str``, ``pd`` …)."""
 
 
+class BatchingSettings(BaseModel):
+    """v2mount's ``batching`` block: how batches are timed (see docs/adaptive-batching.md).
+
+    Present (even empty): at most one batch in flight per worker, and a batch goes at
+    once when a worker is free and nothing else is expected in time. With ``slo_ms``:
+    predictive batching under that latency target, with admission control.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    slo_ms: float | None = Field(default=None, gt=0)
+    """Latency target per request in the batcher and model, in ms: batches are timed
+    from a fitted cost model to meet it (``max_batch_time`` is then unused); unset: a
+    fixed window of ``max_batch_time``."""
+    max_wait_ms: float | None = Field(default=None, ge=0)
+    """With ``slo_ms``: the longest the oldest request of a batch waits for company, in
+    ms; unset: as long as the SLO allows."""
+    admission: bool = True
+    """With ``slo_ms``: answer 503 + ``Retry-After`` at once to a request predicted to
+    miss its SLO."""
+    idle_dispatch: bool = True
+    """Without ``slo_ms``: send a batch before ``max_batch_time`` when a worker is free
+    and the next request is not expected before then."""
+    min_samples: int = Field(default=8, ge=2)
+    """Batches to measure before the cost model is trusted (until then, no waiting)."""
+    window: int = Field(default=16, ge=1)
+    """Batches the cost model keeps per size class (1, 2-3, 4-7 ... rows)."""
+
+
 class ModelSettings(BaseModel):
     """One model version's settings (MLServer ``model-settings.json`` field names).
 
@@ -103,6 +140,9 @@ class ModelSettings(BaseModel):
     """Adaptive batching: rows per batch (≤ 1: off); unset: server default."""
     max_batch_time: float | None = Field(default=None, ge=0)
     """Adaptive batching: seconds the oldest request may wait; unset: server default."""
+    batching: BatchingSettings | None = None
+    """v2mount only: predictive batching under a latency SLO, or a fixed window that
+    sends early when idle (``BatchingSettings``); unset: the plain fixed window."""
     inference_timeout: float | None = Field(default=None, gt=0)
     """Seconds before a request gets 504; unset: server default."""
     max_queue_size: int | None = Field(default=None, ge=1)
@@ -124,6 +164,13 @@ class ModelSettings(BaseModel):
         if "/" in value or value in (".", ".."):
             raise ValueError(f"model name {value!r} must not contain '/' or be '.' or '..'")
         return value
+
+    @model_validator(mode="after")
+    def _batching_needs_batches(self) -> ModelSettings:
+        if self.batching is not None and self.max_batch_size is not None:
+            if self.max_batch_size <= 1:
+                raise ValueError("a batching block needs max_batch_size > 1")
+        return self
 
     @property
     def version(self) -> str | None:
@@ -187,6 +234,24 @@ class Settings(BaseSettings):
     """Serve Swagger UI at ``/v2/docs`` and per model."""
     repository_api_enabled: bool = True
     """Serve the model repository extension (index, load, unload)."""
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve the OIP gRPC service on this port too (extra ``v2mount[grpc]``; 0: any
+    free port); unset: no gRPC. It listens beside the ASGI server, never inside it."""
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds (``0.0.0.0`` or ``[::]`` for every interface)."""
+    grpc_max_message_length: int | None = Field(default=None, ge=1)
+    """Largest gRPC message received or sent, in bytes; unset: ``max_request_bytes``."""
+    grpc_ssl_certfile: Path | None = None
+    """PEM certificate chain: gRPC over TLS (needs ``grpc_ssl_keyfile``)."""
+    grpc_ssl_keyfile: Path | None = None
+    """PEM private key of ``grpc_ssl_certfile``."""
+    grpc_ssl_ca_certs: Path | None = None
+    """PEM root certificates: gRPC clients must present a certificate they signed."""
+    grpc_reuse_port: bool = False
+    """Let several processes (``uvicorn --workers``) share ``grpc_port`` (SO_REUSEPORT);
+    off, a port another process holds fails start-up."""
+    grpc_shutdown_grace: float = Field(default=5.0, ge=0)
+    """Seconds in-flight gRPC calls get to finish at shutdown before they are cancelled."""
 
     @field_validator("route_prefix")
     @classmethod

@@ -402,6 +402,7 @@ class FailingRunner:
     """A runner whose every call raises ``error``."""
 
     ready = True
+    reason = None
 
     def __init__(self, error: Exception) -> None:
         self.error = error

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import copy
 import functools
 import threading
-from collections.abc import Callable, Coroutine, Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 
+from v2mount.batching._loops import Spawner, current_loop, fresh
 from v2mount.batching._tensors import (
     batch_rows,
     compatibility_key,
@@ -22,11 +19,6 @@ from v2mount.batching._tensors import (
 from v2mount.errors import ModelError, V2MountError
 from v2mount.runner import Runner
 from v2mount.types import InferenceRequest, InferenceResponse
-
-try:
-    import sniffio
-except ModuleNotFoundError:  # pragma: no cover - trio needs sniffio: only asyncio runs here
-    sniffio = None  # type: ignore[assignment]
 
 __all__ = ["AdaptiveBatcher", "BatcherStatistics"]
 
@@ -99,7 +91,7 @@ class AdaptiveBatcher:
         # Guards the open batches and the counters: loops in several threads may share us.
         self._lock = threading.Lock()
         self._open: dict[Hashable, _Batch] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._spawner = Spawner()
         self._queued_requests = 0
         self._queued_rows = 0
         self._batches = 0
@@ -121,7 +113,7 @@ class AdaptiveBatcher:
             with self._lock:
                 self._unbatched += 1
             return await self._runner.infer(request)
-        loop, trio = _current_loop()
+        loop, trio = current_loop()
         member = _Member(request, rows)
         batch = self._join((loop, key), member, trio)
         try:
@@ -130,7 +122,7 @@ class AdaptiveBatcher:
             self._leave(batch, member)
             raise
         if member.error is not None:
-            raise _fresh(member.error)
+            raise fresh(member.error)
         if member.response is None:
             raise ModelError("the batch was cancelled (its event loop is closing)")
         return member.response
@@ -170,9 +162,9 @@ class AdaptiveBatcher:
                 self._take(batch)
                 ready.append(batch)
         if opened:
-            self._spawn(functools.partial(self._expire, batch), trio)
+            self._spawner.spawn(functools.partial(self._expire, batch), trio)
         for full in ready:
-            self._spawn(functools.partial(self._run, full), trio)
+            self._spawner.spawn(functools.partial(self._run, full), trio)
         return batch
 
     def _leave(self, batch: _Batch, member: _Member) -> None:
@@ -194,17 +186,6 @@ class AdaptiveBatcher:
         batch.taken = True
         self._queued_requests -= len(batch.members)
         self._queued_rows -= batch.rows
-
-    def _spawn(self, function: Callable[[], Coroutine[Any, Any, None]], trio: bool) -> None:
-        """Run ``function()`` in a task of the current loop that no caller owns."""
-        if trio:
-            import trio as trio_module
-
-            trio_module.lowlevel.spawn_system_task(function, context=contextvars.copy_context())
-            return
-        task = asyncio.get_running_loop().create_task(function())
-        self._tasks.add(task)  # the loop holds tasks weakly
-        task.add_done_callback(self._tasks.discard)
 
     async def _expire(self, batch: _Batch) -> None:
         """Send ``batch`` at its deadline unless it went (or emptied) before.
@@ -254,22 +235,3 @@ class AdaptiveBatcher:
                 member.response = None if parts is None else parts[index]
             batch.done.set()
             batch.members = []  # the deadline task may hold the batch a little longer
-
-
-def _current_loop() -> tuple[Hashable, bool]:
-    """The running event loop (batches never span two) and whether it is trio's."""
-    if sniffio is not None and sniffio.current_async_library() == "trio":
-        import trio
-
-        return trio.lowlevel.current_trio_token(), True
-    return asyncio.get_running_loop(), False
-
-
-def _fresh(error: BaseException) -> BaseException:
-    """A copy per waiting caller, so one exception's traceback is not grown by many raises."""
-    try:
-        clone = copy.copy(error)
-    except Exception:
-        return error
-    clone.__cause__ = error.__cause__
-    return clone

@@ -4,8 +4,12 @@ Seed metrics carry MLServer's names: ``model_infer_request_success`` / ``_failur
 (labels ``model``, ``version``), ``batch_request_queue`` and ``parallel_request_queue``
 (read from the models' statistics at scrape time), ``rest_server_requests``,
 ``rest_server_requests_duration_seconds`` and ``rest_server_requests_in_progress``
-(labels ``method``, ``path`` = the route template, ``status_code``), plus the inference
-latency and the adaptive batcher's batch sizes. Models add their own through
+(labels ``method``, ``path`` = the route template, ``status_code``),
+``grpc_server_started_total``, ``grpc_server_handled_total`` and
+``grpc_server_handling_seconds`` (labels ``grpc_type``, ``grpc_service``,
+``grpc_method``, and ``grpc_code`` when handled), plus the inference latency and the
+adaptive batcher's batch sizes, queue delays, dispatch reasons, refusals, SLO misses and
+fitted cost. Models add their own through
 ``apply_custom``.
 
 Prometheus multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before anything imports
@@ -24,6 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from v2mount.metrics.batching import BatchingCollector
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.metrics.queues import QueueCollector, QueueSource
 
@@ -36,6 +41,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _MODEL_LABELS = ("model", "version")
 _REST_LABELS = ("method", "path", "status_code")
+#: py-grpc-prometheus's labels, as MLServer's gRPC server reports them.
+_GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 _KINDS: dict[str, type[Counter] | type[Gauge] | type[Histogram]] = {
     "counter": Counter,
     "gauge": Gauge,
@@ -105,7 +112,36 @@ class AppMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.grpc_started = Counter(
+            "grpc_server_started",
+            "gRPC calls started, by type, service and method",
+            _GRPC_LABELS,
+            registry=self.registry,
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled",
+            "gRPC calls finished, by type, service, method and status code",
+            (*_GRPC_LABELS, "grpc_code"),
+            registry=self.registry,
+        )
+        self.grpc_duration = Histogram(
+            "grpc_server_handling_seconds",
+            "gRPC call latency, by type, service and method",
+            _GRPC_LABELS,
+            registry=self.registry,
+        )
+        self.batch_queue_delay = Histogram(
+            "model_infer_batch_queue_delay_seconds",
+            "Time each batched request waited in the batcher before its batch went",
+            _MODEL_LABELS,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
         self.queues = QueueCollector(registry=self.registry)
+        self.batching = BatchingCollector(registry=self.registry)
+        # Per-model children (success, duration, failure), resolved on a model's first
+        # inference: prometheus-client's ``labels`` takes a lock and builds a key each time.
+        self._model_children: dict[tuple[str, str], tuple[Counter, Histogram, Counter]] = {}
         self._custom: dict[str, tuple[str, tuple[str, ...], Any]] = {}
         self._lock = threading.Lock()
 
@@ -113,18 +149,32 @@ class AppMetrics:
 
     def record_inference(self, model: str, version: str | None, ok: bool, seconds: float) -> None:
         labels = (model, version or "")
+        children = self._model_children.get(labels)
+        if children is None:
+            children = (
+                self.infer_success.labels(*labels),
+                self.infer_duration.labels(*labels),
+                self.infer_failure.labels(*labels),
+            )
+            self._model_children[labels] = children
         if ok:
-            self.infer_success.labels(*labels).inc()
-            self.infer_duration.labels(*labels).observe(seconds)
+            children[0].inc()
+            children[1].observe(seconds)
         else:
-            self.infer_failure.labels(*labels).inc()
+            children[2].inc()
 
-    def observe_batch(self, model: str, version: str | None, rows: int) -> None:
+    def observe_batch(
+        self, model: str, version: str | None, rows: int, queue_delays: Iterable[float] = ()
+    ) -> None:
         self.batch_size.labels(model, version or "").observe(rows)
+        delay = self.batch_queue_delay.labels(model, version or "")
+        for seconds in queue_delays:
+            delay.observe(seconds)
 
     def track_queues(self, sources: Callable[[], Iterable[QueueSource]]) -> None:
         """Report the queues of whatever ``sources()`` returns at each scrape."""
         self.queues.track(sources)
+        self.batching.track(sources)
 
     def apply_custom(self, updates: list[MetricUpdate]) -> None:
         """Apply updates a model recorded; a bad one is logged, never raised."""
@@ -144,6 +194,7 @@ class AppMetrics:
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
         merged.register(self.queues)
+        merged.register(self.batching)
         return merged
 
     # -- custom metrics -----------------------------------------------------------------

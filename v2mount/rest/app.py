@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.applications import Starlette
@@ -23,8 +23,12 @@ from v2mount.rest.dataplane import dataplane_routes
 from v2mount.rest.docs import docs_routes
 from v2mount.rest.errors import error_response, http_exception_handler
 from v2mount.rest.extensions import repository_routes, statistics_routes
+from v2mount.rest.infer import InferEndpoint
 from v2mount.rest.metrics import RestMetricsMiddleware, metrics_routes
 from v2mount.settings import ModelSettings, Settings, load_settings
+
+if TYPE_CHECKING:
+    from v2mount.grpc import GrpcServer
 
 __all__ = ["V2App"]
 
@@ -40,6 +44,8 @@ class V2App:
     a host whose ``Mount`` does not forward lifespan gets them started on the first
     request (concurrent first requests wait for one start), and can compose
     ``app.lifespan()`` into its own lifespan to start and stop them with the host.
+    With ``grpc_port`` set, the gRPC service (``app.grpc``) starts and stops with them,
+    on its own port.
     """
 
     def __init__(
@@ -70,7 +76,18 @@ class V2App:
             lifespan=self.lifespan,
         )
         self._router = RestMetricsMiddleware(router, self.metrics, router.routes)
+        self._infer = InferEndpoint(self)
         self.metrics.track_queues(self.registry.handles)
+        self.grpc: GrpcServer | None = None
+        if self.settings.grpc_port is not None:
+            try:
+                from v2mount.grpc import GrpcServer
+            except ImportError as exc:
+                raise SettingsError(
+                    f"grpc_port is set but gRPC support is missing ({exc}): "
+                    "pip install 'v2mount[grpc]'"
+                ) from None
+            self.grpc = GrpcServer(self)
 
     def _add(self, model: Model) -> ModelHandle:
         handle = ModelHandle(model, self.settings, self.metrics)
@@ -91,7 +108,9 @@ class V2App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            size = 0
+            for name, value in scope["headers"]:
+                size += len(name) + len(value)
             if size > self.settings.max_header_bytes:
                 error = HeadersTooLarge(
                     f"request headers of {size} bytes exceed the "
@@ -101,6 +120,10 @@ class V2App:
                 return
             if not self._started and not self._stopping:
                 await self.startup()
+            inference = self._infer.match(scope)
+            if inference is not None:  # the hot path skips Starlette's router
+                await self._infer.serve(scope, receive, send, inference)
+                return
         await self._router(scope, receive, send)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -119,6 +142,8 @@ class V2App:
             return
         self._starting = anyio.Event()
         try:
+            if self.grpc is not None:  # first: a port it cannot bind fails before any load
+                await self.grpc.start()
             async with anyio.create_task_group() as tg:
                 for handle in self.registry.handles():
                     tg.start_soon(handle.load)
@@ -131,6 +156,8 @@ class V2App:
         """Drain in-flight requests and stop every model's workers (shielded)."""
         with anyio.CancelScope(shield=True):
             self._stopping = True  # a late request must not start the models again
+            if self.grpc is not None:  # its in-flight calls finish while models serve
+                await self.grpc.stop()
             async with anyio.create_task_group() as tg:
                 for handle in self.registry.handles():
                     tg.start_soon(handle.unload)
@@ -149,7 +176,19 @@ class V2App:
         finally:
             await self.shutdown()
 
-    # -- repository extension -------------------------------------------------------
+    # -- statistics and repository extensions (REST and gRPC) ----------------------------
+
+    def model_statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
+        """Statistics entries of every model, every version of ``name``, or one version."""
+        if name is None:
+            handles = list(self.registry.handles())
+        elif version is None:
+            handles = self.registry.versions(name)
+            if not handles:
+                raise ModelNotFound(f"model {name!r} not found")
+        else:
+            handles = [self.registry.get(name, version)]
+        return [h.stats.as_dict(h.name, h.version) for h in handles]
 
     def repository_index(self) -> list[dict[str, Any]]:
         entries: dict[tuple[str, str | None], dict[str, Any]] = {}

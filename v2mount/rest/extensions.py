@@ -9,8 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from v2mount.errors import BadRequest, ModelNotFound, RepositoryDisabled
-from v2mount.rest.body import read_body
+from v2mount.errors import BadRequest, RepositoryDisabled
+from v2mount.rest.body import request_body
 from v2mount.rest.errors import json_response, v2_endpoint
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ _SMALL_BODY = 64 * 1024
 
 async def _json_object(request: Request) -> dict[str, Any]:
     """An optional small JSON object body (empty body → ``{}``)."""
-    body = await read_body(request, _SMALL_BODY)
+    body = await request_body(request, _SMALL_BODY)
     if not body.strip():
         return {}
     try:
@@ -76,17 +76,9 @@ def repository_routes(app: V2App) -> list[BaseRoute]:
 def statistics_routes(app: V2App) -> list[BaseRoute]:
     @v2_endpoint
     async def statistics(request: Request) -> Response:
-        name = request.path_params.get("name")
-        version = request.path_params.get("version")
-        if name is None:
-            handles = list(app.registry.handles())
-        elif version is None:
-            handles = app.registry.versions(name)
-            if not handles:
-                raise ModelNotFound(f"model {name!r} not found")
-        else:
-            handles = [app.registry.get(name, version)]
-        return json_response({"model_stats": [h.stats.as_dict(h.name, h.version) for h in handles]})
+        params = request.path_params
+        stats = app.model_statistics(params.get("name"), params.get("version"))
+        return json_response({"model_stats": stats})
 
     return [
         Route("/v2/models/stats", statistics, methods=["GET"]),

@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import anyio
 
-from v2mount.batching import BatcherStatistics
 from v2mount.errors import V2MountError
 from v2mount.registry import ModelHandle
 from v2mount.repository import instantiate
@@ -58,7 +57,7 @@ class AppTarget:
             )
 
     def _batch_counts(self) -> tuple[int, int]:
-        stats: BatcherStatistics | None = self.handle.batcher_statistics()
+        stats = self.handle.batcher_statistics()
         return (0, 0) if stats is None else (stats.batches, stats.batched_requests)
 
     async def measure(self, concurrency: int, duration: float) -> Step:
