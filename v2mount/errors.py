@@ -4,6 +4,7 @@
 V2MountError                      base class; 500, INTERNAL
 ├── BadRequest                    400 INVALID_ARGUMENT malformed body, tensor, datatype, shape
 │   ├── PayloadTooLarge           413 RESOURCE_EXHAUSTED body above ``max_request_bytes``
+│   ├── UnsupportedEncoding       415 INVALID_ARGUMENT a Content-Encoding not gzip/deflate
 │   └── HeadersTooLarge           431 INVALID_ARGUMENT headers above ``max_header_bytes``
 ├── ModelNotFound                 404 NOT_FOUND unknown model, or unknown version of a model
 ├── ModelNotReady                 503 UNAVAILABLE model known but not loaded (or failed to)
@@ -34,6 +35,7 @@ __all__ = [
     "PayloadTooLarge",
     "RepositoryDisabled",
     "SettingsError",
+    "UnsupportedEncoding",
     "V2MountError",
     "describe_exception",
 ]
@@ -61,6 +63,10 @@ class BadRequest(V2MountError):
 class PayloadTooLarge(BadRequest):
     status_code = 413
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class UnsupportedEncoding(BadRequest):
+    status_code = 415
 
 
 class HeadersTooLarge(BadRequest):

@@ -213,8 +213,13 @@ class ModelHandle:
         try:
             validate_request(self.settings, request)
             check_content_types(request, self.settings)
-            with anyio.fail_after(timeout):
-                response = await executor.infer(request)
+            if executor is runner and isinstance(runner, InProcessRunner) and runner.inline:
+                # No await inside an inline predict where a deadline could fire: skip
+                # the cancel scope (and its timer) this request would pay for nothing.
+                response = await runner.infer(request)
+            else:
+                with anyio.fail_after(timeout):
+                    response = await executor.infer(request)
             response = select_outputs(response, request)
             ok = True
             return response

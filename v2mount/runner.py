@@ -87,28 +87,45 @@ class _InlinePolicy:
     """Chooses between the event loop and a worker thread for a plain ``predict``.
 
     A thread hop costs about 100 µs of CPU and more of latency, more than a tiny model's
-    whole predict. After ``WARMUP`` threaded calls whose moving average is under
-    ``budget`` seconds, calls run on the loop; the first inline call slower than
-    ``10 * budget`` sends them back to the thread (and the count restarts), so a model
-    that turns slow blocks the loop for one call at most. ``budget == 0``: always thread.
+    whole predict. After ``warmup`` threaded calls whose moving average is under
+    ``budget`` seconds, calls run on the loop. ``STRIKES`` inline calls in a row slower
+    than ``10 * budget``, or one slower than ``1000 * budget``, send them back to the
+    thread, and the next warm-up is twice as long (up to ``MAX_WARMUP``): a model that
+    turns slow blocks the loop for a few calls at most, one that keeps changing its mind
+    costs less and less. A lone slow call (a garbage collection, the OS preempting the
+    process on a busy machine: 150 ms seen) does not count: under load every trip to the
+    thread costs each queued request a GIL hand-over, a long tail for nothing.
+    ``budget == 0``: always the thread.
     """
 
     WARMUP = 20
+    MAX_WARMUP = 20 * 2**9
+    STRIKES = 3
 
     def __init__(self, budget: float) -> None:
         self.budget = budget
         self.inline = False
+        self.warmup = self.WARMUP
         self._average = 0.0
         self._samples = 0
+        self._strikes = 0
 
-    def record(self, seconds: float, inline: bool) -> None:
-        if inline:
-            if seconds > 10 * self.budget:
-                self.inline, self._samples = False, 0
-            return
+    def threaded(self, seconds: float) -> None:
+        """Record a call made in the worker thread."""
         self._average = seconds if self._samples == 0 else 0.8 * self._average + 0.2 * seconds
         self._samples += 1
-        self.inline = self._samples >= self.WARMUP and self._average < self.budget
+        if self._samples >= self.warmup and self._average < self.budget:
+            self.inline, self._strikes = True, 0
+
+    def inlined(self, seconds: float) -> None:
+        """Record a call made on the event loop."""
+        if seconds <= 10 * self.budget:
+            self._strikes = 0
+            return
+        self._strikes += 1
+        if self._strikes >= self.STRIKES or seconds > 1000 * self.budget:
+            self.inline, self._samples = False, 0
+            self.warmup = min(2 * self.warmup, self.MAX_WARMUP)
 
 
 def _timed_predict(model: Model, request: InferenceRequest) -> tuple[InferenceResponse, float]:
@@ -147,6 +164,12 @@ class InProcessRunner:
     def reason(self) -> str | None:
         return None if self._ready else "not loaded"
 
+    @property
+    def inline(self) -> bool:
+        """Whether the next ``infer`` runs a plain predict on the event loop, awaiting
+        nothing on the way (see ``_InlinePolicy``)."""
+        return not self._async and self._policy.inline and self._limiter.borrowed_tokens == 0
+
     async def start(self) -> None:
         try:
             await call_load(self._model)
@@ -167,16 +190,19 @@ class InProcessRunner:
         try:
             if self._async:
                 return await call_predict(self._model, request)
-            if self._policy.inline and self._limiter.borrowed_tokens == 0:
-                start = time.perf_counter()
-                try:
-                    return call_predict_sync(self._model, request)
-                finally:
-                    self._policy.record(time.perf_counter() - start, inline=True)
+            if self._policy.inline:
+                if self._limiter.borrowed_tokens == 0:
+                    return self._predict_inline(request)
+                # A threaded call is still running: wait for it, in line (the limiter
+                # is first come, first served), then predict here. Sending this
+                # request to the thread instead would keep the model there for as long
+                # as requests keep queueing.
+                async with self._limiter:
+                    return self._predict_inline(request)
             response, seconds = await anyio.to_thread.run_sync(
                 _timed_predict, self._model, request, limiter=self._limiter
             )
-            self._policy.record(seconds, inline=False)
+            self._policy.threaded(seconds)
             return response
         except V2MountError:
             raise
@@ -185,6 +211,13 @@ class InProcessRunner:
         finally:
             self._pending -= 1
             self._sink(self._model.metrics.drain())
+
+    def _predict_inline(self, request: InferenceRequest) -> InferenceResponse:
+        start = time.perf_counter()
+        try:
+            return call_predict_sync(self._model, request)
+        finally:
+            self._policy.inlined(time.perf_counter() - start)
 
     async def stop(self) -> None:
         self._ready = False

@@ -94,7 +94,7 @@ async def test_server_metadata_and_health(serve: Any) -> None:
         live = await client.get("/v2/health/live")
         assert (live.status_code, live.json()) == (200, {"live": True})
         ready = await client.get("/v2/health/ready")
-        assert ready.status_code == 503  # bad-load never loads
+        assert ready.status_code == 400  # bad-load never loads: OIP says 4xx, as Triton
         assert "bad-load" in ready.json()["error"]
 
 
@@ -103,7 +103,7 @@ async def test_model_ready_and_metadata(serve: Any) -> None:
         r = await client.get("/v2/models/doubler/ready")
         assert (r.status_code, r.json()) == (200, {"name": "doubler", "ready": True})
         r = await client.get("/v2/models/bad-load/ready")
-        assert r.status_code == 503
+        assert r.status_code == 400 and r.json()["ready"] is False
         assert "weights missing" in r.json()["error"]
         r = await client.get("/v2/models/doubler")
         assert r.json() == {

@@ -115,7 +115,12 @@ async def test_server_document_is_valid_and_lists_exactly_the_routes(serve: Any)
     # every route has a written description, none the generic fallback
     assert all(not re.match(r"(get|post)_", op_id) for op_id in ids)
     infer = document["paths"]["/v2/models/{name}/infer"]["post"]
-    assert [p["name"] for p in infer["parameters"]] == ["name", "Inference-Header-Content-Length"]
+    assert [p["name"] for p in infer["parameters"]] == [
+        "name",
+        "Inference-Header-Content-Length",
+        "Content-Encoding",
+    ]
+    assert {"413", "415"} <= set(infer["responses"])
     assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
 
 

@@ -63,7 +63,7 @@ async def test_index_load_unload_reload(serve: Any, repository: Path) -> None:
             "/v2/repository/models/scale/unload", json={"parameters": {"unload_dependents": False}}
         )
         assert (r.status_code, r.json()) == (200, {})
-        assert (await client.get("/v2/models/scale/ready")).status_code == 503
+        assert (await client.get("/v2/models/scale/ready")).status_code == 400
         r = await client.post("/v2/models/scale/infer", json=BODY)
         assert r.status_code == 503 and "unloaded" in r.json()["error"]
         r = await client.post("/v2/repository/index", json={"ready": True})

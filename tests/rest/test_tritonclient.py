@@ -186,3 +186,27 @@ def test_statistics(client: triton.InferenceServerClient) -> None:
     entry = stats["model_stats"][0]
     assert entry["name"] == "scale" and entry["inference_count"] >= 1
     assert entry["inference_stats"]["success"]["count"] >= 1
+
+
+@pytest.mark.parametrize("request_coding", ["gzip", "deflate", None])
+@pytest.mark.parametrize("response_coding", ["gzip", "deflate", None])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_compressed_requests_and_answers(
+    client: triton.InferenceServerClient,
+    request_coding: str | None,
+    response_coding: str | None,
+    binary: bool,
+) -> None:
+    """tritonclient's own compression options, both ways (answers of 1 KiB and more are
+    compressed; tritonclient inflates them by their Content-Encoding)."""
+    x = np.random.default_rng(3).normal(size=(200, 3)).astype(np.float32)
+    tensor = triton.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    result = client.infer(
+        "scale",
+        [tensor],
+        outputs=[triton.InferRequestedOutput("y", binary_data=binary)],
+        request_compression_algorithm=request_coding,
+        response_compression_algorithm=response_coding,
+    )
+    np.testing.assert_allclose(result.as_numpy("y"), x * 3, rtol=1e-6)

@@ -18,11 +18,11 @@ from v2mount.types import InferenceRequest, Parameters, RequestedOutput, Tensor
 __all__ = ["decode_request", "parse_header_length"]
 
 
-def parse_header_length(value: str | None, body_length: int) -> int | None:
+def parse_header_length(raw: bytes | str | None, body_length: int) -> int | None:
     """The ``Inference-Header-Content-Length`` value, checked against the body."""
-    if value is None:
+    if raw is None:
         return None
-    value = value.strip()
+    value = (raw.decode("latin-1") if isinstance(raw, bytes) else raw).strip()
     if not value.isdigit():
         raise BadRequest(
             f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}"

@@ -15,9 +15,7 @@ from v2mount.codecs.binary import encode_binary_tensor
 from v2mount.codecs.tensor import encode_json_data
 from v2mount.types import InferenceRequest, InferenceResponse
 
-__all__ = ["HEADER_LENGTH", "encode_response", "json_dumps"]
-
-HEADER_LENGTH = "Inference-Header-Content-Length"
+__all__ = ["encode_response", "json_dumps"]
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -40,8 +38,12 @@ def _binary_names(request: InferenceRequest, output_names: list[str]) -> set[str
 
 def encode_response(
     response: InferenceResponse, request: InferenceRequest
-) -> tuple[bytes, dict[str, str]]:
-    """The body and the extra headers (binary framing only) for a response."""
+) -> tuple[bytes, int | None]:
+    """The body, and the length of its JSON header when binary outputs follow it.
+
+    A body with binary outputs goes as ``application/octet-stream`` with that length in
+    ``Inference-Header-Content-Length``; one without is plain ``application/json``.
+    """
     binary = _binary_names(request, [out.name for out in response.outputs])
     document: dict[str, Any] = {"model_name": response.model_name}
     if response.model_version is not None:
@@ -53,18 +55,18 @@ def encode_response(
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
     for tensor in response.outputs:
+        # orjson writes the shape tuple as a JSON array.
         entry: dict[str, Any] = {
             "name": tensor.name,
             "datatype": tensor.datatype,
-            "shape": list(tensor.shape),
+            "shape": tensor.shape,
         }
-        parameters = dict(tensor.parameters)
+        parameters = tensor.parameters
         if tensor.name in binary:
             chunk = encode_binary_tensor(tensor.data)
             chunks.append(chunk)
-            parameters["binary_data_size"] = (
-                len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
-            )
+            size = len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+            parameters = {**parameters, "binary_data_size": size}
         else:
             entry["data"] = encode_json_data(tensor.data, tensor.name)
         if parameters:
@@ -73,9 +75,5 @@ def encode_response(
     document["outputs"] = outputs
     header = json_dumps(document)
     if not chunks:
-        return header, {"content-type": "application/json"}
-    body = b"".join([header, *chunks])
-    return body, {
-        "content-type": "application/octet-stream",
-        HEADER_LENGTH.lower(): str(len(header)),
-    }
+        return header, None
+    return b"".join([header, *chunks]), len(header)

@@ -139,6 +139,9 @@ class AppMetrics:
         )
         self.queues = QueueCollector(registry=self.registry)
         self.batching = BatchingCollector(registry=self.registry)
+        # Per-model children (success, duration, failure), resolved on a model's first
+        # inference: prometheus-client's ``labels`` takes a lock and builds a key each time.
+        self._model_children: dict[tuple[str, str], tuple[Counter, Histogram, Counter]] = {}
         self._custom: dict[str, tuple[str, tuple[str, ...], Any]] = {}
         self._lock = threading.Lock()
 
@@ -146,11 +149,19 @@ class AppMetrics:
 
     def record_inference(self, model: str, version: str | None, ok: bool, seconds: float) -> None:
         labels = (model, version or "")
+        children = self._model_children.get(labels)
+        if children is None:
+            children = (
+                self.infer_success.labels(*labels),
+                self.infer_duration.labels(*labels),
+                self.infer_failure.labels(*labels),
+            )
+            self._model_children[labels] = children
         if ok:
-            self.infer_success.labels(*labels).inc()
-            self.infer_duration.labels(*labels).observe(seconds)
+            children[0].inc()
+            children[1].observe(seconds)
         else:
-            self.infer_failure.labels(*labels).inc()
+            children[2].inc()
 
     def observe_batch(
         self, model: str, version: str | None, rows: int, queue_delays: Iterable[float] = ()

@@ -23,6 +23,7 @@ from v2mount.rest.dataplane import dataplane_routes
 from v2mount.rest.docs import docs_routes
 from v2mount.rest.errors import error_response, http_exception_handler
 from v2mount.rest.extensions import repository_routes, statistics_routes
+from v2mount.rest.infer import InferEndpoint
 from v2mount.rest.metrics import RestMetricsMiddleware, metrics_routes
 from v2mount.settings import ModelSettings, Settings, load_settings
 
@@ -75,6 +76,7 @@ class V2App:
             lifespan=self.lifespan,
         )
         self._router = RestMetricsMiddleware(router, self.metrics, router.routes)
+        self._infer = InferEndpoint(self)
         self.metrics.track_queues(self.registry.handles)
         self.grpc: GrpcServer | None = None
         if self.settings.grpc_port is not None:
@@ -106,7 +108,9 @@ class V2App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            size = 0
+            for name, value in scope["headers"]:
+                size += len(name) + len(value)
             if size > self.settings.max_header_bytes:
                 error = HeadersTooLarge(
                     f"request headers of {size} bytes exceed the "
@@ -116,6 +120,10 @@ class V2App:
                 return
             if not self._started and not self._stopping:
                 await self.startup()
+            inference = self._infer.match(scope)
+            if inference is not None:  # the hot path skips Starlette's router
+                await self._infer.serve(scope, receive, send, inference)
+                return
         await self._router(scope, receive, send)
 
     # -- lifecycle -------------------------------------------------------------------

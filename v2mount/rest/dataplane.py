@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from v2mount.codecs.request import decode_request, parse_header_length
-from v2mount.codecs.response import HEADER_LENGTH, encode_response
 from v2mount.metadata import model_metadata
-from v2mount.rest.body import read_body
 from v2mount.rest.errors import json_response, v2_endpoint
+from v2mount.rest.infer import MODEL_INFER, VERSION_INFER, InferEndpoint
 
 if TYPE_CHECKING:
     from v2mount.rest.app import V2App
 
 __all__ = ["dataplane_routes"]
 
-#: Bodies above this size are decoded and encoded in a worker thread, not on the loop.
-THREAD_CODEC_BYTES = 256 * 1024
+#: A readiness check that is false: OIP asks for a 4xx, Triton answers 400; a
+#: Kubernetes probe fails on any status outside 200-399.
+NOT_READY = 400
 
 
 def dataplane_routes(app: V2App) -> list[BaseRoute]:
     registry = app.registry
+    infer = InferEndpoint(app)
 
     @v2_endpoint
     async def server_metadata(request: Request) -> Response:
@@ -48,7 +46,7 @@ def dataplane_routes(app: V2App) -> list[BaseRoute]:
         if not_ready:
             return json_response(
                 {"ready": False, "error": f"models not ready: {', '.join(sorted(not_ready))}"},
-                503,
+                NOT_READY,
             )
         return json_response({"ready": True})
 
@@ -58,7 +56,8 @@ def dataplane_routes(app: V2App) -> list[BaseRoute]:
         handle = registry.get(params["name"], params.get("version"))
         if not handle.ready:
             return json_response(
-                {"name": handle.name, "ready": False, "error": handle.not_ready_message()}, 503
+                {"name": handle.name, "ready": False, "error": handle.not_ready_message()},
+                NOT_READY,
             )
         return json_response({"name": handle.name, "ready": True})
 
@@ -69,33 +68,6 @@ def dataplane_routes(app: V2App) -> list[BaseRoute]:
         versions = [h.version for h in registry.versions(handle.name) if h.version is not None]
         return json_response(model_metadata(handle.settings, versions))
 
-    @v2_endpoint
-    async def infer(request: Request) -> Response:
-        params = request.path_params
-        handle = registry.get(params["name"], params.get("version"))
-        body = await read_body(request, app.settings.max_request_bytes)
-        started = time.perf_counter_ns()
-        header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
-        large = len(body) > THREAD_CODEC_BYTES
-        if large:
-            payload = await anyio.to_thread.run_sync(
-                decode_request, body, header_length, limiter=app.codec_limiter
-            )
-        else:
-            payload = decode_request(body, header_length)
-        decoded = time.perf_counter_ns()
-        handle.stats.compute_input.add(decoded - started)
-        response = await handle.infer(payload)
-        encoding = time.perf_counter_ns()
-        if large or any(t.data.nbytes > THREAD_CODEC_BYTES for t in response.outputs):
-            content, headers = await anyio.to_thread.run_sync(
-                encode_response, response, payload, limiter=app.codec_limiter
-            )
-        else:
-            content, headers = encode_response(response, payload)
-        handle.stats.compute_output.add(time.perf_counter_ns() - encoding)
-        return Response(content, headers=headers)
-
     model = "/v2/models/{name}"
     version = "/v2/models/{name}/versions/{version}"
     return [
@@ -104,8 +76,8 @@ def dataplane_routes(app: V2App) -> list[BaseRoute]:
         Route("/v2/health/ready", server_ready, methods=["GET"]),
         Route(model + "/ready", model_ready, methods=["GET"]),
         Route(version + "/ready", model_ready, methods=["GET"]),
-        Route(model + "/infer", infer, methods=["POST"]),
-        Route(version + "/infer", infer, methods=["POST"]),
+        Route(MODEL_INFER, infer, methods=["POST"]),
+        Route(VERSION_INFER, infer, methods=["POST"]),
         Route(model, metadata, methods=["GET"]),
         Route(version, metadata, methods=["GET"]),
     ]

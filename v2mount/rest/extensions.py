@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from v2mount.errors import BadRequest, RepositoryDisabled
-from v2mount.rest.body import read_body
+from v2mount.rest.body import request_body
 from v2mount.rest.errors import json_response, v2_endpoint
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ _SMALL_BODY = 64 * 1024
 
 async def _json_object(request: Request) -> dict[str, Any]:
     """An optional small JSON object body (empty body → ``{}``)."""
-    body = await read_body(request, _SMALL_BODY)
+    body = await request_body(request, _SMALL_BODY)
     if not body.strip():
         return {}
     try:

@@ -24,7 +24,7 @@ from v2mount.rest.scope import route_path
 if TYPE_CHECKING:
     from v2mount.rest.app import V2App
 
-__all__ = ["RestMetricsMiddleware", "metrics_routes"]
+__all__ = ["RestMetricsMiddleware", "RouteMetrics", "metrics_routes"]
 
 #: The ``path`` label of a request that no route matched.
 UNMATCHED = "<unmatched>"
@@ -42,6 +42,36 @@ def metrics_routes(app: V2App) -> list[BaseRoute]:
     if not path.startswith("/"):
         raise SettingsError(f"metrics_path {path!r} must start with '/'")
     return [Route(path, metrics_endpoint(app.metrics), methods=["GET"], name="metrics")]
+
+
+class RouteMetrics:
+    """The REST metric children of one method and route template, resolved once.
+
+    prometheus-client looks labelled children up under a lock; holding them here makes
+    a request's accounting two attribute reads and one dict lookup (statuses are a small
+    set).
+    """
+
+    __slots__ = ("_answered", "_labels", "_metrics", "in_progress")
+
+    def __init__(self, metrics: AppMetrics, method: str, path: str) -> None:
+        self._metrics = metrics
+        self._labels = (method, path)
+        self.in_progress: Gauge = metrics.rest_in_progress.labels(method, path)
+        self._answered: dict[int, tuple[Counter, Histogram]] = {}
+
+    def answered(self, status: int, seconds: float) -> None:
+        """Count one request answered with ``status`` after ``seconds``."""
+        children = self._answered.get(status)
+        if children is None:
+            labels = (*self._labels, str(status))
+            children = (
+                self._metrics.rest_requests.labels(*labels),
+                self._metrics.rest_duration.labels(*labels),
+            )
+            self._answered[status] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class RestMetricsMiddleware:
@@ -63,10 +93,9 @@ class RestMetricsMiddleware:
         # One regex for all routes (one match per request, not one per route): each
         # route's own regex, its named groups made anonymous, wrapped in a group r<i>.
         self._plain = all(isinstance(route, Route) for route in self.routes)
-        # Labelled children by label values (a bounded set: methods x templates x
-        # statuses), so a request skips prometheus-client's label lookup and its lock.
-        self._in_progress: dict[tuple[str, str], Gauge] = {}
-        self._answered: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        # Children by method and template (a bounded set), so a request skips
+        # prometheus-client's label lookup and its lock.
+        self._children: dict[tuple[str, str], RouteMetrics] = {}
         self._regex = re.compile(
             "|".join(
                 f"(?P<r{i}>{_GROUP.sub('(?:', route.path_regex.pattern)})"
@@ -112,24 +141,14 @@ class RestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        in_progress = self._in_progress.get((method, path))
-        if in_progress is None:
-            in_progress = self.metrics.rest_in_progress.labels(method, path)
-            self._in_progress[(method, path)] = in_progress
-        in_progress.inc()
+        children = self._children.get((method, path))
+        if children is None:
+            children = self._children[(method, path)] = RouteMetrics(self.metrics, method, path)
+        children.in_progress.inc()
         start = time.perf_counter()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - start
-            in_progress.dec()
-            children = self._answered.get((method, path, status))
-            if children is None:
-                labels = (method, path, str(status))
-                children = (
-                    self.metrics.rest_requests.labels(*labels),
-                    self.metrics.rest_duration.labels(*labels),
-                )
-                self._answered[(method, path, status)] = children
-            children[0].inc()
-            children[1].observe(elapsed)
+            children.in_progress.dec()
+            children.answered(status, elapsed)

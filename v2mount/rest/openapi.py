@@ -234,7 +234,7 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
         "summary": "Readiness: every model is loaded",
         "responses": {
             "200": _json(_ref("ReadyResponse"), "Every model is ready"),
-            "503": _json(_ref("ReadyResponse"), "Some model is not ready"),
+            "400": _json(_ref("ReadyResponse"), "Some model is not ready"),
         },
     },
     ("get", _MODEL_PREFIX + "/ready"): {
@@ -243,8 +243,8 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
         "summary": "Readiness of one model",
         "responses": {
             "200": _json(_ref("ModelReadyResponse"), "The model is ready"),
+            "400": _json(_ref("ModelReadyResponse"), "The model is not ready"),
             "404": _NOT_FOUND,
-            "503": _json(_ref("ModelReadyResponse"), "The model is not ready"),
         },
     },
     ("get", _MODEL_PREFIX): {
@@ -268,7 +268,15 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
                 "required": False,
                 "description": "Length of the JSON header in a binary request body.",
                 "schema": {"type": "integer", "minimum": 0},
-            }
+            },
+            {
+                "name": "Content-Encoding",
+                "in": "header",
+                "required": False,
+                "description": "gzip or deflate: the body is compressed (limits apply to it "
+                "inflated too).",
+                "schema": {"type": "string", "enum": ["gzip", "deflate", "identity"]},
+            },
         ],
         "requestBody": {
             "required": True,
@@ -287,7 +295,8 @@ _OPERATIONS: dict[tuple[str, str], Document] = {
             },
             "400": _error("Malformed request, or tensors that do not match the model"),
             "404": _NOT_FOUND,
-            "413": _error("Request body too large"),
+            "413": _error("Request body too large (on the wire or once inflated)"),
+            "415": _error("A Content-Encoding other than gzip, deflate or identity"),
             "500": _error("The model failed"),
             "503": _error("Model not ready, or its queue is full (see Retry-After)"),
             "504": _error("The model did not answer in time"),
