@@ -111,6 +111,19 @@ class ModelHandle:
                 self.metrics.apply_custom,
                 inline_budget=self.server.inline_predict_budget,
             )
+        if (self.settings.pool_backend or self.server.pool_backend) == "ray":
+            from v2mount.ray_pool import RayPool
+
+            return RayPool(
+                self.model,
+                workers,
+                max_queue_size=queue,
+                metrics_sink=self.metrics.apply_custom,
+                actor_options=self.settings.ray_actor_options.ray_options(),
+                address=self.server.ray_address,
+                threads_per_worker=self.settings.threads_per_worker,
+                hard_timeout=2 * float(self._setting("inference_timeout")),
+            )
         from v2mount.pool import WorkerPool
 
         return WorkerPool(
