@@ -124,6 +124,20 @@ class ModelHandle:
                 self.metrics.apply_custom,
                 inline_budget=self.server.inline_predict_budget,
             )
+        if (settings.pool_backend or self.server.pool_backend) == "ray":
+            from v2mount.ray_pool import RayPool
+
+            assert settings.inference_timeout is not None
+            return RayPool(
+                self.model,
+                settings.parallel_workers,
+                max_queue_size=settings.max_queue_size,
+                metrics_sink=self.metrics.apply_custom,
+                actor_options=settings.ray_actor_options.ray_options(),
+                address=self.server.ray_address,
+                threads_per_worker=settings.threads_per_worker,
+                hard_timeout=2 * settings.inference_timeout,
+            )
         from v2mount.pool import PoolConfig, WorkerPool
 
         return WorkerPool(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -28,6 +28,7 @@ __all__ = [
     "BatchingSettings",
     "ModelParameters",
     "ModelSettings",
+    "RayActorOptions",
     "Settings",
     "TensorSpec",
     "load_model_settings",
@@ -111,6 +112,25 @@ class BatchingSettings(BaseModel):
     """Batches the cost model keeps per size class (1, 2-3, 4-7 ... rows)."""
 
 
+class RayActorOptions(BaseModel):
+    """Where Ray places each actor of a model with ``pool_backend: "ray"`` (Ray's names)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    num_cpus: float = Field(default=1, ge=0)
+    """CPUs reserved per actor."""
+    num_gpus: float = Field(default=0, ge=0)
+    """GPUs reserved per actor (fractions share a GPU)."""
+    memory: int | None = Field(default=None, ge=0)
+    """Bytes of memory reserved per actor (scheduling only, not a limit)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per actor, e.g. ``{"accelerator_a": 1}``."""
+
+    def ray_options(self) -> dict[str, Any]:
+        """The keyword arguments for Ray's ``.options()``."""
+        return self.model_dump(exclude_none=True)
+
+
 class ModelSettings(BaseModel):
     """One model version's settings (MLServer ``model-settings.json`` field names).
 
@@ -153,6 +173,10 @@ class ModelSettings(BaseModel):
     """Recycle a worker after this many requests (0: never); unset: server default."""
     max_worker_memory_mb: float | None = Field(default=None, ge=0)
     """Recycle a worker whose RSS passes this many MB (0: never); unset: server default."""
+    pool_backend: Literal["process", "ray"] | None = None
+    """What runs the ``parallel_workers``: local processes or Ray actors; unset: default."""
+    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
+    """``pool_backend: "ray"``: resources each actor is placed by (num_cpus, num_gpus …)."""
     default_version: bool = False
     """Serve this version for requests that name no version (else the latest)."""
     source_dir: Path | None = None
@@ -219,6 +243,11 @@ class Settings(BaseSettings):
     (0: never). The successor loads first, so the model stays ready."""
     model_max_worker_memory_mb: float = Field(default=0, ge=0)
     """Default RSS in MB above which a worker is replaced after its request (0: never)."""
+    pool_backend: Literal["process", "ray"] = "process"
+    """Default worker pool of models: local processes, or Ray actors (extra ``v2mount[ray]``)."""
+    ray_address: str | None = None
+    """Ray cluster the ``ray`` pools join (``auto``, ``ray://host:10001``); unset: a local
+    Ray is started, unless the host process already initialised Ray."""
     inline_predict_budget: float = Field(default=0.001, ge=0)
     """In-process models: a plain predict averaging under this many seconds runs on the
     event loop, not a worker thread (the hop costs more); 0 always uses the thread."""

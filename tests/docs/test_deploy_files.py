@@ -66,11 +66,22 @@ def test_the_dockerfile_runs_the_server_on_its_exposed_port() -> None:
     assert "python /models/iris/train.py" in text
 
 
-@pytest.mark.parametrize("name", ["kubernetes.yaml", "kserve-servingruntime.yaml"])
+MANIFESTS = sorted(p.name for p in DEPLOY.glob("*.yaml"))
+SERVED = ("Deployment", "ServingRuntime", "ClusterServingRuntime")
+RUNTIMES = ("ServingRuntime", "ClusterServingRuntime")
+#: The model formats KServe may hand a v2mount runtime (as KServe's MLServer runtime does).
+FORMATS = {"sklearn", "xgboost", "lightgbm", "onnx", "custom"}
+
+
+def load(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d is not None]
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
 def test_manifests_start_the_server_and_probe_real_routes(name: str) -> None:
-    documents = list(yaml.safe_load_all((DEPLOY / name).read_text()))
+    documents = load(name)
     kinds = [document["kind"] for document in documents]
-    served = [d for d in documents if d["kind"] in ("Deployment", "ServingRuntime")]
+    served = [d for d in documents if d["kind"] in SERVED]
     assert len(served) == 1, kinds
     (container,) = containers(served[0])
     env = {item["name"]: item["value"] for item in container.get("env", [])}
@@ -82,21 +93,71 @@ def test_manifests_start_the_server_and_probe_real_routes(name: str) -> None:
             get = container[probe]["httpGet"]
             assert answered(get["path"]), (probe, get["path"])
             assert get["port"] in (port, *ports), probe
-    if served[0]["kind"] == "ServingRuntime":
-        assert served[0]["spec"]["protocolVersions"] == ["v2"]
+    if served[0]["kind"] in RUNTIMES:
+        runtime = served[0]
+        assert runtime["spec"]["protocolVersions"] == ["v2"]
         assert "/mnt/models" in container["args"]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        annotations = runtime["spec"]["annotations"]
+        assert annotations["prometheus.kserve.io/port"] == str(port)
+        assert annotations["prometheus.kserve.io/path"] == Settings().metrics_path
+        assert env["V2MOUNT_GRPC_PORT"] == "9000"
+        formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+        assert formats == FORMATS
         (service,) = [d for d in documents if d["kind"] == "InferenceService"]
         model = service["spec"]["predictor"]["model"]
-        assert model["runtime"] == served[0]["metadata"]["name"]
-        formats = {f["name"] for f in served[0]["spec"]["supportedModelFormats"]}
+        assert model["runtime"] == runtime["metadata"]["name"]
         assert model["modelFormat"]["name"] in formats
+        assert model["protocolVersion"] == "v2"
+
+
+def test_the_cluster_and_namespaced_runtimes_are_the_same_runtime() -> None:
+    runtimes = {d["kind"]: d for name in MANIFESTS for d in load(name) if d["kind"] in RUNTIMES}
+    assert set(runtimes) == set(RUNTIMES)
+    cluster, namespaced = runtimes["ClusterServingRuntime"], runtimes["ServingRuntime"]
+    assert cluster["spec"] == namespaced["spec"]
+    assert cluster["metadata"]["name"] == namespaced["metadata"]["name"]
 
 
 def test_the_deploying_page_shows_the_files_as_they_are() -> None:
     page = DOCS_PAGE.read_text()
-    for name in ("Dockerfile", "kubernetes.yaml", "kserve-servingruntime.yaml"):
+    for name in ("Dockerfile", *MANIFESTS):
         assert f"deploy/{name}" in page, name
     commands = re.findall(r"^python -m v2mount .*$", page, re.MULTILINE)
     assert commands
     for line in commands:
         check_command(shlex.split(line.split("  #")[0]), {}, public=False)
+
+
+def test_the_service_and_autoscaler_point_at_the_deployment() -> None:
+    by_kind = {d["kind"]: d for d in load("kubernetes.yaml")}
+    deployment = by_kind["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert by_kind["Service"]["spec"]["selector"].items() <= labels.items()
+    target = by_kind["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == (deployment["apiVersion"], "Deployment")
+    assert target["name"] == deployment["metadata"]["name"]
+
+
+def test_the_image_has_the_extras_the_manifests_turn_on() -> None:
+    """The manifests run the image of docs/deploy/Dockerfile; gRPC needs its extra there."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    (extras,) = re.findall(r"pip install [^\n]*'\.\[([\w,]+)\]'", text)
+    variables = {
+        item["name"]
+        for name in MANIFESTS
+        for document in load(name)
+        if document["kind"] in SERVED
+        for container in containers(document)
+        for item in container.get("env", [])
+    }
+    assert "V2MOUNT_GRPC_PORT" in variables
+    assert "grpc" in extras.split(",")
+    images = {
+        container["image"]
+        for name in MANIFESTS
+        for document in load(name)
+        if document["kind"] in SERVED
+        for container in containers(document)
+    }
+    assert images == {"registry.example.com/v2mount-example:0.1.0"}
