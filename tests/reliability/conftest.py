@@ -31,6 +31,8 @@ import httpx
 import orjson
 import pytest
 
+from v2mount.pool._template import TEMPLATE_NAME
+
 HERE = Path(__file__).resolve().parent
 SHM = Path("/dev/shm")
 PROFILE_VARIABLE = "V2MOUNT_RELIABILITY_PROFILE"
@@ -207,10 +209,13 @@ def descendants(pid: int) -> set[int]:
 
 
 def is_spawned_worker(pid: int) -> bool:
-    """A ``multiprocess`` spawn child (a pool worker), not the resource tracker."""
+    """A pool worker: a ``multiprocess`` spawn child (or forked from one), not the resource
+    tracker, nor a pool's template process."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return b"spawn_main" in cmdline.read()
+            spawned = b"spawn_main" in cmdline.read()
+        with open(f"/proc/{pid}/comm") as comm:
+            return spawned and comm.read().strip() != TEMPLATE_NAME
     except OSError:
         return False
 

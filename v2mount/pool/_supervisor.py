@@ -31,6 +31,7 @@ from v2mount.pool._lifecycle import Phase, Policy
 from v2mount.pool._process import WorkerProcess
 from v2mount.pool._shipping import ModelPackage, pack_model
 from v2mount.pool._state import RUNNING, STARTING, STOPPED, STOPPING, PoolState, Worker, fire
+from v2mount.pool._template import Template
 from v2mount.pool._waiter import Waiter
 from v2mount.pool._worker import WorkerSpec
 from v2mount.runner import MetricsSink
@@ -74,6 +75,7 @@ class Supervisor:
         self._arena_paths = arena_paths
         self._selector = selectors.DefaultSelector()
         self._package: ModelPackage | None = None
+        self._template: Template | None = None
         self._worker_ids = itertools.count(1)
         self._loading_initial: set[int] = set()
         self._respawns: list[float] = []
@@ -94,6 +96,10 @@ class Supervisor:
                         f"model {self._name!r} cannot be sent to worker processes: {exc}"
                     )
             else:
+                log = functools.partial(self._log, 0)
+                threads = self._config.threads_per_worker
+                self._template = Template(self._context, self._package, threads, self._name, log)
+                self._template.start()
                 for _ in range(self._config.workers):
                     self._spawn(initial=True)
             self._settle_start()
@@ -229,11 +235,9 @@ class Supervisor:
 
     def _new_process(self, spec: WorkerSpec) -> WorkerProcess:
         """The one place a worker process is started."""
-        assert self._package is not None
-        return WorkerProcess(
-            self._context,
+        assert self._template is not None
+        return self._template.fork_worker(
             spec,
-            self._package,
             f"v2mount-{self._name}-{spec.worker_id}",
             functools.partial(self._log, spec.worker_id),
         )
@@ -394,7 +398,7 @@ class Supervisor:
                 logger.warning("%s %s; replacing it", worker.where, how)
         else:
             failed = worker.load_error is not None or self.policy.killed_while_loading(
-                process.process.exitcode
+                process.exit_code
             )
             if failed:
                 reason = worker.load_error
@@ -511,6 +515,8 @@ class Supervisor:
             worker.process.kill()
         for worker in workers:
             worker.process.reap(EXIT_GRACE)
+        if self._template is not None:
+            self._template.stop()
         with self._state.lock:
             waiters: list[Waiter] = []
             for worker in workers:

@@ -7,6 +7,11 @@ stdout and stderr are the pool's pipes; its log records, and its ``Ready`` or
 ``LoadFailed``, travel on the control pipe. It
 removes its arena when it exits, and exits by itself when orphaned, so even a SIGKILLed
 parent leaves no process and no shared memory behind.
+
+A worker starts one of two ways: spawned (``worker_main``: a fresh interpreter that
+unpickles the model itself), or forked from the pool's template process
+(``forked_worker_main``: the template has imported everything and unpickled the model
+already, see ``_template.py``). From ``load`` on, both are the same.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import inspect
 import io
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -44,10 +51,21 @@ from v2mount.pool._ipc import (
 )
 from v2mount.pool._shipping import ModelPackage, unpack_model
 
-__all__ = ["THREAD_VARIABLES", "WorkerSpec", "worker_main"]
+__all__ = [
+    "THREAD_VARIABLES",
+    "WORKER_NAME",
+    "WorkerSpec",
+    "forked_worker_main",
+    "limit_threads",
+    "name_process",
+    "parent_pidfd",
+    "worker_main",
+]
 
 #: Environment variables that size native thread pools, set in the worker only.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: What ``ps`` and ``/proc/<pid>/comm`` call a worker process (Linux).
+WORKER_NAME = "v2mount-worker"
 _ORPHAN_CHECK_SECONDS = 1.0
 
 logger = logging.getLogger("v2mount.worker")
@@ -55,7 +73,10 @@ logger = logging.getLogger("v2mount.worker")
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker needs besides its pipes and the model bytes."""
+    """What a worker needs besides its pipes and the model bytes.
+
+    Sent to the template as JSON (``dataclasses.asdict``): plain fields only.
+    """
 
     worker_id: int
     parent_pid: int
@@ -96,7 +117,7 @@ class _ForwardHandler(logging.Handler):
             self.handleError(record)
 
 
-def _limit_threads(threads: int | None) -> None:
+def limit_threads(threads: int | None) -> None:
     """Size native thread pools: environment for libraries loaded later, threadpoolctl now."""
     if threads is None:
         return
@@ -109,14 +130,44 @@ def _limit_threads(threads: int | None) -> None:
     threadpool_limits(limits=threads)
 
 
-def _watch_parent(parent_pid: int, arena_path: str | None) -> None:
-    """Exit if the parent died while this worker was busy (its pipe EOF comes only when idle)."""
-    while True:
-        time.sleep(_ORPHAN_CHECK_SECONDS)
-        if os.getppid() != parent_pid:
-            if arena_path is not None:
-                unlink_quietly(arena_path)
-            os._exit(0)
+def name_process(name: str) -> None:
+    """Give this process a name ``ps`` shows (Linux; at most 15 characters are kept)."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name)
+    except OSError:
+        pass
+
+
+def parent_pidfd(parent_pid: int) -> int | None:
+    """A pidfd of ``parent_pid``, this process's parent; ``None`` without pidfds (not
+    Linux 5.3+) or when the parent is gone already (``getppid`` then differs)."""
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except OSError:
+        return None
+    if os.getppid() != parent_pid:  # the fd may be of whoever took the pid since
+        os.close(fd)
+        return None
+    return fd
+
+
+def _watch_parent(parent_pid: int, parent_fd: int | None, arena_path: str | None) -> None:
+    """Exit if the parent died while this worker was busy (its pipe EOF comes only when idle).
+
+    ``parent_fd`` is a pidfd of the parent (a forked worker inherits the template's), which
+    fires at once; without one, the parent is polled every second.
+    """
+    if parent_fd is None:
+        while os.getppid() == parent_pid:
+            time.sleep(_ORPHAN_CHECK_SECONDS)
+    else:
+        select.select([parent_fd], [], [])
+    if arena_path is not None:
+        unlink_quietly(arena_path)
+    os._exit(0)
 
 
 class _Runner:
@@ -189,37 +240,79 @@ def worker_main(
     package: ModelPackage,
     spec: WorkerSpec,
 ) -> None:
-    """Entry point of the worker process (called in the child).
+    """Entry point of a spawned worker process (called in the child).
 
     ``conn``: the request channel (frames of ``_ipc``); ``events``: the control pipe.
     """
-    os.dup2(stdout.fileno(), 1)
-    os.dup2(stderr.fileno(), 2)
+    _redirect_output(stdout.fileno(), stderr.fileno())
     stdout.close()
     stderr.close()
+    name_process(WORKER_NAME)
+    limit_threads(spec.threads)
+    _run(
+        conn, events, functools.partial(unpack_model, package), spec, parent_pidfd(spec.parent_pid)
+    )
+
+
+def forked_worker_main(
+    conn: Connection,
+    events: Connection,
+    stdout: int,
+    stderr: int,
+    model: Model,
+    spec: WorkerSpec,
+    name: str,
+    parent_fd: int,
+) -> None:
+    """Entry point of a worker forked from the template (called in the child).
+
+    ``model`` is the template's unloaded copy, ``parent_fd`` a pidfd of the pool's
+    process (``spec.parent_pid``; the template is only the direct parent). Native
+    threads were limited in the template, whose environment and pools it inherits.
+    """
+    _redirect_output(stdout, stderr)
+    os.close(stdout)
+    os.close(stderr)
+    name_process(WORKER_NAME)
+    multiprocess.current_process().name = name
+    _run(conn, events, lambda: model, spec, parent_fd)
+
+
+def _redirect_output(stdout: int, stderr: int) -> None:
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
+
+
+def _run(
+    conn: Connection,
+    events: Connection,
+    obtain: Callable[[], Model],
+    spec: WorkerSpec,
+    parent_fd: int | None,
+) -> None:
+    """Load the model and serve; the part both kinds of worker share."""
     faulthandler.enable()
     # The parent decides when workers stop: Ctrl-C reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Daemonic in the parent (so its exit terminates us); not here, so that a model
     # may start processes of its own with multiprocess.
     multiprocess.current_process().daemon = False
-    _limit_threads(spec.threads)
 
     control = _Events(events)
     root = logging.getLogger()
     root.handlers[:] = [_ForwardHandler(control)]
     root.setLevel(spec.log_level)
     threading.Thread(
-        target=_watch_parent, args=(spec.parent_pid, spec.arena_path), daemon=True
+        target=_watch_parent, args=(spec.parent_pid, parent_fd, spec.arena_path), daemon=True
     ).start()
 
     runner: _Runner | None = None
     arena: Arena | None = None
     try:
         try:
-            model = unpack_model(package)
+            model = obtain()
             runner = _Runner(model)
             declared = _declared(model)
             runner.run(model.load)
