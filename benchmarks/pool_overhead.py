@@ -4,6 +4,9 @@ No HTTP: each figure times the runner call alone, so it shows the pool's own cos
 
 - ``latency``: sequential calls with a tiny model (one FP32[4] input returned as is);
   p50 / p99 of one call in-process and through a one-worker pool, and the difference.
+- ``cpu``: CPU per call of the same sequential calls: in-process, and through a
+  one-worker pool in the parent (every thread: the caller's loop and the supervisor)
+  and in the worker, separately (the worker's includes the predict, which moved there).
 - ``4 MB``: one FP32[1048576] identity round trip through a one-worker pool, through
   shared memory and (threshold raised above the tensor) through the pipe alone.
   MB/s counts the tensor's 4 MiB once per round trip.
@@ -43,7 +46,7 @@ from anyio.lowlevel import EventLoopToken, current_token
 
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
-from v2mount.pool import WorkerPool
+from v2mount.pool import PoolConfig, WorkerPool
 from v2mount.runner import InProcessRunner, Runner
 from v2mount.types import InferenceRequest, Tensor
 
@@ -97,7 +100,8 @@ async def timed_calls(runner: Runner, request: InferenceRequest, calls: int) -> 
 
 
 async def pool_of(model: Model, workers: int, **options: Any) -> WorkerPool:
-    pool = WorkerPool(model, workers, max_queue_size=1024, metrics_sink=ignore, **options)
+    config = PoolConfig(workers, 1024, **options)
+    pool = WorkerPool(model, config, metrics_sink=ignore)
     await pool.start()
     return pool
 
@@ -119,6 +123,35 @@ async def latency(calls: int) -> None:
         f"  added by the pool                        {through[0] - base[0]:7.3f}  "
         f"{through[1] - base[1]:7.3f}"
     )
+
+
+async def cpu_per_call(runner: Runner, request: InferenceRequest, calls: int) -> float:
+    """CPU seconds this process spends per sequential call (all its threads)."""
+    start = time.process_time()
+    for _ in range(calls):
+        await runner.infer(request)
+    return (time.process_time() - start) / calls
+
+
+async def cpu(calls: int) -> None:
+    request = fp32(4)
+    inproc = InProcessRunner(Identity(), 1024, ignore)
+    await inproc.start()
+    await timed_calls(inproc, request, 50)
+    alone = await cpu_per_call(inproc, request, calls)
+    pool = await pool_of(Identity(), 1)
+    try:
+        await timed_calls(pool, request, 50)
+        worker_before = cpu_seconds(pool.pids())
+        parent = await cpu_per_call(pool, request, calls)
+        worker = (cpu_seconds(pool.pids()) - worker_before) / calls
+    finally:
+        await pool.stop()
+    print(f"tiny model, CPU per call over {calls} sequential calls (us)")
+    print(f"  InProcessRunner.infer, in-process        {alone * 1e6:7.1f}")
+    print(f"  WorkerPool.infer (1 worker), parent      {parent * 1e6:7.1f}")
+    print(f"  WorkerPool.infer (1 worker), worker      {worker * 1e6:7.1f}")
+    print(f"  added by the pool, both sides            {(parent + worker - alone) * 1e6:7.1f}")
 
 
 async def big_tensor(calls: int) -> None:
@@ -240,6 +273,7 @@ async def main(quick: bool, only: str | None) -> None:
     scale = 4 if quick else 1
     steps: dict[str, Callable[[], Awaitable[None]]] = {
         "latency": lambda: latency(2000 // scale),
+        "cpu": lambda: cpu(8000 // scale),
         "4mb": lambda: big_tensor(200 // scale),
         "scaling": lambda: scaling(400 // scale, rounds=36),
         "wake": lambda: wake_ups(2000 // scale),
@@ -255,7 +289,7 @@ if __name__ == "__main__":
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--uvloop", action="store_true", help="asyncio with uvloop")
     parser.add_argument("--quick", action="store_true", help="a quarter of the calls")
-    parser.add_argument("--only", choices=["latency", "4mb", "scaling", "wake"])
+    parser.add_argument("--only", choices=["latency", "cpu", "4mb", "scaling", "wake"])
     args = parser.parse_args()
     print(f"python {platform.python_version()}, {args.backend}, uvloop={args.uvloop}\n")
     options = {"use_uvloop": True} if args.uvloop else {}

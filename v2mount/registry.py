@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -31,7 +31,7 @@ from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
 from v2mount.runner import InProcessRunner, Runner, RunnerStatistics
 from v2mount.settings import ModelSettings, Settings
-from v2mount.stats import InferenceStats
+from v2mount.stats import InferenceStats, mark_started, started_at
 from v2mount.types import InferenceRequest, InferenceResponse
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         PredictiveStatistics,
     )
 
-__all__ = ["ModelHandle", "ModelRegistry", "ModelState", "version_key"]
+__all__ = ["ModelHandle", "ModelRegistry", "ModelState", "effective_settings", "version_key"]
 
 logger = logging.getLogger("v2mount.registry")
 
@@ -63,6 +63,22 @@ def version_key(version: str | None) -> tuple[int, int, str]:
     return (2, 0, version)
 
 
+def effective_settings(settings: ModelSettings, server: Settings) -> ModelSettings:
+    """A copy of a model's settings with every field it left unset taken from the server."""
+    defaults = {
+        "parallel_workers": server.default_workers(),
+        "max_batch_size": server.model_max_batch_size,
+        "max_batch_time": server.model_max_batch_time,
+        "inference_timeout": server.model_inference_timeout,
+        "max_queue_size": server.model_max_queue_size,
+        "threads_per_worker": server.model_threads_per_worker,
+        "max_requests_per_worker": server.model_max_requests_per_worker,
+        "max_worker_memory_mb": server.model_max_worker_memory_mb,
+    }
+    unset = {name: value for name, value in defaults.items() if getattr(settings, name) is None}
+    return settings.model_copy(update=unset)
+
+
 def _rows(request: InferenceRequest) -> int:
     first = request.inputs[0].shape
     return first[0] if first else 1
@@ -79,7 +95,10 @@ class ModelHandle:
         self, model: Model, server: Settings, metrics: AppMetrics, *, broken: str | None = None
     ) -> None:
         self.model = model
-        self.settings: ModelSettings = model.settings
+        #: The model's settings with the server's defaults filled in, made once; the model
+        #: gets this copy too (runtimes size their thread pools from it).
+        self.settings: ModelSettings = effective_settings(model.settings, server)
+        model.settings = self.settings
         self.server = server
         self.metrics = metrics
         self.broken = broken
@@ -105,51 +124,36 @@ class ModelHandle:
     def ready(self) -> bool:
         return self.state is ModelState.READY and self._runner is not None and self._runner.ready
 
-    def _setting(self, field: str) -> Any:
-        value = getattr(self.settings, field)
-        if value is not None:
-            return value
-        if field == "parallel_workers":
-            return self.server.default_workers()
-        return getattr(self.server, f"model_{field}")
-
     def _make_runner(self) -> Runner:
-        # Runtimes size their native thread pools from the model's own settings.
-        self.settings.threads_per_worker = self._setting("threads_per_worker")
-        workers: int = self._setting("parallel_workers")
-        queue: int = self._setting("max_queue_size")
-        if workers == 0:
+        settings = self.settings
+        assert settings.parallel_workers is not None and settings.max_queue_size is not None
+        if settings.parallel_workers == 0:
             return InProcessRunner(
                 self.model,
-                queue,
+                settings.max_queue_size,
                 self.metrics.apply_custom,
                 inline_budget=self.server.inline_predict_budget,
             )
-        if (self.settings.pool_backend or self.server.pool_backend) == "ray":
+        if (settings.pool_backend or self.server.pool_backend) == "ray":
             from v2mount.ray_pool import RayPool
 
+            assert settings.inference_timeout is not None
             return RayPool(
                 self.model,
-                workers,
-                max_queue_size=queue,
+                settings.parallel_workers,
+                max_queue_size=settings.max_queue_size,
                 metrics_sink=self.metrics.apply_custom,
-                actor_options=self.settings.ray_actor_options.ray_options(),
+                actor_options=settings.ray_actor_options.ray_options(),
                 address=self.server.ray_address,
-                threads_per_worker=self.settings.threads_per_worker,
-                hard_timeout=2 * float(self._setting("inference_timeout")),
+                threads_per_worker=settings.threads_per_worker,
+                hard_timeout=2 * settings.inference_timeout,
             )
-        from v2mount.pool import WorkerPool
+        from v2mount.pool import PoolConfig, WorkerPool
 
         return WorkerPool(
             self.model,
-            workers,
-            max_queue_size=queue,
+            PoolConfig.from_settings(settings, self.server),
             metrics_sink=self.metrics.apply_custom,
-            shm_threshold=self.server.shm_threshold_bytes,
-            threads_per_worker=self.settings.threads_per_worker,
-            hard_timeout=2 * float(self._setting("inference_timeout")),
-            max_requests_per_worker=self._setting("max_requests_per_worker") or None,
-            max_worker_memory_mb=self._setting("max_worker_memory_mb") or None,
         )
 
     async def load(self) -> None:
@@ -166,7 +170,7 @@ class ModelHandle:
         started = time.perf_counter()
         try:
             runner = self._make_runner()
-            await runner.start()
+            declared = await runner.start()
         except Exception as exc:
             if runner is not None:
                 with anyio.CancelScope(shield=True):
@@ -189,8 +193,15 @@ class ModelHandle:
             )
             return
         assert runner is not None
+        if declared is not None:
+            # What the model's load declared in a worker: the metadata this handle serves.
+            update = {"inputs": declared.inputs, "outputs": declared.outputs}
+            self.settings = self.settings.model_copy(update=update)
         self._runner = runner
-        batch_size: int = self._setting("max_batch_size")
+        settings = self.settings
+        batch_size = settings.max_batch_size
+        assert batch_size is not None and settings.max_batch_time is not None
+        assert settings.max_queue_size is not None
         if batch_size > 1:
             from v2mount.batching import batcher_for
 
@@ -198,8 +209,8 @@ class ModelHandle:
                 runner,
                 self.settings.batching,
                 max_batch_size=batch_size,
-                max_batch_time=float(self._setting("max_batch_time")),
-                max_queue_size=self._setting("max_queue_size"),
+                max_batch_time=settings.max_batch_time,
+                max_queue_size=settings.max_queue_size,
                 on_batch=lambda rows, delays: self.metrics.observe_batch(
                     self.name, self.version, rows, delays
                 ),
@@ -207,7 +218,8 @@ class ModelHandle:
         elif self.settings.batching is not None:
             logger.warning("model %s: batching is off (max_batch_size <= 1)", self.label)
         self.state = ModelState.READY
-        workers: int = self._setting("parallel_workers")
+        workers = settings.parallel_workers
+        assert workers is not None
         logger.info(
             "model %s loaded: %s, in %.2f s",
             self.label,
@@ -245,10 +257,12 @@ class ModelHandle:
             raise ModelNotReady(self.not_ready_message())
         if not runner.ready:  # a pool between workers: a replacement is starting
             raise ModelNotReady(self.not_ready_message(), retry_after=1)
-        timeout = float(self._setting("inference_timeout"))
+        timeout = self.settings.inference_timeout
+        assert timeout is not None
         if request.id is None:
             request.id = str(uuid.uuid4())  # as MLServer: every response carries an id
         start = time.perf_counter_ns()
+        mark_started(start)
         self._in_flight += 1
         ok = False
         try:
@@ -273,8 +287,10 @@ class ModelHandle:
             exc.request_id = request.id  # for the log line of the answer
             raise
         finally:
-            elapsed = time.perf_counter_ns() - start
-            self.stats.record(ok, elapsed, elapsed, _rows(request))
+            end = time.perf_counter_ns()
+            elapsed = end - start
+            # Queue time: until the runner (or the batcher) took the request up.
+            self.stats.record(ok, elapsed, end - (started_at() or start), _rows(request))
             self.metrics.record_inference(self.name, self.version, ok, elapsed / 1e9)
             self._in_flight -= 1
             if self._in_flight == 0 and self._idle is not None:

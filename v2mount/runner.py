@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import anyio
 import anyio.to_thread
@@ -29,9 +29,10 @@ from v2mount.errors import (
 )
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model, call_load, call_predict, call_predict_sync
+from v2mount.settings import TensorSpec
 from v2mount.types import InferenceRequest, InferenceResponse
 
-__all__ = ["InProcessRunner", "MetricsSink", "Runner", "RunnerStatistics"]
+__all__ = ["Declared", "InProcessRunner", "MetricsSink", "Runner", "RunnerStatistics"]
 
 logger = logging.getLogger("v2mount.runner")
 
@@ -50,10 +51,19 @@ class RunnerStatistics:
     max_queue_size: int
 
 
+class Declared(NamedTuple):
+    """The inputs and outputs a model's ``load`` declared where the runner loaded it."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
 class Runner(Protocol):
     """What the registry needs from whatever executes a model version.
 
-    ``start`` loads the model (raising ``ModelNotReady`` with the reason if it cannot);
+    ``start`` loads the model (raising ``ModelNotReady`` with the reason if it cannot)
+    and returns what its ``load`` declared when that happened out of the caller's sight
+    (in a worker process), for the caller to serve as metadata;
     ``infer`` answers one request or raises a ``V2MountError`` (``Overloaded`` when the
     queue is full); cancelling ``infer`` leaves no work behind that anyone waits for;
     ``stop`` releases every thread, process and shared-memory segment and is idempotent.
@@ -67,7 +77,7 @@ class Runner(Protocol):
         """Why the runner is not ready (``None`` when it is)."""
         ...
 
-    async def start(self) -> None: ...
+    async def start(self) -> Declared | None: ...
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse: ...
 

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Duration", "InferenceStats"]
+__all__ = ["Duration", "InferenceStats", "mark_started", "started_at"]
+
+#: When the current request left its queue (``perf_counter_ns``): set by whatever ran it.
+_started: ContextVar[int | None] = ContextVar("v2mount_started", default=None)
+
+
+def mark_started(ns: int | None = None) -> None:
+    """Note that the current task's request stopped waiting (for a worker, a batch) now.
+
+    Called by runners and the batcher in the task that awaits the request, so that the
+    statistics extension can tell queue time from inference time.
+    """
+    _started.set(time.perf_counter_ns() if ns is None else ns)
+
+
+def started_at() -> int | None:
+    """When the current task's request left its queue; ``None`` if nobody said."""
+    return _started.get()
 
 
 @dataclass(slots=True)

@@ -32,8 +32,8 @@ from v2mount.errors import (
     Overloaded,
 )
 from v2mount.metrics.custom import MetricUpdate
-from v2mount.pool import WorkerPool
-from v2mount.pool._ipc import SHM_DIR
+from v2mount.pool import PoolConfig, WorkerPool
+from v2mount.pool._arena import SHM_DIR
 from v2mount.pool._worker import THREAD_VARIABLES
 from v2mount.types import InferenceRequest, Tensor
 
@@ -135,18 +135,18 @@ def sink() -> list[MetricUpdate]:
 
 @pytest.fixture(scope="module")
 def echo(sink: list[MetricUpdate]) -> Iterator[WorkerPool]:
-    yield from started(WorkerPool(Echo(), 2, max_queue_size=64, metrics_sink=sink.extend))
+    yield from started(WorkerPool(Echo(), PoolConfig(2, 64), metrics_sink=sink.extend))
 
 
 @pytest.fixture(scope="module")
 def sleepy() -> Iterator[WorkerPool]:
-    pool = WorkerPool(Sleepy(), 1, max_queue_size=1, metrics_sink=ignore, hard_timeout=1.5)
+    pool = WorkerPool(Sleepy(), PoolConfig(1, 1, hard_timeout=1.5), metrics_sink=ignore)
     yield from started(pool)
 
 
 @pytest.fixture(scope="module")
 def crashy() -> Iterator[WorkerPool]:
-    yield from started(WorkerPool(Echo(), 2, max_queue_size=64, metrics_sink=ignore))
+    yield from started(WorkerPool(Echo(), PoolConfig(2, 64), metrics_sink=ignore))
 
 
 def seconds(value: float) -> InferenceRequest:
@@ -224,12 +224,15 @@ async def test_native_threads_are_limited_in_the_worker_only(echo: WorkerPool) -
 async def test_async_model_keeps_one_loop_and_stop_leaves_nothing() -> None:
     model = AsyncDouble()
     assert model.settings.inputs == []
-    pool = WorkerPool(model, 1, max_queue_size=4, metrics_sink=ignore)
-    await pool.start()
+    pool = WorkerPool(model, PoolConfig(1, 4), metrics_sink=ignore)
+    declared = await pool.start()
     pids = pool.pids()
     assert pool.ready and pool.reason is None and len(pids) == 1
-    # What load declared in the worker is the parent's metadata too.
-    assert [(s.name, s.datatype, s.shape) for s in model.settings.inputs] == [("x", "FP32", [-1])]
+    # What load declared in the worker comes back to the caller, to serve as metadata;
+    # the parent's model settings are left as they were.
+    assert declared is not None and declared.outputs == []
+    assert [(s.name, s.datatype, s.shape) for s in declared.inputs] == [("x", "FP32", [-1])]
+    assert model.settings.inputs == []
     for _ in range(2):
         response = await pool.infer(request(x=np.array([1.5, -2.0], np.float32)))
     assert response.outputs[0].data.tolist() == [3.0, -4.0]
@@ -375,7 +378,7 @@ async def test_a_stuck_worker_is_killed_after_the_hard_timeout(sleepy: WorkerPoo
 async def test_worn_out_workers_are_recycled_without_failing_a_request(
     limit: dict[str, Any], expected: list[int]
 ) -> None:
-    pool = WorkerPool(Echo(), 1, max_queue_size=4, metrics_sink=ignore, **limit)
+    pool = WorkerPool(Echo(), PoolConfig(1, 4, **limit), metrics_sink=ignore)
     await pool.start()
     try:
         pids = []
@@ -399,7 +402,7 @@ async def test_worn_out_workers_are_recycled_without_failing_a_request(
 async def test_load_failure_is_reported_without_hanging(
     model: Any, workers: int, reason: str
 ) -> None:
-    pool = WorkerPool(model, workers, max_queue_size=4, metrics_sink=ignore)
+    pool = WorkerPool(model, PoolConfig(workers, 4), metrics_sink=ignore)
     with anyio.fail_after(60), pytest.raises(ModelNotReady, match=reason):
         await pool.start()
     assert not pool.ready and reason in (pool.reason or "")
@@ -410,7 +413,7 @@ async def test_load_failure_is_reported_without_hanging(
 
 
 async def test_stop_fails_queued_requests_and_lets_running_ones_finish() -> None:
-    pool = WorkerPool(Sleepy(), 1, max_queue_size=4, metrics_sink=ignore)
+    pool = WorkerPool(Sleepy(), PoolConfig(1, 4), metrics_sink=ignore)
     await pool.start()
     outcomes: list[Any] = []
 
@@ -435,7 +438,7 @@ import sys, time
 import anyio
 import numpy as np
 from v2mount.model import Model
-from v2mount.pool import WorkerPool
+from v2mount.pool import PoolConfig, WorkerPool
 from v2mount.types import InferenceRequest, Tensor
 
 class MainModel(Model):  # defined in __main__: dill sends it by value
@@ -455,7 +458,7 @@ async def serve(pool):
     await pool.infer(busy)  # one worker busy, one idle
 
 async def main():
-    pool = WorkerPool(MainModel(), 2, max_queue_size=4, metrics_sink=lambda _: None)
+    pool = WorkerPool(MainModel(), PoolConfig(2, 4), metrics_sink=lambda _: None)
     async with anyio.create_task_group() as group:
         group.start_soon(serve, pool)
         busy = 1 if sys.argv[1] == "serving" else 0

@@ -31,6 +31,8 @@ import httpx
 import orjson
 import pytest
 
+from v2mount.pool._template import TEMPLATE_NAME
+
 HERE = Path(__file__).resolve().parent
 SHM = Path("/dev/shm")
 PROFILE_VARIABLE = "V2MOUNT_RELIABILITY_PROFILE"
@@ -207,10 +209,13 @@ def descendants(pid: int) -> set[int]:
 
 
 def is_spawned_worker(pid: int) -> bool:
-    """A ``multiprocess`` spawn child (a pool worker), not the resource tracker."""
+    """A pool worker: a ``multiprocess`` spawn child (or forked from one), not the resource
+    tracker, nor a pool's template process."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return b"spawn_main" in cmdline.read()
+            spawned = b"spawn_main" in cmdline.read()
+        with open(f"/proc/{pid}/comm") as comm:
+            return spawned and comm.read().strip() != TEMPLATE_NAME
     except OSError:
         return False
 
@@ -257,15 +262,39 @@ class PoolWatch:
     def processes(self) -> set[int]:
         return {p for p in descendants(self.parent) if is_spawned_worker(p)}
 
-    def loaded(self) -> set[int]:
+    def _marked(self, prefix: str) -> set[int]:
+        """Live processes that left a marker ``<prefix><pid>``."""
         found = set()
         for marker in self.markers.iterdir():
-            if marker.name.isdigit():
-                fields = _stat(int(marker.name))
+            pid = marker.name.removeprefix(prefix)
+            if marker.name.startswith(prefix) and pid.isdigit():
+                fields = _stat(int(pid))
                 # Alive, and the very process that wrote the marker (pids are reused).
                 if fields and fields[0] != "Z" and fields[19] == marker.read_text():
-                    found.add(int(marker.name))
+                    found.add(int(pid))
         return found
+
+    def loaded(self) -> set[int]:
+        return self._marked("")
+
+    def hanging(self) -> set[int]:
+        """Live workers stuck in ``Faulty``'s ``hang`` action (killed by the hard timeout)."""
+        return self._marked("hanging-")
+
+    def settled(self) -> bool:
+        """Whole, nothing hanging, and no worker process besides the loaded ones."""
+        return not self.hanging() and self.whole() and self.processes() == self.loaded()
+
+    async def wait_settled(self, within: float = 60) -> float:
+        """Seconds until every stuck worker was killed and replaced (fails after ``within``)."""
+        return await until(
+            self.settled,
+            within,
+            lambda: (
+                f"not settled: loaded {self.loaded()}, processes {self.processes()}, "
+                f"hanging {self.hanging()}"
+            ),
+        )
 
     def whole(self) -> bool:
         return len(self.loaded()) == self.size

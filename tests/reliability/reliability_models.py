@@ -6,7 +6,8 @@ Loaded by path in the test process (``reliability_models`` fixture) and by name 
 not taken for it) in ``parameters.marker_dir``, so a test can
 tell a *loaded* worker from one still starting without reaching into the pool (and
 takes a second longer while that folder holds a file ``slow-load``; ``Faulty``'s load
-fails, leaving ``failed-<pid>``, while it holds ``fail-load``).
+fails, leaving ``failed-<pid>``, while it holds ``fail-load``). A worker stuck in
+``Faulty``'s ``hang`` action leaves ``hanging-<pid>``.
 """
 
 from __future__ import annotations
@@ -30,12 +31,18 @@ def start_time(pid: int) -> str:
         return stat.read().rsplit(")", 1)[1].split()[19]
 
 
-def _mark_loaded(model: Model) -> None:
+def _mark(model: Model, prefix: str = "") -> None:
+    """Leave the marker ``<prefix><pid>`` (holding this process's start time)."""
     folder = (model.settings.parameters.model_extra or {}).get("marker_dir")
     if folder:
-        if Path(folder, "slow-load").exists():
-            time.sleep(1.0)
-        Path(folder, str(os.getpid())).write_text(start_time(os.getpid()))
+        Path(folder, f"{prefix}{os.getpid()}").write_text(start_time(os.getpid()))
+
+
+def _mark_loaded(model: Model) -> None:
+    folder = (model.settings.parameters.model_extra or {}).get("marker_dir")
+    if folder and Path(folder, "slow-load").exists():
+        time.sleep(1.0)
+    _mark(model)
 
 
 class Faulty(Model):
@@ -67,6 +74,7 @@ class Faulty(Model):
         if action == "exit":
             os._exit(3)
         if action == "hang":
+            _mark(self, "hanging-")
             time.sleep(3600)
         if action == "path":
             raise FileNotFoundError(2, "No such file or directory", "/srv/secret/weights.bin")

@@ -113,8 +113,8 @@ def test_a_pickle_sent_as_bytes_is_only_bytes(
 
 #: Modules that may deserialise something other than JSON, and why that is not network data.
 TRUSTED_DESERIALISERS = {
-    # Frames between the web process and its own workers, built by ``encode`` on the
-    # other side from already-decoded tensors (a BYTES element is pickled as bytes).
+    # Frames between the web process and its own workers, built on the other side from
+    # already-decoded tensors (BYTES elements travel as raw bytes, never pickled).
     "pool/_ipc.py": {"pickle"},
     # The unloaded model the web process itself packed for its workers.
     "pool/_shipping.py": {"dill"},
@@ -166,15 +166,16 @@ def test_only_known_modules_can_deserialise_anything_but_json() -> None:
 def test_pool_frames_carry_request_bytes_as_data(tmp_path: Path) -> None:
     """The worker-side decode of a request holding a pickle runs none of it."""
     from v2mount.codecs.request import decode_request
-    from v2mount.pool._ipc import decode, encode, request_from_wire, request_to_wire
+    from v2mount.pool._ipc import decode_request as from_frame
+    from v2mount.pool._ipc import encode_request
 
     trap = tmp_path / "unpickled"
     payload = pickle.dumps(_Trap(trap))
     body, headers = binary_bytes_body([payload])
     request = decode_request(body, int(headers["Inference-Header-Content-Length"]))
-    frame = encode((1, request_to_wire(request)), None, 0)
-    _, wire = decode(frame, None)
-    assert request_from_wire(wire)["x"].tolist() == [payload]
+    frame = encode_request(request, 1, None, 0)
+    _, decoded = from_frame(bytearray(frame), None)
+    assert decoded["x"].tolist() == [payload]
     assert not trap.exists()
 
 

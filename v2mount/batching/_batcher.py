@@ -18,6 +18,7 @@ from v2mount.batching._tensors import (
 )
 from v2mount.errors import ModelError, V2MountError
 from v2mount.runner import Runner
+from v2mount.stats import mark_started, started_at
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = ["AdaptiveBatcher", "BatcherStatistics"]
@@ -58,6 +59,8 @@ class _Batch:
     rows: int = 0
     #: Taken out of the open batches (to run, or because every member left).
     taken: bool = False
+    #: When the batch left its queues (the batch's, then the runner's): ``perf_counter_ns``.
+    started: int | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
 
 
@@ -121,6 +124,8 @@ class AdaptiveBatcher:
         except BaseException:
             self._leave(batch, member)
             raise
+        if batch.started is not None:
+            mark_started(batch.started)
         if member.error is not None:
             raise fresh(member.error)
         if member.response is None:
@@ -221,7 +226,9 @@ class AdaptiveBatcher:
                 self._on_batch(batch.rows)
             requests = [member.request for member in members]
             merged = requests[0] if len(requests) == 1 else merge_requests(requests)
+            mark_started()
             response = await self._runner.infer(merged)
+            batch.started = started_at()
             parts = split_response(response, requests, [member.rows for member in members])
         except V2MountError as exc:
             error = exc

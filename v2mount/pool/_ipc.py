@@ -1,253 +1,482 @@
-"""What crosses between the pool and a worker: frames, the shared-memory arena, wire tuples.
+"""What crosses between the pool and a worker: request and reply frames, control messages.
 
-Each request and each reply is one frame: a pickle (protocol 5) of plain tuples, never of
-pydantic objects. numpy buffers of at least ``threshold`` bytes go out of band into the
-worker's *arena*: one file in ``/dev/shm`` that both processes map and reuse for every
-message. The worker creates it once loaded, and the parent removes its name as soon as it
-has opened it too: from then on no crash of either process can leave it behind. It is
-grown with ``posix_fallocate``, so a full ``/dev/shm`` is an error caught here (the frame
-then carries the buffers itself) instead of a SIGBUS later; it is never registered with a
-resource tracker, so no process exit can unlink it under the other (cpython#82300); a
-request costs no segment creation and, once warm, no page fault.
+**Request channel** (a socket pair; at most one request on it at a time). Each request
+and each reply is one frame, with no pickle in the common case::
 
-Only one side writes the arena at a time: the parent writes a request only to an idle
-worker; the worker copies the request out, runs predict and writes its reply; the parent
-copies the reply out before the worker can get more work. Receivers always copy, so no
-array ever aliases shared memory that is about to be reused.
+    HEADER (struct) | meta | extra | padding to 64 | data
+
+``HEADER`` holds the frame's length, its kind (request, result, error), flags, the
+lengths of ``meta`` and ``extra`` and the request's sequence number. ``meta`` is JSON
+(orjson): the request's or response's id, parameters and requested outputs, and one entry
+per tensor (name, datatype, shape, parameters, numpy dtype, where its bytes are). Tensor
+bytes are raw: in ``data`` when small, in the worker's shared-memory arena
+(``_arena.py``) when at least ``threshold`` bytes and the arena has room. BYTES tensors
+travel as length-prefixed elements. pickle is used only for what is genuinely arbitrary:
+``meta`` whose parameters are not plain JSON values (flag ``PICKLED_META``), tensors numpy
+cannot describe by a dtype, the custom-metric updates in ``extra``, and errors.
+
+**Control pipe** (worker to parent, read by the pool's supervisor): the typed messages
+``Ready``, ``LoadFailed`` and ``Log``, pickled (a few per worker life, never per request).
+
+Receivers never alias shared memory: a tensor from the arena is copied out; one from
+``data`` is a view of the frame, a private ``bytearray``.
 """
 
 from __future__ import annotations
 
-import mmap
+import math
 import os
 import pickle
 import struct
-import uuid
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
 
 from v2mount import errors
 from v2mount.errors import ModelError, V2MountError, describe_exception
+from v2mount.metrics.custom import MetricUpdate
+from v2mount.pool._arena import Arena
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 __all__ = [
-    "SHM_DIR",
-    "Arena",
-    "arena_path",
-    "decode",
-    "encode",
+    "ERROR",
+    "REQUEST",
+    "RESULT",
+    "Channel",
+    "DeclaredSpecs",
+    "LoadFailed",
+    "Log",
+    "Ready",
+    "Reply",
+    "decode_reply",
+    "decode_request",
+    "encode_error",
+    "encode_request",
+    "encode_result",
     "error_from_wire",
     "error_to_wire",
-    "request_from_wire",
-    "request_to_wire",
-    "response_from_wire",
-    "response_to_wire",
-    "unlink_quietly",
+    "updates_of",
 ]
 
-#: Where POSIX shared memory lives on Linux; elsewhere every buffer crosses the pipe.
-SHM_DIR = "/dev/shm"
+#: Frame length, kind, flags, (unused), meta length, extra length, sequence number.
+HEADER = struct.Struct("<QBBHIIQ")
+REQUEST, RESULT, ERROR = 1, 2, 3
+PICKLED_META = 1
 _ALIGN = 64
-_MIN_ARENA = 1 << 20
-_COUNT = struct.Struct("<H")
-_SPAN = struct.Struct("<QQ")
+_CHUNK = 1 << 16
+# Where a tensor's bytes are.
+_INLINE, _SHARED, _STRINGS, _PICKLED = range(4)
+_LENGTH = struct.Struct("<I")
+_NUMERIC_KINDS = frozenset("biufc")
 
-TensorWire = tuple[str, str, tuple[int, ...], dict[str, Any], Any]
-RequestWire = tuple[
-    str | None, dict[str, Any], list[tuple[str, dict[str, Any]]] | None, list[TensorWire]
-]
-ResponseWire = tuple[str, str | None, str | None, dict[str, Any], list[TensorWire]]
 ErrorWire = tuple[str, str, bytes | None]
 
 
-class Arena:
-    """One worker's shared-memory file, mapped by the parent and by the worker.
-
-    Not thread-safe: each end is used by one thread (the pool's monitor thread, the
-    worker's main thread). The file grows but never shrinks during the worker's life.
-    """
-
-    def __init__(self, path: str, fd: int) -> None:
-        self.path = path
-        self._fd = fd
-        self._map: mmap.mmap | None = None
-
-    @classmethod
-    def create(cls, path: str) -> Arena | None:
-        """Called in the worker: a new empty arena, or ``None`` if it cannot be made."""
-        try:
-            return cls(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-        except OSError:
-            return None
-
-    @classmethod
-    def attach(cls, path: str) -> Arena | None:
-        """Called in the parent: open a worker's arena (``None`` if it is gone)."""
-        try:
-            return cls(path, os.open(path, os.O_RDWR))
-        except OSError:
-            return None
-
-    @property
-    def size(self) -> int:
-        return os.fstat(self._fd).st_size
-
-    def _mapping(self, needed: int) -> mmap.mmap:
-        """The mapping, remapped when the file grew (perhaps by the other process)."""
-        if self._map is None or len(self._map) < needed:
-            if self._map is not None:
-                self._map.close()
-                self._map = None
-            self._map = mmap.mmap(self._fd, self.size)
-        return self._map
-
-    def reserve(self, needed: int) -> bool:
-        """Make the arena hold ``needed`` bytes; ``False`` if ``/dev/shm`` cannot spare them.
-
-        Growth takes at most half of the space still free, so serving one big tensor never
-        starves other users of ``/dev/shm``.
-        """
-        size = self.size
-        if needed > size:
-            new_size = max(_MIN_ARENA, 1 << (needed - 1).bit_length())
-            try:
-                free = os.statvfs(os.path.dirname(self.path))
-                if new_size - size > free.f_bavail * free.f_frsize // 2:
-                    return False
-                os.posix_fallocate(self._fd, 0, new_size)
-            except OSError:
-                return False
-        self._mapping(needed)
-        return True
-
-    def put(self, offset: int, data: memoryview) -> None:
-        with memoryview(self._mapping(offset + data.nbytes)) as whole:
-            whole[offset : offset + data.nbytes] = data
-
-    def take(self, offset: int, length: int) -> bytearray:
-        """A private copy of ``length`` bytes at ``offset``."""
-        with memoryview(self._mapping(offset + length)) as whole:
-            return bytearray(whole[offset : offset + length])
-
-    def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def unlink(self) -> None:
-        unlink_quietly(self.path)
+# -- control messages (worker to parent, on the control pipe) ------------------------------
 
 
-def arena_path(prefix: str, directory: str = SHM_DIR) -> str | None:
-    """Called in the parent: a fresh name for a worker's arena, ``None`` without usable shm.
+class DeclaredSpecs(NamedTuple):
+    """Inputs and outputs a model's ``load`` declared (``TensorSpec`` dumps)."""
 
-    The worker creates the file once it has loaded the model (and removes it when it
-    exits), so a worker that dies while starting, even with its parent, leaves nothing.
-    """
-    if not hasattr(os, "posix_fallocate") or not os.path.isdir(directory):
-        return None
-    return os.path.join(directory, f"{prefix}-{uuid.uuid4().hex[:12]}")
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
 
 
-def unlink_quietly(path: str) -> None:
-    """Remove an arena file; it may already be gone (the worker removes it if orphaned)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+class Ready(NamedTuple):
+    """The worker loaded the model and serves; ``declared`` when load changed the metadata."""
+
+    updates: list[MetricUpdate]
+    declared: DeclaredSpecs | None
+    has_arena: bool
+
+
+class LoadFailed(NamedTuple):
+    text: str
+    updates: list[MetricUpdate]
+
+
+class Log(NamedTuple):
+    level: int
+    name: str
+    text: str
+
+
+# -- frames --------------------------------------------------------------------------------
 
 
 def _aligned(offset: int) -> int:
     return (offset + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def encode(obj: Any, arena: Arena | None, threshold: int) -> bytes:
-    """One frame for ``obj``; large numpy buffers go to ``arena`` when it has room."""
-    if arena is not None:
-        large: list[pickle.PickleBuffer] = []
+def _plain(value: Any) -> bool:
+    """Whether JSON carries ``value`` unchanged (no tuple, NaN, numpy scalar or bytes)."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(-(1 << 63) <= value < (1 << 64))
+    if kind is float:
+        return math.isfinite(value)
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    if kind is list:
+        return all(_plain(v) for v in value)
+    return False
 
-        def route(buffer: pickle.PickleBuffer) -> bool:
-            with buffer.raw() as raw:
-                if raw.nbytes < threshold:
-                    return True
-            large.append(buffer)
-            return False
 
-        body = pickle.dumps(obj, protocol=5, buffer_callback=route)
-        if not large:
-            return _COUNT.pack(0) + body
-        spans: list[tuple[int, int]] = []
+def _strings(array: np.ndarray[Any, Any]) -> bytes | None:
+    """An object array of ``bytes`` as length-prefixed elements (``None``: not all bytes)."""
+    parts: list[bytes] = []
+    pack = _LENGTH.pack
+    for item in array.flat:
+        if type(item) is not bytes:
+            return None
+        parts.append(pack(len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def _from_strings(view: memoryview, count: int) -> np.ndarray[Any, Any]:
+    out = np.empty(count, dtype=object)
+    position = 0
+    unpack = _LENGTH.unpack_from
+    for i in range(count):
+        (length,) = unpack(view, position)
+        position += 4
+        out[i] = bytes(view[position : position + length])
+        position += length
+    return out
+
+
+def _buffer(data: Any) -> tuple[str | None, int, memoryview | bytes]:
+    """A tensor's bytes: (numpy dtype, where they go, the bytes)."""
+    if type(data) is np.ndarray and data.dtype.kind in _NUMERIC_KINDS:
+        if not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        try:
+            return data.dtype.str, _INLINE, memoryview(data).cast("B")
+        except (TypeError, ValueError):  # a 0-d array, or a format memoryview lacks
+            return data.dtype.str, _INLINE, memoryview(data.reshape(-1).view(np.uint8))
+    if isinstance(data, np.ndarray) and data.dtype == object:
+        strings = _strings(data)
+        if strings is not None:
+            return None, _STRINGS, strings
+    return None, _PICKLED, pickle.dumps(data, protocol=5)
+
+
+def _frame(
+    kind: int,
+    seq: int,
+    head: list[Any],
+    tensors: list[Tensor],
+    arena: Arena | None,
+    threshold: int,
+    plain: bool,
+    extra: bytes = b"",
+) -> bytes:
+    """One frame: ``head`` and the tensors' entries as meta, their bytes inline or shared.
+
+    ``plain``: ``head``'s parameters are plain JSON values (tensors' are checked here).
+    """
+    entries: list[list[Any]] = []
+    inline: list[memoryview | bytes] = []
+    shared: list[tuple[list[Any], memoryview | bytes]] = []
+    offset = 0
+    for tensor in tensors:
+        data = tensor.data
+        dtype, place, buffer = _buffer(data)
+        parameters = tensor.parameters
+        if parameters and plain and not _plain(parameters):
+            plain = False
+        shape = list(data.shape) if isinstance(data, np.ndarray) else None
+        entry = [
+            tensor.name,
+            tensor.datatype,
+            list(tensor.shape),
+            parameters,
+            dtype,
+            place,
+            0,
+            0,
+            shape,
+        ]
+        entries.append(entry)
+        size = len(buffer)
+        if arena is not None and place == _INLINE and size >= threshold:
+            shared.append((entry, buffer))
+            continue
+        if offset % _ALIGN:
+            pad = _ALIGN - offset % _ALIGN
+            inline.append(bytes(pad))
+            offset += pad
+        entry[6], entry[7] = offset, size
+        inline.append(buffer)
+        offset += size
+    if shared:
+        assert arena is not None
         end = 0
-        for buffer in large:
-            with buffer.raw() as raw:
-                spans.append((end, raw.nbytes))
-                end = _aligned(end + raw.nbytes)
-        if arena.reserve(end):
-            for (offset, _), buffer in zip(spans, large, strict=True):
-                with buffer.raw() as raw:
-                    arena.put(offset, raw)
-            header = [_COUNT.pack(len(spans)), *(_SPAN.pack(*span) for span in spans)]
-            return b"".join([*header, body])
-    return _COUNT.pack(0) + pickle.dumps(obj, protocol=5)
+        for _, buffer in shared:
+            end = _aligned(end + len(buffer))
+        room = arena.reserve(end)
+        position = 0
+        for entry, buffer in shared:
+            if room:
+                arena.put(position, memoryview(buffer))
+                entry[5], entry[6], entry[7] = _SHARED, position, len(buffer)
+                position = _aligned(position + len(buffer))
+            else:  # /dev/shm is full: the frame carries them
+                offset = _aligned(offset)
+                entry[6], entry[7] = offset, len(buffer)
+                inline.append(bytes(offset - sum(map(len, inline))))
+                inline.append(buffer)
+                offset += len(buffer)
+    meta_object = [*head, entries]
+    flags = 0
+    meta = b""
+    if plain:
+        try:
+            meta = orjson.dumps(meta_object)
+        except TypeError:
+            plain = False
+    if not plain:
+        meta, flags = pickle.dumps(meta_object, protocol=5), PICKLED_META
+    start = HEADER.size + len(meta) + len(extra)
+    padding = (_aligned(start) - start) if offset else 0
+    header = HEADER.pack(start + padding + offset, kind, flags, 0, len(meta), len(extra), seq)
+    return b"".join([header, meta, extra, bytes(padding), *inline])
 
 
-def decode(frame: bytes, arena: Arena | None) -> Any:
-    """The object in ``frame``; out-of-band buffers are copied out of ``arena``."""
-    (count,) = _COUNT.unpack_from(frame, 0)
-    position = _COUNT.size
-    buffers: list[bytearray] = []
-    for _ in range(count):
-        offset, length = _SPAN.unpack_from(frame, position)
-        position += _SPAN.size
+_DTYPES: dict[str, np.dtype[Any]] = {}
+
+
+def _dtype(name: str) -> np.dtype[Any]:
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        dtype = _DTYPES[name] = np.dtype(name)
+    return dtype
+
+
+def _tensor_from(entry: Sequence[Any], frame: bytearray, data: int, arena: Arena | None) -> Tensor:
+    name, datatype, shape, parameters, dtype, place, offset, length, array_shape = entry
+    array: Any
+    if place == _INLINE:
+        numpy_type = _dtype(dtype)
+        array = np.frombuffer(frame, numpy_type, length // numpy_type.itemsize, data + offset)
+        if len(array_shape) != 1:
+            array = array.reshape(array_shape)
+    elif place == _SHARED:
         if arena is None:
             raise ValueError("frame refers to shared memory but this end has no arena")
-        buffers.append(arena.take(offset, length))
-    with memoryview(frame) as view:
-        return pickle.loads(view[position:], buffers=buffers)
+        array = np.frombuffer(arena.take(offset, length), _dtype(dtype)).reshape(array_shape)
+    elif place == _STRINGS:
+        with memoryview(frame) as view:
+            count = math.prod(array_shape)
+            strings = _from_strings(view[data + offset : data + offset + length], count)
+        array = strings.reshape(array_shape)
+    else:
+        with memoryview(frame) as view:
+            array = pickle.loads(view[data + offset : data + offset + length])
+    return Tensor(name, datatype, tuple(shape), array, parameters)
 
 
-def _tensors_to_wire(tensors: list[Tensor]) -> list[TensorWire]:
-    return [(t.name, t.datatype, tuple(t.shape), t.parameters, t.data) for t in tensors]
+class _Parsed(NamedTuple):
+    kind: int
+    seq: int
+    meta: list[Any]
+    extra: bytes
+    data: int
 
 
-def _tensors_from_wire(wire: list[TensorWire]) -> list[Tensor]:
-    return [Tensor(name, dt, shape, data, params) for name, dt, shape, params, data in wire]
+def _parse(frame: bytearray) -> _Parsed:
+    total, kind, flags, _, meta_length, extra_length, seq = HEADER.unpack_from(frame)
+    if total != len(frame):
+        raise ValueError(f"frame of {len(frame)} bytes says it has {total}")
+    start = HEADER.size
+    end = start + meta_length
+    raw = frame[start:end]  # a small copy, cheaper than a memoryview's bookkeeping
+    meta = pickle.loads(raw) if flags & PICKLED_META else orjson.loads(raw)
+    extra = bytes(frame[end : end + extra_length]) if extra_length else b""
+    return _Parsed(kind, seq, meta, extra, _aligned(end + extra_length))
 
 
-def request_to_wire(request: InferenceRequest) -> RequestWire:
-    outputs = (
-        None if request.outputs is None else [(out.name, out.parameters) for out in request.outputs]
-    )
-    return (request.id, request.parameters, outputs, _tensors_to_wire(request.inputs))
+def encode_request(
+    request: InferenceRequest, seq: int, arena: Arena | None, threshold: int
+) -> bytes:
+    """Called in the parent: the frame of one request."""
+    parameters = request.parameters
+    plain = not parameters or _plain(parameters)
+    outputs = None
+    if request.outputs is not None:
+        outputs = [[out.name, out.parameters] for out in request.outputs]
+        plain = plain and all(not p or _plain(p) for _, p in outputs)
+    head = [request.id, parameters, outputs]
+    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain)
 
 
-def request_from_wire(wire: RequestWire) -> InferenceRequest:
-    request_id, parameters, outputs, inputs = wire
-    return InferenceRequest(
-        inputs=_tensors_from_wire(inputs),
-        id=request_id,
-        parameters=parameters,
-        outputs=None if outputs is None else [RequestedOutput(n, p) for n, p in outputs],
-    )
+def decode_request(frame: bytearray, arena: Arena | None) -> tuple[int, InferenceRequest]:
+    """Called in the worker: the sequence number and the request of a frame."""
+    kind, seq, meta, _, data = _parse(frame)
+    if kind != REQUEST:
+        raise ValueError(f"expected a request frame, got kind {kind}")
+    request_id, parameters, outputs, entries = meta
+    inputs = [_tensor_from(entry, frame, data, arena) for entry in entries]
+    requested = None if outputs is None else [RequestedOutput(n, p) for n, p in outputs]
+    return seq, InferenceRequest(inputs, request_id, parameters, requested)
 
 
-def response_to_wire(response: InferenceResponse) -> ResponseWire:
-    return (
-        response.model_name,
-        response.model_version,
-        response.id,
-        response.parameters,
-        _tensors_to_wire(response.outputs),
-    )
+def encode_result(
+    response: InferenceResponse,
+    seq: int,
+    updates: list[MetricUpdate],
+    arena: Arena | None,
+    threshold: int,
+) -> bytes:
+    """Called in the worker: the frame of a response (``updates``: custom metrics)."""
+    parameters = response.parameters
+    plain = not parameters or _plain(parameters)
+    head = [response.model_name, response.model_version, response.id, parameters]
+    extra = pickle.dumps(updates, protocol=5) if updates else b""
+    return _frame(RESULT, seq, head, response.outputs, arena, threshold, plain, extra)
 
 
-def response_from_wire(wire: ResponseWire) -> InferenceResponse:
-    model_name, model_version, response_id, parameters, outputs = wire
-    return InferenceResponse(
-        model_name, _tensors_from_wire(outputs), model_version, response_id, parameters
-    )
+def encode_error(exc: Exception, seq: int, updates: list[MetricUpdate]) -> bytes:
+    """Called in the worker: the frame of an error (never carries a traceback)."""
+    return _frame(ERROR, seq, [error_to_wire(exc), updates], [], None, 0, False)
+
+
+class Reply(NamedTuple):
+    """A decoded reply: the response or the error, and the custom-metric updates."""
+
+    seq: int
+    outcome: InferenceResponse | V2MountError
+    updates: list[MetricUpdate]
+
+
+def decode_reply(frame: bytearray, arena: Arena | None) -> Reply:
+    """Called in the parent."""
+    kind, seq, meta, extra, data = _parse(frame)
+    if kind == ERROR:
+        wire, updates = meta[0], meta[1]
+        return Reply(seq, error_from_wire(tuple(wire)), updates)
+    if kind != RESULT:
+        raise ValueError(f"expected a reply frame, got kind {kind}")
+    model_name, model_version, response_id, parameters, entries = meta
+    outputs = [_tensor_from(entry, frame, data, arena) for entry in entries]
+    response = InferenceResponse(model_name, outputs, model_version, response_id, parameters)
+    return Reply(seq, response, pickle.loads(extra) if extra else [])
+
+
+def updates_of(frame: bytearray) -> list[MetricUpdate]:
+    """The custom-metric updates of a reply nobody waits for any more."""
+    kind, _, meta, extra, _ = _parse(frame)
+    if kind == ERROR:
+        return list(meta[1])
+    return pickle.loads(extra) if extra else []
+
+
+# -- the request channel's ends ---------------------------------------------------------
+
+
+class Channel:
+    """One end of a worker's request channel: whole frames out, whole frames in.
+
+    ``write_some`` and ``read_some`` never block on a non-blocking descriptor: they return
+    what they could not finish, and keep their place for the next call, so one frame may
+    be written or read by several owners in turn (a request task, then the supervisor that
+    drains the reply of a cancelled request). On a blocking descriptor (the worker's end),
+    ``send`` and ``receive`` wait.
+    """
+
+    __slots__ = ("_buffer", "_got", "_out", "_pending", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._out: memoryview | None = None
+        self._pending = b""
+        self._buffer: bytearray | None = None
+        self._got = 0
+
+    @property
+    def writing(self) -> bool:
+        return self._out is not None
+
+    @property
+    def reading(self) -> bool:
+        """A frame has been partly read."""
+        return self._buffer is not None or bool(self._pending)
+
+    def begin(self, frame: bytes) -> None:
+        self._out = memoryview(frame)
+
+    def write_some(self) -> bool:
+        """Write what the pipe takes of the current frame; ``True`` once it is all out."""
+        out = self._out
+        if out is None:
+            return True
+        try:
+            written = os.write(self.fd, out)
+        except BlockingIOError:
+            return False
+        if written == len(out):
+            self._out = None
+            out.release()
+            return True
+        self._out = out[written:]
+        return False
+
+    def read_some(self) -> bytearray | None:
+        """The next whole frame, or ``None`` if it has not all arrived (``EOFError`` at EOF)."""
+        while True:
+            buffer = self._buffer
+            if buffer is None:
+                try:
+                    chunk = os.read(self.fd, _CHUNK)
+                except BlockingIOError:
+                    return None
+                if not chunk:
+                    raise EOFError
+                pending = self._pending + chunk if self._pending else chunk
+                if len(pending) < 8:
+                    self._pending = pending
+                    continue
+                self._pending = b""
+                (total,) = struct.unpack_from("<Q", pending)
+                if len(pending) == total:
+                    return bytearray(pending)
+                if len(pending) > total or total < HEADER.size:
+                    raise ValueError("a frame overran its length")
+                buffer = self._buffer = bytearray(total)
+                buffer[: len(pending)] = pending
+                self._got = len(pending)
+            with memoryview(buffer) as view:
+                try:
+                    got = os.readv(self.fd, [view[self._got :]])
+                except BlockingIOError:
+                    return None
+            if not got:
+                raise EOFError
+            self._got += got
+            if self._got == len(buffer):
+                self._buffer, self._got = None, 0
+                return buffer
+
+    def send(self, frame: bytes) -> None:
+        """Write a whole frame (blocking descriptor)."""
+        self.begin(frame)
+        while not self.write_some():
+            pass
+
+    def receive(self) -> bytearray:
+        """Read a whole frame (blocking descriptor); ``EOFError`` at EOF."""
+        while True:
+            frame = self.read_some()
+            if frame is not None:
+                return frame
+
+
+# -- errors ----------------------------------------------------------------------------------
 
 
 def error_to_wire(exc: Exception) -> ErrorWire:

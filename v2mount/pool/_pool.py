@@ -1,8 +1,11 @@
-"""``WorkerPool``: a model served by N worker processes, reached through anyio.
+"""``WorkerPool``: a model served by N worker processes, reached from the event loop.
 
-Callers (on any event loop: nothing is bound to one) put requests in the pool's queue,
-withdraw them when cancelled, and wait on a ``Waiter`` of their own. The pool's monitor
-thread (``_monitor.py``) does everything else.
+A request's task takes an idle worker (or waits for one in the pool's queue), writes the
+request frame to the worker's channel and reads the reply itself, awaiting the channel's
+descriptor through anyio (asyncio or trio): no thread stands between a request and its
+worker. Callers may run on any event loop, successive calls on different ones: nothing
+here is bound to a loop. The pool's supervisor thread (``_supervisor.py``) does all that
+is not per request.
 """
 
 from __future__ import annotations
@@ -10,22 +13,27 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterable
 
 import anyio
 import multiprocess
 
-from v2mount.errors import ModelNotReady
+from v2mount.errors import BadRequest, BrokenWorker, InferenceTimeout, ModelNotReady, V2MountError
 from v2mount.model import Model
-from v2mount.pool._ipc import request_to_wire, unlink_quietly
-from v2mount.pool._monitor import Monitor
-from v2mount.pool._state import NEW, STARTING, STOPPED, Job, PoolState, resolve
+from v2mount.pool._arena import unlink_quietly
+from v2mount.pool._config import PoolConfig
+from v2mount.pool._ipc import decode_reply, encode_request
+from v2mount.pool._state import NEW, STARTING, STOPPED, STOPPING, PoolState, Ticket, Worker, fire
+from v2mount.pool._supervisor import Supervisor
 from v2mount.pool._waiter import Waiter
-from v2mount.runner import MetricsSink, RunnerStatistics
+from v2mount.runner import Declared, MetricsSink, RunnerStatistics
+from v2mount.settings import TensorSpec
+from v2mount.stats import mark_started
 from v2mount.types import InferenceRequest, InferenceResponse
 
-__all__ = ["WorkerPool"]
+__all__ = ["PoolConfig", "WorkerPool"]
 
 
 def _unlink_all(owner: int, paths: Iterable[str]) -> None:
@@ -38,58 +46,39 @@ def _unlink_all(owner: int, paths: Iterable[str]) -> None:
             unlink_quietly(path)
 
 
-class WorkerPool:
-    """Runs a model in ``workers`` subprocesses (implements ``v2mount.runner.Runner``).
+class _Lost(Exception):
+    """The request never reached the worker whole: another worker may take it."""
 
-    The unloaded model is pickled with dill and loaded once in each worker. Requests
-    wait in one bounded queue and go to an idle live worker; numpy buffers of at least
-    ``shm_threshold`` bytes cross by shared memory. A dead worker is replaced at once;
-    one busy with a request for more than ``hard_timeout`` seconds is killed first. A
-    worker that answered ``max_requests_per_worker`` requests, or whose resident memory
-    passed ``max_worker_memory_mb`` (Linux), is retired once idle and replaced.
-    Each worker limits its native thread pools to ``threads_per_worker`` (``None``:
-    leave them alone).
+
+class WorkerPool:
+    """Runs a model in worker subprocesses (implements ``v2mount.runner.Runner``).
+
+    The unloaded model is pickled with dill and loaded once in each worker; ``config``
+    says how many, and how they are limited (see ``PoolConfig``). A request goes to an
+    idle live worker (each runs one request at a time, so an idle one is a least-loaded
+    one) or waits in one bounded queue. A dead worker is replaced at once.
 
     All methods are called from an event loop (asyncio or trio); successive calls may
-    come from different loops. ``metrics_sink`` is called from the pool's monitor
-    thread, so it must be thread-safe.
+    come from different loops. ``metrics_sink`` is called from request tasks and from
+    the pool's supervisor thread, so it must be thread-safe.
     """
 
-    def __init__(
-        self,
-        model: Model,
-        workers: int,
-        *,
-        max_queue_size: int,
-        metrics_sink: MetricsSink,
-        shm_threshold: int = 64 * 1024,
-        threads_per_worker: int | None = 1,
-        hard_timeout: float | None = None,
-        max_requests_per_worker: int | None = None,
-        max_worker_memory_mb: float | None = None,
-    ) -> None:
-        if workers < 1:
-            raise ValueError("a WorkerPool needs at least one worker")
-        if max_queue_size < 1:
-            raise ValueError("max_queue_size must be at least 1")
+    def __init__(self, model: Model, config: PoolConfig, *, metrics_sink: MetricsSink) -> None:
         self._name = model.settings.name
-        self._state = PoolState(self._name, workers, max_queue_size)
+        self._config = config
+        self._sink = metrics_sink
+        self._state = PoolState(self._name, config)
         self._seq = itertools.count()
         arena_paths: set[str] = set()
-        self._monitor = Monitor(
+        self._supervisor = Supervisor(
             self._state,
             model,
             context=multiprocess.get_context("spawn"),
             metrics_sink=metrics_sink,
-            shm_threshold=shm_threshold,
-            threads_per_worker=threads_per_worker,
-            hard_timeout=hard_timeout,
-            max_requests_per_worker=max_requests_per_worker,
-            max_worker_memory_mb=max_worker_memory_mb,
             arena_paths=arena_paths,
         )
-        # Tied to the monitor, which its thread keeps alive while any arena exists.
-        weakref.finalize(self._monitor, _unlink_all, os.getpid(), arena_paths)
+        # Tied to the supervisor, which its thread keeps alive while any arena exists.
+        weakref.finalize(self._supervisor, _unlink_all, os.getpid(), arena_paths)
 
     @property
     def ready(self) -> bool:
@@ -101,11 +90,13 @@ class WorkerPool:
         """Why the pool is not ready (the load error, a stop, a restart), else ``None``."""
         return None if self._state.ready else self._state.reason
 
-    async def start(self) -> None:
-        """Spawn the workers and wait until each has loaded the model or failed to.
+    async def start(self) -> Declared | None:
+        """Start the workers and wait until each has loaded the model or failed to.
 
-        Returns once at least one worker loaded; otherwise stops the pool and raises
-        ``ModelNotReady`` carrying the load error. Cancelling ``start`` stops the pool.
+        Returns the inputs and outputs the model's ``load`` declared in a worker, if it
+        changed them (for the caller to serve as metadata), once at least one worker
+        loaded; otherwise stops the pool and raises ``ModelNotReady`` carrying the load
+        error. Cancelling ``start`` stops the pool.
         """
         state = self._state
         with state.lock:
@@ -116,7 +107,7 @@ class WorkerPool:
             waiter = state.start_waiter = Waiter()
             state.open_wake_pipe()
         threading.Thread(
-            target=self._monitor.run, name=f"v2mount-pool-{self._name}", daemon=True
+            target=self._supervisor.run, name=f"v2mount-pool-{self._name}", daemon=True
         ).start()
         try:
             await waiter.wait()
@@ -127,6 +118,13 @@ class WorkerPool:
             reason = state.reason
             await self.stop()
             raise ModelNotReady(reason)
+        if state.declared is None:
+            return None
+        inputs, outputs = state.declared
+        return Declared(
+            [TensorSpec.model_validate(spec) for spec in inputs],
+            [TensorSpec.model_validate(spec) for spec in outputs],
+        )
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Answer one request in a worker process.
@@ -136,21 +134,100 @@ class WorkerPool:
         while running this request, ``InferenceTimeout`` when it was killed past
         ``hard_timeout``, ``ModelError`` (or the model's own ``V2MountError``) when
         predict raised. Cancellation withdraws a queued request; a running one finishes
-        in its worker and its result is dropped.
+        in its worker (the supervisor reads and drops its reply).
         """
-        waiter = Waiter()
-        job = Job(next(self._seq), request_to_wire(request), waiter)
-        self._state.submit(job)
+        while True:
+            worker = await self._worker()
+            try:
+                return await self._exchange(worker, request)
+            except _Lost:
+                continue  # the worker died before it had the request: try another
+
+    async def _worker(self) -> Worker:
+        """A worker held for this task: an idle one, or the first one freed for its ticket."""
+        got = self._state.acquire()
+        if not isinstance(got, Ticket):
+            return got
         try:
-            await waiter.wait()
+            await got.waiter.wait()
         except BaseException:
-            self._state.abandon(job)
+            self._state.withdraw(got)
             raise
-        outcome = job.outcome
+        if got.error is not None:
+            raise got.error
+        assert got.worker is not None
+        return got.worker
+
+    async def _exchange(self, worker: Worker, request: InferenceRequest) -> InferenceResponse:
+        """Send the request to a held worker and read its reply, here, on the event loop."""
+        state, seq = self._state, next(self._seq)
+        mark_started()  # the request stops waiting in the pool's queue
+        try:
+            frame = encode_request(request, seq, worker.process.arena, self._config.shm_threshold)
+        except Exception as exc:
+            state.release(worker, None)
+            raise BadRequest(f"the request cannot be sent to a worker: {exc}") from None
+        channel = worker.channel
+        channel.begin(frame)
+        del frame
+        worker.busy_since = time.monotonic()
+        reply: bytearray | None = None
+        try:
+            try:
+                while not channel.write_some():
+                    await anyio.wait_writable(channel.fd)
+            except OSError:
+                state.let_go(worker)
+                raise _Lost from None
+            try:
+                while (reply := channel.read_some()) is None:
+                    await anyio.wait_readable(channel.fd)
+            except (EOFError, OSError, ValueError):
+                pass  # the worker ended: see below
+        except BaseException as exc:
+            if not isinstance(exc, _Lost):
+                state.drain(worker)  # cancelled: the supervisor reads the reply
+            raise
+        if reply is None:
+            raise await self._broken(worker)
+        try:
+            answered, outcome, updates = decode_reply(reply, worker.process.arena)
+            if answered != seq:
+                raise ValueError(f"reply to request {answered}, not {seq}")
+        except Exception:
+            state.let_go(worker)  # the supervisor retires it
+            raise BrokenWorker(f"{worker.where} sent a reply that cannot be read") from None
+        del reply
+        worker.served += 1
+        state.release(worker, self._supervisor.policy.worn_out(worker))
+        if updates:
+            self._sink(updates)
         if isinstance(outcome, InferenceResponse):
             return outcome
-        assert outcome is not None
         raise outcome
+
+    async def _broken(self, worker: Worker) -> V2MountError:
+        """The error for a request whose worker ended under it (the task lets go of it).
+
+        Only the supervisor signals and reaps processes; it tells how this one ended.
+        """
+        try:
+            how = self._state.exit_of(worker)
+            if isinstance(how, Waiter):
+                # Not shielded: a cancelled caller (its deadline) stops waiting here too.
+                await how.wait()
+                how = worker.exit or "ended"
+        finally:
+            self._state.let_go(worker)
+        where = worker.where
+        if worker.timed_out:
+            return InferenceTimeout(
+                f"{where} ran this request for more than {self._config.hard_timeout} s "
+                "and was killed"
+            )
+        if self._state.phase in (STOPPING, STOPPED):
+            return BrokenWorker(f"{where} was stopped while running this request")
+        return BrokenWorker(f"{where} {how} while running this request")
 
     async def stop(self) -> None:
         """Stop every worker and remove every arena; idempotent, shielded from cancellation.
@@ -169,7 +246,7 @@ class WorkerPool:
                     return
                 state.stop_waiters.append(waiter)
                 dropped = state.begin_stop()
-            resolve(dropped, ModelNotReady(f"model {self._name!r} is stopping"))
+            fire(dropped)
             await waiter.wait()
 
     def statistics(self) -> RunnerStatistics:

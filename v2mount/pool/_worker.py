@@ -2,10 +2,16 @@
 
 A worker limits native thread pools, unpickles the model (dill bytes made by the parent),
 loads it once, creates its shared-memory arena, then answers one framed request at a time
-until its pipe reaches EOF (the pool closed it, or the parent died). Its stdout and
-stderr are the pool's pipes; its log records travel as frames on the request pipe. It
+until its request channel reaches EOF (the pool closed it, or the parent died). Its
+stdout and stderr are the pool's pipes; its log records, and its ``Ready`` or
+``LoadFailed``, travel on the control pipe. It
 removes its arena when it exits, and exits by itself when orphaned, so even a SIGKILLed
 parent leaves no process and no shared memory behind.
+
+A worker starts one of two ways: spawned (``worker_main``: a fresh interpreter that
+unpickles the model itself), or forked from the pool's template process
+(``forked_worker_main``: the template has imported everything and unpickled the model
+already, see ``_template.py``). From ``load`` on, both are the same.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import inspect
 import io
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -30,22 +38,34 @@ from multiprocess.connection import Connection
 
 from v2mount.errors import V2MountError
 from v2mount.model import Model, build_response
+from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._ipc import (
-    Arena,
-    RequestWire,
-    decode,
-    encode,
-    error_to_wire,
-    request_from_wire,
-    response_to_wire,
-    unlink_quietly,
+    Channel,
+    DeclaredSpecs,
+    LoadFailed,
+    Log,
+    Ready,
+    decode_request,
+    encode_error,
+    encode_result,
 )
 from v2mount.pool._shipping import ModelPackage, unpack_model
 
-__all__ = ["THREAD_VARIABLES", "WorkerSpec", "worker_main"]
+__all__ = [
+    "THREAD_VARIABLES",
+    "WORKER_NAME",
+    "WorkerSpec",
+    "forked_worker_main",
+    "limit_threads",
+    "name_process",
+    "parent_pidfd",
+    "worker_main",
+]
 
 #: Environment variables that size native thread pools, set in the worker only.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: What ``ps`` and ``/proc/<pid>/comm`` call a worker process (Linux).
+WORKER_NAME = "v2mount-worker"
 _ORPHAN_CHECK_SECONDS = 1.0
 
 logger = logging.getLogger("v2mount.worker")
@@ -53,7 +73,10 @@ logger = logging.getLogger("v2mount.worker")
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker needs besides its pipes and the model bytes."""
+    """What a worker needs besides its pipes and the model bytes.
+
+    Sent to the template as JSON (``dataclasses.asdict``): plain fields only.
+    """
 
     worker_id: int
     parent_pid: int
@@ -63,41 +86,38 @@ class WorkerSpec:
     log_level: int
 
 
-class _Link:
-    """The worker's end of the request pipe; sends are locked (log records come from any thread)."""
+class _Events:
+    """The worker's end of the control pipe; sends are locked (log records come from any thread)."""
 
-    def __init__(self, conn: Connection, arena: Arena | None, threshold: int) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.arena = arena
-        self.threshold = threshold
         self._lock = threading.Lock()
 
-    def send(self, message: tuple[Any, ...], *, shared: bool = False) -> None:
-        frame = encode(message, self.arena if shared else None, self.threshold)
+    def send(self, message: Ready | LoadFailed | Log) -> None:
         with self._lock:
-            self.conn.send_bytes(frame)
+            self.conn.send(message)
 
 
 class _ForwardHandler(logging.Handler):
-    """Sends each log record of the worker to the parent as a ``log`` frame."""
+    """Sends each log record of the worker to the parent as a ``Log`` message."""
 
-    def __init__(self, link: _Link) -> None:
+    def __init__(self, events: _Events) -> None:
         super().__init__()
-        self._link = link
+        self._events = events
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = record.getMessage()
             if record.exc_info:
                 text = f"{text}\n{logging.Formatter().formatException(record.exc_info)}"
-            self._link.send(("log", record.levelno, record.name, text))
+            self._events.send(Log(record.levelno, record.name, text))
         except (OSError, EOFError):
             pass  # the parent is gone or closed the pipe: nobody to tell
         except Exception:
             self.handleError(record)
 
 
-def _limit_threads(threads: int | None) -> None:
+def limit_threads(threads: int | None) -> None:
     """Size native thread pools: environment for libraries loaded later, threadpoolctl now."""
     if threads is None:
         return
@@ -110,14 +130,44 @@ def _limit_threads(threads: int | None) -> None:
     threadpool_limits(limits=threads)
 
 
-def _watch_parent(parent_pid: int, arena_path: str | None) -> None:
-    """Exit if the parent died while this worker was busy (its pipe EOF comes only when idle)."""
-    while True:
-        time.sleep(_ORPHAN_CHECK_SECONDS)
-        if os.getppid() != parent_pid:
-            if arena_path is not None:
-                unlink_quietly(arena_path)
-            os._exit(0)
+def name_process(name: str) -> None:
+    """Give this process a name ``ps`` shows (Linux; at most 15 characters are kept)."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name)
+    except OSError:
+        pass
+
+
+def parent_pidfd(parent_pid: int) -> int | None:
+    """A pidfd of ``parent_pid``, this process's parent; ``None`` without pidfds (not
+    Linux 5.3+) or when the parent is gone already (``getppid`` then differs)."""
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except OSError:
+        return None
+    if os.getppid() != parent_pid:  # the fd may be of whoever took the pid since
+        os.close(fd)
+        return None
+    return fd
+
+
+def _watch_parent(parent_pid: int, parent_fd: int | None, arena_path: str | None) -> None:
+    """Exit if the parent died while this worker was busy (its pipe EOF comes only when idle).
+
+    ``parent_fd`` is a pidfd of the parent (a forked worker inherits the template's), which
+    fires at once; without one, the parent is polled every second.
+    """
+    if parent_fd is None:
+        while os.getppid() == parent_pid:
+            time.sleep(_ORPHAN_CHECK_SECONDS)
+    else:
+        select.select([parent_fd], [], [])
+    if arena_path is not None:
+        unlink_quietly(arena_path)
+    os._exit(0)
 
 
 class _Runner:
@@ -140,83 +190,129 @@ class _Runner:
             self._loop.close()
 
 
-def _declared(model: Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _declared(model: Model) -> DeclaredSpecs:
     """The model's declared inputs and outputs, as plain data for the parent."""
     settings = model.settings
-    return [s.model_dump() for s in settings.inputs], [s.model_dump() for s in settings.outputs]
+    return DeclaredSpecs(
+        [s.model_dump() for s in settings.inputs], [s.model_dump() for s in settings.outputs]
+    )
 
 
-def _answer(runner: _Runner, seq: int, wire: RequestWire) -> tuple[Any, ...]:
-    """The reply to one request: its result or its error, with the metrics recorded."""
+def _answer(runner: _Runner, frame: bytearray, arena: Arena | None, threshold: int) -> bytes:
+    """The reply frame to one request frame: its result or its error, with the metrics."""
     model = runner.model
+    seq = -1
     try:
-        request = request_from_wire(wire)
+        seq, request = decode_request(frame, arena)
         response = build_response(model, request, runner.run(model.predict, request))
-        reply: tuple[Any, ...] = ("result", seq, response_to_wire(response))
+        del request
+        return encode_result(response, seq, model.metrics.drain(), arena, threshold)
     except Exception as exc:
         if not isinstance(exc, V2MountError):
             logger.exception("predict raised")
-        reply = ("error", seq, error_to_wire(exc))
-    return (*reply, model.metrics.drain())
+        return encode_error(exc, seq, model.metrics.drain())
 
 
-def _serve(link: _Link, runner: _Runner) -> None:
-    """Answer requests one at a time until the pipe reaches EOF.
+def _serve(channel: Channel, runner: _Runner, arena: Arena | None, threshold: int) -> None:
+    """Answer requests one at a time until the channel reaches EOF.
 
-    Each message is dropped as soon as it is used, so an idle worker holds no tensor.
+    Each frame is dropped as soon as it is used, so an idle worker holds no tensor.
     """
     while True:
         try:
-            frame = link.conn.recv_bytes()
+            frame = channel.receive()
         except (EOFError, OSError):
             return
-        seq, wire = decode(frame, link.arena)
+        reply = _answer(runner, frame, arena, threshold)
         del frame
-        reply = _answer(runner, seq, wire)
-        del wire
         try:
-            link.send(reply, shared=True)
-        except (OSError, EOFError):
+            channel.send(reply)
+        except OSError:
             return
-        except Exception as exc:  # the result itself would not pickle
-            link.send(("error", seq, error_to_wire(exc), reply[-1]))
         del reply
 
 
 def worker_main(
     conn: Connection,
+    events: Connection,
     stdout: Connection,
     stderr: Connection,
     package: ModelPackage,
     spec: WorkerSpec,
 ) -> None:
-    """Entry point of the worker process (called in the child)."""
-    os.dup2(stdout.fileno(), 1)
-    os.dup2(stderr.fileno(), 2)
+    """Entry point of a spawned worker process (called in the child).
+
+    ``conn``: the request channel (frames of ``_ipc``); ``events``: the control pipe.
+    """
+    _redirect_output(stdout.fileno(), stderr.fileno())
     stdout.close()
     stderr.close()
+    name_process(WORKER_NAME)
+    limit_threads(spec.threads)
+    _run(
+        conn, events, functools.partial(unpack_model, package), spec, parent_pidfd(spec.parent_pid)
+    )
+
+
+def forked_worker_main(
+    conn: Connection,
+    events: Connection,
+    stdout: int,
+    stderr: int,
+    model: Model,
+    spec: WorkerSpec,
+    name: str,
+    parent_fd: int,
+) -> None:
+    """Entry point of a worker forked from the template (called in the child).
+
+    ``model`` is the template's unloaded copy, ``parent_fd`` a pidfd of the pool's
+    process (``spec.parent_pid``; the template is only the direct parent). Native
+    threads were limited in the template, whose environment and pools it inherits.
+    """
+    _redirect_output(stdout, stderr)
+    os.close(stdout)
+    os.close(stderr)
+    name_process(WORKER_NAME)
+    multiprocess.current_process().name = name
+    _run(conn, events, lambda: model, spec, parent_fd)
+
+
+def _redirect_output(stdout: int, stderr: int) -> None:
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
+
+
+def _run(
+    conn: Connection,
+    events: Connection,
+    obtain: Callable[[], Model],
+    spec: WorkerSpec,
+    parent_fd: int | None,
+) -> None:
+    """Load the model and serve; the part both kinds of worker share."""
     faulthandler.enable()
     # The parent decides when workers stop: Ctrl-C reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Daemonic in the parent (so its exit terminates us); not here, so that a model
     # may start processes of its own with multiprocess.
     multiprocess.current_process().daemon = False
-    _limit_threads(spec.threads)
 
-    link = _Link(conn, None, spec.shm_threshold)
+    control = _Events(events)
     root = logging.getLogger()
-    root.handlers[:] = [_ForwardHandler(link)]
+    root.handlers[:] = [_ForwardHandler(control)]
     root.setLevel(spec.log_level)
     threading.Thread(
-        target=_watch_parent, args=(spec.parent_pid, spec.arena_path), daemon=True
+        target=_watch_parent, args=(spec.parent_pid, parent_fd, spec.arena_path), daemon=True
     ).start()
 
     runner: _Runner | None = None
+    arena: Arena | None = None
     try:
         try:
-            model = unpack_model(package)
+            model = obtain()
             runner = _Runner(model)
             declared = _declared(model)
             runner.run(model.load)
@@ -224,27 +320,24 @@ def worker_main(
             logger.error("loading the model failed", exc_info=True)
             drained = runner.model.metrics.drain() if runner is not None else []
             with contextlib.suppress(OSError):
-                link.send(("load_failed", str(exc) or type(exc).__name__, drained))
+                control.send(LoadFailed(str(exc) or type(exc).__name__, drained))
             return
         if spec.arena_path is not None:
-            link.arena = Arena.create(spec.arena_path)
+            arena = Arena.create(spec.arena_path)
         # What load declared (an ONNX graph's inputs, say) is metadata the parent serves.
         changed = _declared(model)
-        ready = (
-            "ready",
-            model.metrics.drain(),
-            changed if changed != declared else None,
-            link.arena is not None,
+        ready = Ready(
+            model.metrics.drain(), changed if changed != declared else None, arena is not None
         )
         try:
-            link.send(ready)
+            control.send(ready)
         except OSError:
             return  # stopped while loading
-        _serve(link, runner)
+        _serve(Channel(conn.fileno()), runner, arena, spec.shm_threshold)
     finally:
         if runner is not None:
             runner.close()
-        if link.arena is not None:
+        if arena is not None:
             # The parent unlinks it too; doing it here covers a parent that died.
-            link.arena.close()
-            link.arena.unlink()
+            arena.close()
+            arena.unlink()
