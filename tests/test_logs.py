@@ -185,3 +185,33 @@ def test_uvicorn_v2mount_app_logs_each_load_at_info(tmp_path: Path) -> None:
     assert date.count("-") == 2 and clock.count(":") == 2
     assert (level, logger) == ("INFO:", "v2mount.registry:")
     assert " ".join(message).startswith("model echo loaded: in-process, in ")
+
+
+class BadPoolLoad(Model):
+    name = "bad-pool"
+
+    def load(self) -> None:
+        with open("/srv/secret-place/weights.bin"):
+            pass
+
+
+@pytest.mark.slow
+async def test_a_pool_of_4_failing_to_load_logs_one_traceback_and_one_summary(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="v2mount")
+    async with serve(V2App([BadPoolLoad(parallel_workers=4), Doubler()])) as client:
+        ready = (await client.get("/v2/models/bad-pool/ready")).json()
+    assert "secret-place" not in ready["error"]
+    assert ready["error"].endswith(
+        "FileNotFoundError: No such file or directory: '.../weights.bin'"
+    )
+    tracebacks = [r for r in caplog.records if "loading the model failed" in r.getMessage()]
+    assert len(tracebacks) == 1 and __file__ in tracebacks[0].getMessage()
+    failures = [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()]
+    assert failures == [
+        "model 'bad-pool' failed to load: FileNotFoundError: No such file or directory: "
+        "'.../weights.bin'",
+        "model bad-pool failed to load: FileNotFoundError: No such file or directory: "
+        "'.../weights.bin'",
+    ]
