@@ -25,7 +25,7 @@ from v2mount.settings import BatchingSettings, ModelParameters, ModelSettings, S
 PAGE = Path(__file__).resolve().parent / "settings.md"
 
 #: Settings with a short flag of their own in ``python -m v2mount``.
-FLAG_ALIASES = {"model_repository": "--repository"}
+FLAG_ALIASES = {"model_repository": "--repository", "http_port": "--port"}
 
 HEADER = """\
 # Settings reference
@@ -46,14 +46,21 @@ SERVER_INTRO = """\
 Each is read, from strongest to weakest, from: keyword arguments (`V2App(...,
 model_parallel_workers=0)`, `V2Middleware(...)`) or a `Settings` object; the flag of
 `python -m v2mount`; the environment variable; `settings.json` in the model repository
-folder; the default. Booleans accept `true`/`false` (also `1`/`0`, `yes`/`no`).
+folder; the default. Booleans accept `true`/`false` (also `1`/`0`, `yes`/`no`). An
+unknown keyword argument is an error; an unknown `V2MOUNT_*` variable or `settings.json`
+field is a warning with the closest known name. `settings.json` also takes MLServer's
+names (`parallel_workers`, `http_port`, `debug`, ...: see
+[migrating-from-mlserver.md](migrating-from-mlserver.md)).
 """
 
 MODEL_INTRO = """\
 ## Model settings (`v2mount.ModelSettings`, `model-settings.json`)
 
 The field names are MLServer's, so an MLServer `model-settings.json` loads unchanged when
-its `implementation` is importable; fields v2mount does not use are ignored. A model's
+its `implementation` is importable; MLServer fields v2mount does not use are listed once
+in the log as ignored, and a field neither knows is a warning naming the file, the field
+and the closest known name. A file that cannot be used leaves its model `UNAVAILABLE`
+with the reason, beside the models that serve. A model's
 `name` defaults to its folder's name; a folder named with digits is a version of its
 parent (`iris/2/model-settings.json` is version `"2"` of `iris`). In code, the same
 fields are keyword arguments of a `Model` (`MyModel(parallel_workers=2)`) or class

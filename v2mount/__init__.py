@@ -2,7 +2,8 @@
 
 ``uvicorn v2mount:app`` serves the repository named by ``V2MOUNT_MODEL_REPOSITORY``
 (or the bundled demo models). ``v2mount.app`` builds a new app on each access (it is
-not in ``__all__``, so ``import *`` builds none); nothing is built at import.
+not in ``__all__``, so ``import *`` builds none) and sets up v2mount's logging, as a
+standalone server's entry point; nothing is built or configured at import.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from v2mount.standalone import create_app
+        from v2mount.standalone import standalone_app
 
-        return create_app()
+        return standalone_app()
     raise AttributeError(f"module 'v2mount' has no attribute {name!r}")

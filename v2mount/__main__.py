@@ -3,11 +3,13 @@
     python -m v2mount --repository examples/models --host 127.0.0.1 --port 8000
 
 Every server setting is also a flag (``--model-parallel-workers 2``, ``--metrics-path
-none``); a flag wins over its ``V2MOUNT_*`` environment variable, which wins over the
-repository's ``settings.json``. ``--grpc-port 8081`` adds the gRPC service (extra
-``v2mount[grpc]``), on ``--host`` unless ``--grpc-host`` says otherwise. One server
-process: for several, run ``uvicorn v2mount:app --workers N`` (or gunicorn) with the
-settings in the environment.
+none``, ``--port`` for ``http_port``); a flag wins over its ``V2MOUNT_*`` environment
+variable, which wins over the repository's ``settings.json`` (where MLServer's names
+such as ``http_port`` and ``parallel_workers`` work too). ``--grpc-port 8081`` adds the
+gRPC service (extra ``v2mount[grpc]``), on ``--host`` unless ``--grpc-host`` says
+otherwise. One server process: for several, run ``uvicorn v2mount:app --workers N`` (or
+gunicorn) with the settings in the environment. Logs go to stderr, uvicorn's and
+v2mount's in one format.
 
 ``python -m v2mount tune REPOSITORY MODEL`` measures a model and recommends its settings
 (``v2mount.tuning``, docs/tuning.md).
@@ -16,7 +18,6 @@ settings in the environment.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import types
 import typing
@@ -24,13 +25,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from v2mount.errors import SettingsError
-from v2mount.settings import Settings
+from v2mount.logs import configure_logging, logging_config
+from v2mount.settings import Settings, load_settings
 
 __all__ = ["build_parser", "main", "settings_overrides"]
 
 _NONE = frozenset({"", "none", "null", "off"})
 #: Settings with a short flag of their own.
-_ALIASES = {"model_repository": "--repository"}
+_ALIASES = {"model_repository": "--repository", "http_port": "--port"}
 
 
 def _optional(annotation: Any) -> bool:
@@ -38,8 +40,12 @@ def _optional(annotation: Any) -> bool:
     return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
 
 
-def _metavar(annotation: Any) -> str:
-    kinds = {bool: "BOOL", int: "N", float: "SECONDS", str: "TEXT"}
+def _metavar(name: str, annotation: Any) -> str:
+    if name.endswith("_mb"):
+        return "MB"
+    if name.endswith(("_time", "_timeout", "_budget")):
+        return "SECONDS"
+    kinds = {bool: "BOOL", int: "N", float: "NUMBER", str: "TEXT"}
     for candidate in (annotation, *typing.get_args(annotation)):
         if candidate in kinds:
             return kinds[candidate]
@@ -52,16 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model repository over the Open Inference Protocol with uvicorn.",
     )
     server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
-    server.add_argument("--port", type=int, default=8000, help="bind port (default: %(default)s)")
     server.add_argument(
         "--root-path", default="", help="path prefix added by a proxy in front (ASGI root_path)"
-    )
-    server.add_argument(
-        "--log-level",
-        default="info",
-        choices=["critical", "error", "warning", "info", "debug", "trace"],
-        help="uvicorn log level (default: %(default)s)",
     )
     settings = parser.add_argument_group(
         "settings", "each flag is the setting of the same name (docs/settings.md)"
@@ -76,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             *flags,
             dest=name,
             default=argparse.SUPPRESS,
-            metavar=_metavar(field.annotation),
+            metavar=_metavar(name, field.annotation),
             help=f"{field.description or name} (env {env}; default {field.default!r}{none})",
         )
     return parser
@@ -101,13 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return tune(argv[1:])
     args = build_parser().parse_args(argv)
-    from v2mount.standalone import create_app
+    from v2mount.standalone import build_app
 
-    overrides = settings_overrides(args)
-    if "grpc_host" not in overrides and "V2MOUNT_GRPC_HOST" not in os.environ:
-        overrides["grpc_host"] = args.host  # gRPC listens where REST does unless told
+    configure_logging("info")  # until the settings say otherwise
     try:
-        app = create_app(**overrides)
+        settings = load_settings(**settings_overrides(args))
+        if "grpc_host" not in settings.model_fields_set:
+            # gRPC listens where REST does unless told.
+            settings = settings.model_copy(update={"grpc_host": settings.host})
+        app, v2app = build_app(settings)
     except SettingsError as exc:
         print(f"python -m v2mount: {exc.message}", file=sys.stderr)
         return 2
@@ -116,12 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print("python -m v2mount needs uvicorn: pip install 'v2mount[server]'", file=sys.stderr)
         return 2
+    settings = v2app.settings
     uvicorn.run(
         app,
-        host=args.host,
-        port=args.port,
+        host=settings.host,
+        port=settings.http_port,
         root_path=args.root_path,
-        log_level=args.log_level,
+        log_level=settings.log_level,
+        log_config=logging_config(settings.log_level),
         lifespan="on",
     )
     return 0

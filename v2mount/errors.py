@@ -23,6 +23,8 @@ place where it becomes a gRPC status.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "BadRequest",
     "BrokenWorker",
@@ -38,14 +40,19 @@ __all__ = [
     "UnsupportedEncoding",
     "V2MountError",
     "describe_exception",
+    "hide_paths",
 ]
 
 
 class V2MountError(Exception):
-    """Base class; the message is what the client sees in ``{"error": ...}``."""
+    """Base class; the message is what the client sees in ``{"error": ...}``.
+
+    ``request_id`` is the id of the inference request that failed, once known (logs).
+    """
 
     status_code = 500
     grpc_code = "INTERNAL"
+    request_id: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -126,8 +133,34 @@ class SettingsError(V2MountError):
     """A settings file or field is wrong; raised at start-up, never sent to a client."""
 
 
+#: An absolute path (POSIX, or Windows with a drive letter) inside a message.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/\\])(?:/|[A-Za-z]:\\)[^\s'\"`,;:()<>]*")
+
+
+def _hide_path(match: re.Match[str]) -> str:
+    path = match.group().rstrip("/\\")
+    last = re.split(r"[/\\]", path)[-1]
+    return f".../{last}" if last else "..."
+
+
+def hide_paths(text: str) -> str:
+    """``text`` with every absolute path cut to ``.../<last component>``."""
+    return _ABSOLUTE_PATH.sub(_hide_path, text)
+
+
 def describe_exception(exc: BaseException) -> str:
-    """``"Type: message"`` for a client; an ``OSError`` without its file name or path."""
+    """``"Type: message"`` for a client, with no absolute path in it.
+
+    The one sanitising rule for every text that leaves the server from a model's own
+    code (load and predict errors, in-process and in workers): an ``OSError`` keeps its
+    ``strerror`` and its file's last component, and any absolute path left in a message
+    is cut to ``.../<last component>`` (``hide_paths``, which the registry also applies
+    to every reason a worker pool reports). The full text goes to the log.
+    """
     if isinstance(exc, OSError) and exc.strerror:
-        return f"{type(exc).__name__}: {exc.strerror}"
-    return f"{type(exc).__name__}: {exc}"
+        text = exc.strerror
+        if exc.filename is not None:
+            text = f"{text}: {str(exc.filename)!r}"
+    else:
+        text = str(exc)
+    return f"{type(exc).__name__}: {hide_paths(text)}"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from v2mount.codecs.tensor import cast_lossless
 from v2mount.errors import BadRequest
 from v2mount.settings import ModelSettings, TensorSpec
-from v2mount.types import InferenceRequest, InferenceResponse
+from v2mount.types import InferenceRequest, InferenceResponse, Tensor
 
-__all__ = ["model_metadata", "select_outputs", "validate_request"]
+__all__ = ["model_metadata", "select_outputs", "shape_matches", "validate_request"]
 
 
 def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
@@ -31,19 +32,39 @@ def model_metadata(settings: ModelSettings, versions: list[str]) -> dict[str, An
     return document
 
 
-def _shape_matches(declared: list[int], actual: tuple[int, ...]) -> bool:
+def shape_matches(declared: list[int], actual: tuple[int, ...]) -> bool:
+    """Same rank, and every fixed (not ``-1``) declared dimension equal."""
     if len(declared) != len(actual):
         return False
     return all(d == -1 or d == a for d, a in zip(declared, actual, strict=True))
 
 
-def validate_request(settings: ModelSettings, request: InferenceRequest) -> None:
+def _convert(tensor: Tensor, spec: TensorSpec) -> None:
+    """Bring an input to its declared datatype when no value can be lost, else 400."""
+    cast = cast_lossless(tensor.data, spec.datatype)
+    if cast is None:
+        raise BadRequest(
+            f"input {tensor.name!r}: datatype {tensor.datatype} does not match the "
+            f"model's {spec.datatype} (only conversions that cannot lose values, such as "
+            "FP32 to FP64 or INT32 to INT64, are made)"
+        )
+    tensor.data, tensor.datatype = cast, spec.datatype
+
+
+def validate_request(
+    settings: ModelSettings, request: InferenceRequest, *, any_input_name: bool = False
+) -> None:
     """Check names, datatypes and shapes against the declared inputs and outputs.
 
-    A model that declares no inputs accepts any; likewise for requested outputs.
+    A model that declares no inputs accepts any; likewise for requested outputs. An
+    input of another datatype is converted when that loses nothing (``cast_lossless``).
+    ``any_input_name`` (MLServer's framework runtimes): a model with one declared input
+    takes a single input of any name, renamed to the declared one.
     """
     if settings.inputs:
         declared = {spec.name: spec for spec in settings.inputs}
+        if any_input_name and len(declared) == 1 and len(request.inputs) == 1:
+            request.inputs[0].name = settings.inputs[0].name
         for tensor in request.inputs:
             spec = declared.get(tensor.name)
             if spec is None:
@@ -52,11 +73,8 @@ def validate_request(settings: ModelSettings, request: InferenceRequest) -> None
                     f"expected {sorted(declared)}"
                 )
             if tensor.datatype != spec.datatype:
-                raise BadRequest(
-                    f"input {tensor.name!r}: datatype {tensor.datatype} does not match the "
-                    f"model's {spec.datatype}"
-                )
-            if not _shape_matches(spec.shape, tensor.shape):
+                _convert(tensor, spec)
+            if not shape_matches(spec.shape, tensor.shape):
                 raise BadRequest(
                     f"input {tensor.name!r}: shape {list(tensor.shape)} does not match the "
                     f"model's {spec.shape}"

@@ -15,13 +15,26 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from v2mount.codecs.tensor import array_to_datatype, datatype_to_dtype, to_output_array
+from v2mount.codecs.tensor import (
+    array_to_datatype,
+    cast_lossless,
+    datatype_to_dtype,
+    to_output_array,
+)
 from v2mount.errors import ModelError, V2MountError
+from v2mount.metadata import shape_matches
 from v2mount.metrics.custom import CustomMetrics
 from v2mount.settings import ModelSettings, TensorSpec
 from v2mount.types import InferenceRequest, InferenceResponse, Tensor
 
-__all__ = ["Model", "build_response", "call_load", "call_predict", "call_predict_sync"]
+__all__ = [
+    "Model",
+    "build_response",
+    "call_load",
+    "call_predict",
+    "call_predict_sync",
+    "conform_outputs",
+]
 
 DEFAULT_OUTPUT_NAME = "output-0"
 
@@ -38,6 +51,9 @@ class Model:
 
     name: ClassVar[str | None] = None
     platform: ClassVar[str] = ""
+    #: With one declared input, accept a single input of any name (MLServer's framework
+    #: runtimes do); custom models keep strict names.
+    any_input_name: ClassVar[bool] = False
     inputs: ClassVar[list[TensorSpec | dict[str, Any]]] = []
     outputs: ClassVar[list[TensorSpec | dict[str, Any]]] = []
 
@@ -99,44 +115,93 @@ async def call_predict(model: Model, request: InferenceRequest) -> InferenceResp
     return build_response(model, request, await _maybe_await(model.predict(request)))
 
 
-def _declared(specs: list[TensorSpec]) -> dict[str, TensorSpec]:
-    return {spec.name: spec for spec in specs}
+def _array(tensor: Tensor) -> np.ndarray[Any, Any]:
+    """The tensor's data as an array of its shape (a ``Tensor`` may hold a list)."""
+    data: Any = tensor.data
+    try:
+        if not isinstance(data, np.ndarray):
+            if tensor.datatype == "BYTES":
+                data = to_output_array(np.array(data, dtype=object), tensor.name)
+            else:
+                data = np.asarray(data, dtype=datatype_to_dtype(tensor.datatype))
+        if data.shape != tuple(tensor.shape):
+            data = data.reshape(tuple(tensor.shape))
+    except (ValueError, TypeError, OverflowError, V2MountError) as exc:
+        message = exc.message if isinstance(exc, V2MountError) else str(exc)
+        raise ModelError(
+            f"output {tensor.name!r}: its data is not {tensor.datatype} of shape "
+            f"{list(tensor.shape)}: {message}"
+        ) from None
+    array: np.ndarray[Any, Any] = data
+    return array
 
 
-def _tensor(name: str, value: Any, spec: TensorSpec | None) -> Tensor:
+def _conform(tensor: Tensor, spec: TensorSpec | None, model_name: str) -> Tensor:
+    """An output checked against its declaration: cast losslessly, ``[N]`` → ``[N, 1]``.
+
+    A mismatch is the model's fault: ``ModelError`` (500) naming the output.
+    """
+    array = _array(tensor)
+    if spec is None:
+        return Tensor(tensor.name, tensor.datatype, array.shape, array, tensor.parameters)
+    if array.dtype != datatype_to_dtype(spec.datatype) or tensor.datatype != spec.datatype:
+        cast = cast_lossless(array, spec.datatype, output=True)
+        if cast is None:
+            raise ModelError(
+                f"model {model_name!r}: output {tensor.name!r} is {tensor.datatype}, which "
+                f"does not convert to the declared {spec.datatype} without loss"
+            )
+        array = cast
+    shape = array.shape
+    if not shape_matches(spec.shape, shape):
+        if spec.shape[-1:] == [1] and shape_matches(spec.shape, (*shape, 1)):
+            array = array.reshape((*shape, 1))  # a 1-D answer declared [-1, 1], as MLServer
+        else:
+            raise ModelError(
+                f"model {model_name!r}: output {tensor.name!r} has shape {list(shape)}, "
+                f"which does not match the declared {spec.shape}"
+            )
+    return Tensor(tensor.name, spec.datatype, array.shape, array, tensor.parameters)
+
+
+def conform_outputs(settings: ModelSettings, outputs: list[Tensor]) -> list[Tensor]:
+    """Outputs checked against the declared ones (names, datatypes, shapes).
+
+    With no declared outputs, anything goes (lists become arrays). Otherwise every
+    output must be declared; see ``_conform`` for datatypes and shapes.
+    """
+    declared = {spec.name: spec for spec in settings.outputs}
+    conformed = []
+    for tensor in outputs:
+        spec = declared.get(tensor.name)
+        if spec is None and declared:
+            raise ModelError(
+                f"model {settings.name!r} returned output {tensor.name!r}, which it does not "
+                f"declare; declared: {', '.join(map(repr, declared))}"
+            )
+        conformed.append(_conform(tensor, spec, settings.name))
+    return conformed
+
+
+def _tensor(name: str, value: Any) -> Tensor:
     array = to_output_array(value, name)
-    if spec is not None:
-        dtype = datatype_to_dtype(spec.datatype)
-        if spec.datatype == "BYTES":
-            if array.dtype.kind != "O":
-                raise ModelError(
-                    f"output {name!r} is declared BYTES but the model returned numbers"
-                )
-        elif array.dtype != dtype:
-            try:
-                array = array.astype(
-                    dtype, casting="same_kind" if array.dtype.kind == "f" else "unsafe"
-                )
-            except TypeError as exc:
-                raise ModelError(
-                    f"output {name!r} cannot be cast to {spec.datatype}: {exc}"
-                ) from None
-        datatype = spec.datatype
-    else:
-        datatype = array_to_datatype(array)
-    return Tensor(name, datatype, tuple(array.shape), array)
+    return Tensor(name, array_to_datatype(array), tuple(array.shape), array)
 
 
 def build_response(model: Model, request: InferenceRequest, result: Any) -> InferenceResponse:
-    """Normalise what ``predict`` returned into an ``InferenceResponse``."""
+    """Normalise what ``predict`` returned into an ``InferenceResponse``.
+
+    Its outputs are checked against the declared ones (``conform_outputs``), and it
+    carries the request's ``id``.
+    """
     settings = model.settings
     if isinstance(result, InferenceResponse):
         result.model_name = settings.name
         result.model_version = settings.version
         if result.id is None:
             result.id = request.id
+        result.outputs = conform_outputs(settings, result.outputs)
         return result
-    declared = _declared(settings.outputs)
     if isinstance(result, Mapping):
         items = list(result.items())
     elif isinstance(result, (np.ndarray, list, tuple)):
@@ -148,9 +213,10 @@ def build_response(model: Model, request: InferenceRequest, result: Any) -> Infe
             f"InferenceResponse; it returned {type(result).__name__}"
         )
     try:
-        outputs = [_tensor(str(name), value, declared.get(str(name))) for name, value in items]
+        outputs = [_tensor(str(name), value) for name, value in items]
     except V2MountError:
         raise
     except (ValueError, TypeError) as exc:
         raise ModelError(f"predict returned data that is not a tensor: {exc}") from None
+    outputs = conform_outputs(settings, outputs)
     return InferenceResponse(settings.name, outputs, settings.version, request.id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from v2mount.errors import (
     SettingsError,
     V2MountError,
     describe_exception,
+    hide_paths,
 )
 from v2mount.metadata import select_outputs, validate_request
 from v2mount.metrics.app import AppMetrics
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ModelHandle", "ModelRegistry", "ModelState", "effective_settings", "version_key"]
 
-logger = logging.getLogger("v2mount")
+logger = logging.getLogger("v2mount.registry")
 
 
 class ModelState(str, Enum):
@@ -64,7 +66,7 @@ def version_key(version: str | None) -> tuple[int, int, str]:
 def effective_settings(settings: ModelSettings, server: Settings) -> ModelSettings:
     """A copy of a model's settings with every field it left unset taken from the server."""
     defaults = {
-        "parallel_workers": server.model_parallel_workers,
+        "parallel_workers": server.default_workers(),
         "max_batch_size": server.model_max_batch_size,
         "max_batch_time": server.model_max_batch_time,
         "inference_timeout": server.model_inference_timeout,
@@ -83,9 +85,15 @@ def _rows(request: InferenceRequest) -> int:
 
 
 class ModelHandle:
-    """One served model version. All methods run on the event loop thread."""
+    """One served model version. All methods run on the event loop thread.
 
-    def __init__(self, model: Model, server: Settings, metrics: AppMetrics) -> None:
+    ``broken``: why the model's settings cannot be used; it then never loads and stays
+    UNAVAILABLE with that reason, beside the models that serve.
+    """
+
+    def __init__(
+        self, model: Model, server: Settings, metrics: AppMetrics, *, broken: str | None = None
+    ) -> None:
         self.model = model
         #: The model's settings with the server's defaults filled in, made once; the model
         #: gets this copy too (runtimes size their thread pools from it).
@@ -93,9 +101,11 @@ class ModelHandle:
         model.settings = self.settings
         self.server = server
         self.metrics = metrics
-        check_declared_content_types(self.settings)
+        self.broken = broken
+        if broken is None:
+            check_declared_content_types(self.settings)
         self.state = ModelState.UNAVAILABLE
-        self.reason = ""
+        self.reason = broken or ""
         self.stats = InferenceStats()
         self._runner: Runner | None = None
         self._batcher: AdaptiveBatcher | PredictiveBatcher | None = None
@@ -147,9 +157,17 @@ class ModelHandle:
         )
 
     async def load(self) -> None:
-        """Start the runner; failure leaves the model UNAVAILABLE with the reason."""
+        """Start the runner; failure leaves the model UNAVAILABLE with the reason.
+
+        Logs one line when the model is ready (workers, load time), or one error with
+        the traceback when it is not (the client-facing reason stays sanitised).
+        """
+        if self.broken is not None:
+            self.state, self.reason = ModelState.UNAVAILABLE, self.broken
+            return
         self.state, self.reason = ModelState.LOADING, ""
         runner: Runner | None = None
+        started = time.perf_counter()
         try:
             runner = self._make_runner()
             declared = await runner.start()
@@ -158,8 +176,21 @@ class ModelHandle:
                 with anyio.CancelScope(shield=True):
                     await runner.stop()
             self.state = ModelState.UNAVAILABLE
-            self.reason = exc.message if isinstance(exc, V2MountError) else describe_exception(exc)
-            logger.error("model %s failed to load: %s", self.label, self.reason)
+            # One rule for every reason a client may read, in-process or from a pool.
+            if isinstance(exc, V2MountError):
+                # A pool's reason says "model 'x' failed to load: ..." already.
+                message = exc.message.removeprefix(f"model {self.name!r} failed to load: ")
+                self.reason = hide_paths(message)
+            else:
+                self.reason = describe_exception(exc)
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            logger.error(
+                "model %s failed to load: %s",
+                self.label,
+                self.reason,
+                # A worker's traceback was logged by its pool; in-process, here it is.
+                exc_info=cause if not isinstance(cause, V2MountError) else None,
+            )
             return
         assert runner is not None
         if declared is not None:
@@ -187,7 +218,14 @@ class ModelHandle:
         elif self.settings.batching is not None:
             logger.warning("model %s: batching is off (max_batch_size <= 1)", self.label)
         self.state = ModelState.READY
-        logger.info("model %s ready", self.label)
+        workers = settings.parallel_workers
+        assert workers is not None
+        logger.info(
+            "model %s loaded: %s, in %.2f s",
+            self.label,
+            f"{workers} worker process{'es' if workers != 1 else ''}" if workers else "in-process",
+            time.perf_counter() - started,
+        )
 
     async def unload(self) -> None:
         """Stop taking requests, let those in flight finish, then stop the runner."""
@@ -199,6 +237,7 @@ class ModelHandle:
             runner, self._runner, self._batcher = self._runner, None, None
             if runner is not None:
                 await runner.stop()
+                logger.info("model %s unloaded", self.label)
             self.state, self.reason = ModelState.UNAVAILABLE, "unloaded"
 
     @property
@@ -220,12 +259,14 @@ class ModelHandle:
             raise ModelNotReady(self.not_ready_message(), retry_after=1)
         timeout = self.settings.inference_timeout
         assert timeout is not None
+        if request.id is None:
+            request.id = str(uuid.uuid4())  # as MLServer: every response carries an id
         start = time.perf_counter_ns()
         mark_started(start)
         self._in_flight += 1
         ok = False
         try:
-            validate_request(self.settings, request)
+            validate_request(self.settings, request, any_input_name=type(self.model).any_input_name)
             check_content_types(request, self.settings)
             if executor is runner and isinstance(runner, InProcessRunner) and runner.inline:
                 # No await inside an inline predict where a deadline could fire: skip
@@ -235,12 +276,16 @@ class ModelHandle:
                 with anyio.fail_after(timeout):
                     response = await executor.infer(request)
             response = select_outputs(response, request)
+            response.id = request.id
             ok = True
             return response
         except TimeoutError:
-            raise InferenceTimeout(
-                f"model {self.label} did not answer within {timeout:g} s"
-            ) from None
+            error = InferenceTimeout(f"model {self.label} did not answer within {timeout:g} s")
+            error.request_id = request.id
+            raise error from None
+        except V2MountError as exc:
+            exc.request_id = request.id  # for the log line of the answer
+            raise
         finally:
             end = time.perf_counter_ns()
             elapsed = end - start
@@ -254,7 +299,8 @@ class ModelHandle:
 
     def not_ready_message(self) -> str:
         if self.state is ModelState.READY and self._runner is not None:
-            return f"model {self.label} is not ready: {self._runner.reason or 'no live worker'}"
+            reason = hide_paths(self._runner.reason or "no live worker")
+            return f"model {self.label} is not ready: {reason}"
         reason = f": {self.reason}" if self.reason else ""
         return f"model {self.label} is not ready ({self.state.value}){reason}"
 

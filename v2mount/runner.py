@@ -11,6 +11,7 @@ pool is not drained) — unless it has proved faster than the thread hop itself,
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from v2mount.settings import TensorSpec
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = ["Declared", "InProcessRunner", "MetricsSink", "Runner", "RunnerStatistics"]
+
+logger = logging.getLogger("v2mount.runner")
 
 #: Receives the custom-metric updates a model recorded (applied by the app's metrics).
 MetricsSink = Callable[[list[MetricUpdate]], None]
@@ -207,6 +210,9 @@ class InProcessRunner:
         except V2MountError:
             raise
         except Exception as exc:
+            # Once per predict call (a batch's requests share it), as a pool's worker does.
+            name, request_id = self._model.settings.name, request.id
+            logger.error("model %r: predict raised (request id %s)", name, request_id, exc_info=exc)
             raise ModelError(describe_exception(exc)) from exc
         finally:
             self._pending -= 1

@@ -1,13 +1,21 @@
 """Server ``Settings`` (``V2MOUNT_*`` environment, ``settings.json``) and ``ModelSettings``.
 
-``ModelSettings`` reads an MLServer ``model-settings.json`` unchanged: fields v2mount
-does not use are ignored, fields it uses are validated, and a bad value fails at start
-with the file and field named (``SettingsError``).
+``ModelSettings`` reads an MLServer ``model-settings.json`` unchanged, and ``Settings``
+an MLServer ``settings.json``: MLServer's names mean what they mean there where v2mount
+has the same notion (``parallel_workers``, ``http_port``, ``debug``...), the MLServer
+fields v2mount does not use are listed once as ignored, and a field neither knows is
+reported with its file and a "did you mean" (``Notice``), never silently dropped. A
+bad value fails at start with the file and field named (``SettingsError``).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,12 +36,16 @@ __all__ = [
     "BatchingSettings",
     "ModelParameters",
     "ModelSettings",
+    "Notice",
     "RayActorOptions",
     "Settings",
     "TensorSpec",
     "load_model_settings",
     "load_settings",
+    "usable_cores",
 ]
+
+logger = logging.getLogger("v2mount.settings")
 
 MODEL_SETTINGS_FILE = "model-settings.json"
 SETTINGS_FILE = "settings.json"
@@ -211,6 +223,18 @@ class ModelSettings(BaseModel):
         return path
 
 
+#: Log levels, uvicorn's names.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class Settings(BaseSettings):
     """Server-wide settings; each field is also ``V2MOUNT_<FIELD>`` in the environment."""
 
@@ -226,8 +250,19 @@ class Settings(BaseSettings):
     """Folder scanned for ``model-settings.json`` files."""
     route_prefix: str = ""
     """Standalone server only: serve every route under this path (e.g. ``/ml``)."""
-    model_parallel_workers: int = Field(default=4, ge=0)
-    """Default worker processes per model (0: inference in the main process)."""
+    host: str = "127.0.0.1"
+    """``python -m v2mount`` only: the address to bind (under uvicorn: its ``--host``)."""
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    """``python -m v2mount`` only: the port to bind (under uvicorn: its ``--port``)."""
+    log_level: str = "info"
+    """Standalone server only (``critical`` … ``debug``, ``trace``): v2mount's and uvicorn's
+    log level. Mounted in a host, v2mount leaves logging to the host."""
+    log_client_errors: bool = False
+    """Log each 4xx answer with its reason and request id at INFO (else at DEBUG)."""
+    model_parallel_workers: int = Field(default=1, ge=0)
+    """Default worker processes per model (0: inference in the main process), as in
+    MLServer; lowered to the cores this process may use. A model's own
+    ``parallel_workers`` is taken as written."""
     model_max_batch_size: int = Field(default=0, ge=0)
     """Default adaptive-batching rows per batch (≤ 1: batching off)."""
     model_max_batch_time: float = Field(default=0.0, ge=0)
@@ -289,6 +324,98 @@ class Settings(BaseSettings):
             raise ValueError("must start with '/' and not end with '/'")
         return value
 
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value
+
+    def default_workers(self) -> int:
+        """Worker processes for a model that sets none: the default, at most the cores."""
+        return min(self.model_parallel_workers, usable_cores())
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something reading settings found that is worth a log line but not an error."""
+
+    level: int
+    message: str
+    #: For the notice listing MLServer fields v2mount ignores: those fields.
+    ignored: tuple[str, ...] = ()
+
+    def log(self) -> None:
+        logger.log(self.level, "%s", self.message)
+
+
+#: MLServer ``model-settings.json`` fields v2mount does not use.
+MLSERVER_MODEL_FIELDS = frozenset({"cache_enabled", "versions", "warm_workers"})
+#: MLServer ``settings.json`` names → the v2mount setting that means the same.
+MLSERVER_SERVER_NAMES = {
+    "parallel_workers": "model_parallel_workers",
+    "model_repository_root": "model_repository",
+    "metrics_endpoint": "metrics_path",
+}
+#: MLServer ``settings.json`` fields v2mount does not use (``debug`` is read apart).
+MLSERVER_SERVER_FIELDS = frozenset(
+    {
+        "cache_enabled",
+        "cache_size",
+        "cors_settings",
+        "environments_dir",
+        "extensions",
+        "gzip_enabled",
+        "kafka_enabled",
+        "kafka_servers",
+        "kafka_topic_input",
+        "kafka_topic_output",
+        "load_models_at_startup",
+        "logging_settings",
+        "metrics_dir",
+        "metrics_port",
+        "metrics_rest_server_prefix",
+        "model_repository_implementation",
+        "model_repository_implementation_args",
+        "parallel_workers_timeout",
+        "root_path",
+        "tracing_server",
+        "use_structured_logging",
+    }
+)
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, or an empty string."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_fields(
+    document: Mapping[str, Any],
+    known: Iterable[str],
+    mlserver: Iterable[str],
+    source: str,
+) -> list[Notice]:
+    """Notices for the unknown fields of a settings document, and the ignored ones."""
+    known, mlserver = set(known), set(mlserver)
+    notices: list[Notice] = []
+    ignored = sorted(name for name in document if name in mlserver and name not in known)
+    for name in document:
+        if name not in known and name not in mlserver:
+            hint = did_you_mean(name, known | mlserver)
+            notices.append(Notice(logging.WARNING, f"{source}: unknown field {name!r}{hint}"))
+    if ignored:
+        notices.append(
+            Notice(
+                logging.INFO,
+                f"{source}: MLServer fields v2mount does not use, ignored: {', '.join(ignored)}",
+                tuple(ignored),
+            )
+        )
+    return notices
+
 
 def _format_validation(exc: ValidationError, source: str) -> str:
     problems = "; ".join(
@@ -297,14 +424,37 @@ def _format_validation(exc: ValidationError, source: str) -> str:
     return f"{source}: {problems}"
 
 
-def load_model_settings(path: Path, **defaults: Any) -> ModelSettings:
-    """Read one ``model-settings.json``; ``defaults`` fill fields the file leaves out."""
+def _read_json(path: Path, source: str) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SettingsError(f"{path}: cannot read model settings: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"{source}: cannot read the file: {exc.strerror}") from None
+    except ValueError as exc:
+        raise SettingsError(f"{source}: not valid JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise SettingsError(f"{path}: model settings must be a JSON object")
+        raise SettingsError(f"{source}: must be a JSON object")
+    return document
+
+
+def load_model_settings(
+    path: Path, *, notices: list[Notice] | None = None, source: str | None = None, **defaults: Any
+) -> ModelSettings:
+    """Read one ``model-settings.json``; ``defaults`` fill fields the file leaves out.
+
+    Unknown and ignored fields are appended to ``notices`` (when given); messages name
+    the file as ``source`` (default: its path).
+    """
+    source = source or str(path)
+    document = _read_json(path, source)
+    if notices is not None:
+        known = set(ModelSettings.model_fields) - {"source_dir"}
+        notices += _check_fields(document, known, MLSERVER_MODEL_FIELDS, source)
+        for kind in ("inputs", "outputs"):
+            entries = document.get(kind)
+            for index, entry in enumerate(entries if isinstance(entries, list) else []):
+                if isinstance(entry, dict):
+                    where = f"{source}: {kind}[{index}]"
+                    notices += _check_fields(entry, TensorSpec.model_fields, (), where)
     merged = {**defaults, **document}
     parameters = {**defaults.get("parameters", {}), **(document.get("parameters") or {})}
     merged["parameters"] = parameters
@@ -312,26 +462,63 @@ def load_model_settings(path: Path, **defaults: Any) -> ModelSettings:
     try:
         return ModelSettings.model_validate(merged)
     except ValidationError as exc:
-        raise SettingsError(_format_validation(exc, str(path))) from None
+        raise SettingsError(_format_validation(exc, source)) from None
+
+
+def _environment_notices() -> list[Notice]:
+    prefix = "V2MOUNT_"
+    known = {name.upper() for name in Settings.model_fields}
+    return [
+        Notice(
+            logging.WARNING,
+            f"environment: unknown variable {variable!r}"
+            + did_you_mean(variable, {prefix + name for name in known}),
+        )
+        for variable in sorted(os.environ)
+        if variable.upper().startswith(prefix) and variable[len(prefix) :].upper() not in known
+    ]
+
+
+def _translate_mlserver(document: dict[str, Any]) -> dict[str, Any]:
+    """An MLServer ``settings.json`` in v2mount's names (v2mount's own names win)."""
+    translated = dict(document)
+    for theirs, ours in MLSERVER_SERVER_NAMES.items():
+        if theirs in translated:
+            value = translated.pop(theirs)
+            translated.setdefault(ours, value)
+    if translated.pop("debug", False) is True:
+        translated.setdefault("log_level", "debug")
+    return translated
 
 
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment, then ``settings.json`` in the repository folder.
 
-    Keyword overrides win over the environment, which wins over the file.
+    Keyword overrides win over the environment, which wins over the file. An unknown
+    keyword is a ``SettingsError``; unknown fields of the file and unknown ``V2MOUNT_*``
+    variables are logged as warnings.
     """
+    unknown = [name for name in overrides if name not in Settings.model_fields]
+    if unknown:
+        raise SettingsError(
+            "; ".join(
+                f"unknown setting {name!r}{did_you_mean(name, Settings.model_fields)}"
+                for name in unknown
+            )
+        )
+    notices = _environment_notices()
     try:
         settings = Settings(**overrides)
         repository = settings.model_repository
         file = repository / SETTINGS_FILE if repository is not None else None
-        if file is None or not file.is_file():
-            return settings
-        try:
-            document = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise SettingsError(f"{file}: cannot read settings: {exc}") from None
-        if not isinstance(document, dict):
-            raise SettingsError(f"{file}: settings must be a JSON object")
-        return Settings(**{**document, **settings.model_dump(exclude_unset=True)})
+        if file is not None and file.is_file():
+            document = _read_json(file, str(file))
+            known = set(Settings.model_fields) | set(MLSERVER_SERVER_NAMES) | {"debug"}
+            notices += _check_fields(document, known, MLSERVER_SERVER_FIELDS, str(file))
+            document = {k: v for k, v in _translate_mlserver(document).items() if k in known}
+            settings = Settings(**{**document, **settings.model_dump(exclude_unset=True)})
     except ValidationError as exc:
         raise SettingsError(_format_validation(exc, "settings")) from None
+    for notice in notices:
+        notice.log()
+    return settings

@@ -231,8 +231,13 @@ def test_encode_output_infers_and_follows_mlserver_shapes() -> None:
 def test_encode_output_declared_datatypes_and_errors() -> None:
     cast = encode_output("y", np.array([1, 2], dtype=np.int64), datatype="FP32")
     assert (cast.datatype, cast.data.dtype) == ("FP32", np.dtype(np.float32))
-    with pytest.raises(ModelError, match="output 'y' is FP64, which does not cast"):
+    with pytest.raises(ModelError, match="output 'y' is FP64, which does not convert to the"):
         encode_output("y", np.array([1.5]), datatype="INT64")
+    # One rule with the Model path: values that survive are cast, others refused.
+    small = encode_output("y", np.array([0, 1, 2], dtype=np.int64), datatype="UINT8")
+    assert (small.datatype, small.data.tolist()) == ("UINT8", [0, 1, 2])
+    with pytest.raises(ModelError, match="INT64, which does not convert to the declared UINT8"):
+        encode_output("y", np.array([0, 300], dtype=np.int64), datatype="UINT8")
     with pytest.raises(ModelError, match="declared BYTES but the model returned numbers"):
         encode_output("y", np.array([1.5]), datatype="BYTES")
     with pytest.raises(ModelError, match="'str' needs str or bytes, got int"):

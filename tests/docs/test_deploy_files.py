@@ -33,14 +33,14 @@ def check_command(command: list[str], env: dict[str, str], public: bool = True) 
     """The port the command serves on, once its flags and variables are known settings."""
     assert command[:3] == ["python", "-m", "v2mount"], command
     args = build_parser().parse_args(command[3:])
-    assert args.host == "0.0.0.0" or not public  # a container must listen beyond loopback
-    Settings(**settings_overrides(args))
+    settings = Settings(**settings_overrides(args))
+    assert settings.host == "0.0.0.0" or not public  # a container must listen beyond loopback
     for name, value in env.items():
         if name.startswith("V2MOUNT_"):
             field = name.removeprefix("V2MOUNT_").lower()
             assert field in Settings.model_fields, name
             Settings.model_validate({field: value})
-    return int(args.port)
+    return settings.http_port
 
 
 def answered(path: str) -> bool:

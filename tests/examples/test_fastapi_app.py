@@ -25,7 +25,7 @@ def test_the_host_routes_and_the_mounted_models(
     assert host.get("/healthz").json() == {"status": "ok"}
     assert client.ready("iris") and client.ready("anomaly")
     iris = client.infer("iris", {"features": [[5.1, 3.5, 1.4, 0.2]]}, outputs=["predict"])
-    assert list(iris.outputs) == ["predict"] and iris["predict"].tolist() == [0]
+    assert list(iris.outputs) == ["predict"] and iris["predict"].tolist() == [[0]]
     anomaly = client.infer("anomaly", {"readings": np.array([[61.5, 2.8, 4.1]])})
     assert anomaly["score"].tolist() == [0.0] and anomaly["anomaly"].tolist() == [False]
     page = client.get("/v2/docs")

@@ -28,7 +28,7 @@ def check_anomaly(client: V2Client) -> None:
 
 def check_iris(client: V2Client) -> None:
     result = client.infer("iris", {"features": FLOWERS})
-    assert result["predict"].tolist() == [0, 1, 2]
+    assert result["predict"].tolist() == [[0], [1], [2]]
     assert result["predict_proba"].shape == (3, 3)
     np.testing.assert_allclose(result["predict_proba"].sum(axis=1), 1.0)
     assert client.metadata("iris")["platform"] == "sklearn"

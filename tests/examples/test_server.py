@@ -73,7 +73,7 @@ def test_serves_the_example_repository_and_leaves_no_process_behind(
                     pytest.fail(f"the server did not become ready:\n{log.read()}")
                 time.sleep(0.1)
             result = client.infer("iris", {"features": [[6.7, 3.0, 5.2, 2.3]]}, binary=True)
-            assert result["predict"].tolist() == [2]
+            assert result["predict"].tolist() == [[2]]
             scores = client.infer("anomaly", {"readings": np.ones((2, 3))})["score"]
             assert scores.dtype == np.float32 and scores.shape == (2,)
             workers = children(server.pid)

@@ -102,7 +102,7 @@ async def test_inference_and_rest_counters_move_by_exact_amounts(serve: Any, scr
             assert (await client.post("/v2/models/doubler/infer", json=body())).status_code == 200
         for _ in range(2):
             assert (await client.post("/v2/models/failing/infer", json=body())).status_code == 500
-        bad = {"inputs": [{"name": "x", "datatype": "INT8", "shape": [1, 2], "data": [1, 2]}]}
+        bad = {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1, 2], "data": [1, 2]}]}
         assert (await client.post("/v2/models/doubler/infer", json=bad)).status_code == 400
         assert (await client.get("/v2/models/missing")).status_code == 404
         assert (await client.get("/v2/models/doubler/infer")).status_code == 405

@@ -395,7 +395,7 @@ async def test_worn_out_workers_are_recycled_without_failing_a_request(
 @pytest.mark.parametrize(
     ("model", "workers", "reason"),
     [
-        (FailsToLoad(), 2, "failed to load: weights file is missing"),
+        (FailsToLoad(), 2, "failed to load: RuntimeError: weights file is missing"),
         (DiesInLoad(), 1, "exited with code 7"),
     ],
 )

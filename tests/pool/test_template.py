@@ -310,7 +310,7 @@ async def test_a_model_the_template_cannot_unpickle_fails_to_load_as_spawned(
 ) -> None:
     caplog.set_level(logging.INFO, logger="v2mount.pool")
     pool = WorkerPool(draws.Unpicklable(), PoolConfig(1, 4), metrics_sink=ignore)
-    with pytest.raises(ModelNotReady, match="failed to load: unpickled in another process"):
+    with pytest.raises(ModelNotReady, match="failed to load: RuntimeError: unpickled in another"):
         await pool.start()
     assert "spawned, not forked: the template cannot unpickle the model" in caplog.text
     # The template's traceback is logged too.

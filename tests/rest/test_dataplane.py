@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import numpy as np
@@ -150,7 +151,7 @@ async def test_infer_flat_and_nested_with_id_and_outputs(serve: Any) -> None:
         body = {"inputs": [tensor("x", "FP32", [1, 2], [1, 2])], "outputs": [{"name": "total"}]}
         doc = (await client.post("/v2/models/doubler/infer", json=body)).json()
         assert [o["name"] for o in doc["outputs"]] == ["total"]
-        assert "id" not in doc
+        assert uuid.UUID(doc["id"]).version == 4  # no id sent: a new one, as MLServer
 
 
 async def test_infer_without_content_type(serve: Any) -> None:

@@ -16,6 +16,7 @@ from swagger_ui_bundle import swagger_ui_path
 from v2mount import InferenceRequest, Model, V2App, V2Middleware
 from v2mount.rest.docs import STATIC_FILES
 from v2mount.rest.openapi import EXAMPLE_MAX_ELEMENTS, example_request
+from v2mount.runtimes import CallableModel
 
 pytestmark = pytest.mark.anyio
 
@@ -212,6 +213,22 @@ async def test_versioned_and_undeclared_models(serve: Any) -> None:
             response = await client.get(path)
             assert response.status_code == 404, path
             assert re.search("not found|has no version", response.json()["error"]), path
+
+
+async def test_the_example_for_bytes_inputs_decodes_by_content_type(serve: Any) -> None:
+    texts = [
+        {"name": name, "datatype": "BYTES", "shape": [-1], "parameters": {"content_type": kind}}
+        for name, kind in [("when", "datetime"), ("blob", "base64"), ("word", "str")]
+    ]
+    decoded = CallableModel(
+        name="texts",
+        inputs=texts,
+        function=lambda inputs: {"kinds": [type(inputs[k][0]).__name__ for k in sorted(inputs)]},
+    )
+    async with serve(V2App([decoded], model_parallel_workers=0)) as client:
+        document = (await client.get("/v2/models/texts/docs/openapi.json")).json()
+        answer = await try_it(client, document, "/v2/models/texts/infer")
+    assert answer["outputs"][0]["data"] == ["bytes", "datetime", "str"]
 
 
 def test_no_example_for_huge_inputs() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -101,7 +103,7 @@ async def test_outputs_id_and_parameters(binary: bool, v2_async_client: AsyncFac
     assert result.id == "r-1" and list(result.outputs) == ["scaled"]
     np.testing.assert_array_equal(result["scaled"], x * 3)
     every = await client.infer("scaler", {"x": x})
-    assert every.id is None and sorted(every.outputs) == ["scaled", "total"]
+    assert every.id and every.id != "r-1" and sorted(every.outputs) == ["scaled", "total"]
     np.testing.assert_array_equal(every["total"], [3.0, 7.0])
 
 
@@ -180,3 +182,18 @@ async def test_connect_needs_an_http_url() -> None:
     with pytest.raises(ValueError, match="expected an http"):
         async with connect_async("127.0.0.1:8000"):
             pass
+
+
+def test_connect_without_httpx_names_the_extra_to_install() -> None:
+    code = (
+        "import sys; sys.modules['httpx'] = None\n"
+        "try:\n"
+        "    from v2mount.testing import connect\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "v2mount.testing.connect needs httpx: pip install 'v2mount[testing]'"
+    )

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from v2mount.codecs.tensor import array_to_datatype, datatype_to_dtype, to_output_array
+from v2mount.codecs.tensor import array_to_datatype, cast_lossless, to_output_array
 from v2mount.errors import BadRequest, ModelError, SettingsError
 from v2mount.settings import ModelSettings, TensorSpec
 from v2mount.types import InferenceRequest, Parameters, Tensor
@@ -324,20 +324,15 @@ def _iso(item: Any, name: str) -> bytes:
 def _numeric(name: str, value: Any, datatype: str | None) -> Tensor:
     array = to_output_array(value.to_numpy() if _is_series(value) else value, name)
     if datatype is not None:
-        target = datatype_to_dtype(datatype)
-        if datatype == "BYTES":
-            if array.dtype.kind != "O":
-                raise ModelError(
-                    f"output {name!r} is declared BYTES but the model returned numbers"
-                )
-        elif array.dtype != target:
-            try:
-                array = array.astype(target, casting="same_kind")
-            except TypeError:
-                raise ModelError(
-                    f"output {name!r} is {array_to_datatype(array)}, which does not cast "
-                    f"safely to the declared {datatype}"
-                ) from None
+        if datatype == "BYTES" and array.dtype.kind != "O":
+            raise ModelError(f"output {name!r} is declared BYTES but the model returned numbers")
+        cast = cast_lossless(array, datatype, output=True)
+        if cast is None:
+            raise ModelError(
+                f"output {name!r} is {array_to_datatype(array)}, which does not convert to "
+                f"the declared {datatype} without loss"
+            )
+        array = cast
     return Tensor(name, array_to_datatype(array), tuple(array.shape), array)
 
 
@@ -350,8 +345,8 @@ def encode_output(
     → ``base64``, of datetimes → ``datetime``, anything else → ``np``. ``str``,
     ``base64`` and ``datetime`` outputs are BYTES tensors of shape ``[N, 1]`` (as in
     MLServer) and say their content type in ``parameters``. ``datatype`` (a declared
-    one) casts ``np`` outputs within their kind (int to float too); ``ModelError``
-    when it cannot.
+    one) casts ``np`` outputs by ``cast_lossless`` (the rule for declared outputs);
+    ``ModelError`` when that would lose values.
     """
     if content_type is None:
         content_type = _infer_content_type(value)

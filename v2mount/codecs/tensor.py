@@ -18,6 +18,7 @@ from v2mount.errors import BadRequest, ModelError
 
 __all__ = [
     "array_to_datatype",
+    "cast_lossless",
     "check_shape",
     "datatype_to_dtype",
     "decode_json_data",
@@ -78,6 +79,53 @@ def array_to_datatype(array: np.ndarray[Any, Any]) -> str:
         raise ModelError(
             f"the model returned an array of unsupported dtype {array.dtype}"
         ) from None
+
+
+#: Bits of integer a float holds exactly (its significand).
+_EXACT_INT_BITS = {2: 11, 4: 24, 8: 53}
+
+
+def _lossless_dtype(source: np.dtype[Any], target: np.dtype[Any]) -> bool:
+    """Every value of ``source`` has an exact image in ``target``."""
+    if not np.can_cast(source, target, "safe"):
+        return False
+    if source.kind in "iu" and target.kind == "f":
+        bits = source.itemsize * 8 - (source.kind == "i")
+        return bits <= _EXACT_INT_BITS[target.itemsize]
+    return True
+
+
+def cast_lossless(
+    array: np.ndarray[Any, Any], datatype: str, *, output: bool = False
+) -> np.ndarray[Any, Any] | None:
+    """``array`` as ``datatype`` when the cast loses nothing, else ``None``.
+
+    The one casting rule for declared datatypes. A cast between types where every value
+    of the source has an exact image (FP32 → FP64, INT32 → INT64, INT16 → FP32, BOOL →
+    INT8) is always made; between BYTES and numbers, never. For a declared *output*, the
+    model author's own data, a cast is also made when no value of *this* array changes
+    (INT64 ``[0, 1, 2]`` → UINT8), and a float may be rounded to a narrower declared
+    float (declaring FP32 asks for that), unless a finite value overflows. A client's
+    input is held to the type rule alone, so whether a request is accepted never
+    depends on its values.
+    """
+    target = datatype_to_dtype(datatype)
+    source = array.dtype
+    if source == target:
+        return array
+    if (source.kind == "O") != (target.kind == "O"):
+        return None
+    if _lossless_dtype(source, target):
+        return array.astype(target)
+    if not output:
+        return None
+    with np.errstate(all="ignore"):
+        cast = array.astype(target)
+        if source.kind == "f" and target.kind == "f":
+            kept = np.array_equal(np.isfinite(cast), np.isfinite(array))
+        else:
+            kept = np.array_equal(cast.astype(source), array, equal_nan=source.kind == "f")
+    return cast if kept else None
 
 
 #: numpy holds at most 64 dimensions; no model needs more than this.

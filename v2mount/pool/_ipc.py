@@ -95,6 +95,8 @@ class Ready(NamedTuple):
 class LoadFailed(NamedTuple):
     text: str
     updates: list[MetricUpdate]
+    #: The load's traceback, formatted in the worker (logged by the parent, once).
+    traceback: str = ""
 
 
 class Log(NamedTuple):

@@ -78,6 +78,9 @@ class Supervisor:
         self._template: Template | None = None
         self._worker_ids = itertools.count(1)
         self._loading_initial: set[int] = set()
+        # Sibling workers fail to load the same way: one traceback and one warning for a
+        # run of failures, until a worker loads again.
+        self._failing = self._warned = False
         self._respawns: list[float] = []
         self._drain_deadline: float | None = None
 
@@ -201,11 +204,16 @@ class Supervisor:
         elif isinstance(message, LoadFailed):
             self._apply_metrics(message.updates)
             worker.load_error = f"model {self._name!r} failed to load: {message.text}"
+            if message.traceback and not self._failing:
+                text = f"loading the model failed\n{message.traceback.rstrip()}"
+                self._log(worker.id, logging.ERROR, text)
+                self._failing = True
         else:
             raise TypeError(f"unexpected message {type(message).__name__}")
         return True
 
     def _on_ready(self, worker: Worker, ready: Ready) -> None:
+        self._failing = self._warned = False
         process = worker.process
         if ready.has_arena and process.arena_path is not None:
             process.arena = Arena.attach(process.arena_path)
@@ -419,7 +427,9 @@ class Supervisor:
         self._settle_start()
 
     def _load_failed(self, reason: str) -> None:
-        logger.warning("%s", reason)
+        if not self._warned:
+            logger.warning("%s", reason)
+        self._failing = self._warned = True
         self.policy.load_failed()
         with self._state.lock:
             if self._state.live == 0:

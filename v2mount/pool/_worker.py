@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 import multiprocess
 from multiprocess.connection import Connection
 
-from v2mount.errors import V2MountError
+from v2mount.errors import V2MountError, describe_exception
 from v2mount.model import Model, build_response
 from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._ipc import (
@@ -317,10 +318,10 @@ def _run(
             declared = _declared(model)
             runner.run(model.load)
         except Exception as exc:
-            logger.error("loading the model failed", exc_info=True)
             drained = runner.model.metrics.drain() if runner is not None else []
+            failed = LoadFailed(describe_exception(exc), drained, traceback.format_exc())
             with contextlib.suppress(OSError):
-                control.send(LoadFailed(str(exc) or type(exc).__name__, drained))
+                control.send(failed)
             return
         if spec.arena_path is not None:
             arena = Arena.create(spec.arena_path)

@@ -18,7 +18,7 @@ from v2mount.errors import BadRequest, HeadersTooLarge, ModelNotFound, SettingsE
 from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
 from v2mount.registry import ModelHandle, ModelRegistry, ModelState, version_key
-from v2mount.repository import ModelRepository, instantiate
+from v2mount.repository import BrokenModel, ModelRepository, instantiate
 from v2mount.rest.dataplane import dataplane_routes
 from v2mount.rest.docs import docs_routes
 from v2mount.rest.errors import error_response, http_exception_handler
@@ -65,8 +65,8 @@ class V2App:
         for item in models:
             self._add(item if isinstance(item, Model) else instantiate(item))
         if self.repository is not None:
-            for model_settings in self.repository.scan():
-                self._add(instantiate(model_settings))
+            for entry in self.repository.load(self.repository.scan_all()):
+                self._add(entry)
         self._started = False
         self._starting: anyio.Event | None = None
         self._stopping = False
@@ -75,6 +75,7 @@ class V2App:
             exception_handlers={HTTPException: http_exception_handler},
             lifespan=self.lifespan,
         )
+        router.state.log_client_errors = self.settings.log_client_errors
         self._router = RestMetricsMiddleware(router, self.metrics, router.routes)
         self._infer = InferEndpoint(self)
         self.metrics.track_queues(self.registry.handles)
@@ -89,8 +90,12 @@ class V2App:
                 ) from None
             self.grpc = GrpcServer(self)
 
-    def _add(self, model: Model) -> ModelHandle:
-        handle = ModelHandle(model, self.settings, self.metrics)
+    def _add(self, model: Model | BrokenModel) -> ModelHandle:
+        if isinstance(model, BrokenModel):
+            broken = model.placeholder()
+            handle = ModelHandle(broken, self.settings, self.metrics, broken=model.reason)
+        else:
+            handle = ModelHandle(model, self.settings, self.metrics)
         self.registry.add(handle)
         return handle
 
@@ -220,15 +225,13 @@ class V2App:
     async def load_model(self, name: str) -> None:
         """(Re)load every version of ``name``, re-reading its settings from the repository."""
         self._check_name(name)
-        found = self.repository.find(name) if self.repository is not None else []
+        found = self.repository.find_all(name) if self.repository is not None else []
         old = self.registry.versions(name)
         if not found and not old:
             raise ModelNotFound(f"model {name!r} is not in the model repository")
         if found:
-            try:
-                fresh = [instantiate(model_settings) for model_settings in found]
-            except SettingsError as exc:
-                raise BadRequest(f"cannot load model {name!r}: {exc.message}") from None
+            assert self.repository is not None
+            fresh = self.repository.load(found)
             for handle in old:
                 await handle.unload()
                 self.registry.remove(handle)

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from v2mount.codecs.response import json_dumps
 from v2mount.errors import V2MountError
+from v2mount.logs import log_error_answer
 
 __all__ = ["error_response", "http_exception_handler", "json_response", "v2_endpoint"]
 
@@ -49,8 +50,8 @@ def v2_endpoint(endpoint: Endpoint) -> Endpoint:
         try:
             return await endpoint(request)
         except V2MountError as exc:
-            if exc.status_code >= 500:
-                logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+            at_info = getattr(request.app.state, "log_client_errors", False)
+            log_error_answer(exc, request.method, request.url.path, client_errors_at_info=at_info)
             return error_response(exc)
         except Exception:
             logger.exception("unexpected error in %s %s", request.method, request.url.path)

@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from v2mount.codecs.request import decode_request, parse_header_length
 from v2mount.codecs.response import encode_response, json_dumps
 from v2mount.errors import V2MountError
+from v2mount.logs import log_error_answer
 from v2mount.rest.body import ClientDisconnect, read_body
 from v2mount.rest.encoding import COMPRESS_MIN_BYTES, compress, response_coding
 from v2mount.rest.metrics import RouteMetrics
@@ -110,8 +111,8 @@ class InferEndpoint:
         except ClientDisconnect:
             return CLIENT_CLOSED
         except V2MountError as exc:
-            if exc.status_code >= 500:
-                logger.warning("POST %s: %s", scope["path"], exc.message)
+            at_info = self._settings.log_client_errors
+            log_error_answer(exc, "POST", scope["path"], client_errors_at_info=at_info)
             status, body = exc.status_code, json_dumps({"error": exc.message})
             headers = [_JSON, (b"content-length", b"%d" % len(body))]
             headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]

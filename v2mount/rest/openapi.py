@@ -478,6 +478,17 @@ def _item(datatype: str) -> tuple[Document, object]:
     return _JSON_ITEM.get(datatype, ({"type": "integer"}, 0))
 
 
+#: BYTES example elements that the content type decodes ("" is no date, for one).
+_BYTES_EXAMPLES = {"base64": "dGV4dA==", "datetime": "2024-01-01T00:00:00"}
+
+
+def _example_item(spec: TensorSpec, settings: ModelSettings) -> object:
+    if spec.datatype != "BYTES":
+        return _item(spec.datatype)[1]
+    content_type = spec.parameters.get("content_type") or settings.parameters.content_type
+    return _BYTES_EXAMPLES.get(str(content_type), "")
+
+
 def _example_shape(spec: TensorSpec) -> list[int]:
     return [1 if dim == -1 else dim for dim in spec.shape]
 
@@ -498,7 +509,7 @@ def example_request(settings: ModelSettings) -> Document | None:
         total += count
         if total > EXAMPLE_MAX_ELEMENTS:
             return None
-        _, zero = _item(spec.datatype)
+        zero = _example_item(spec, settings)
         inputs.append(
             {"name": spec.name, "shape": shape, "datatype": spec.datatype, "data": [zero] * count}
         )

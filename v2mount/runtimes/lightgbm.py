@@ -26,6 +26,7 @@ class LightGBMModel(FrameworkModel):
     """
 
     platform = "lightgbm"
+    any_input_name = True
     well_known_files = ("model.txt", "model.bst")
 
     def load(self) -> None:

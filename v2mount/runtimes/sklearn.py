@@ -57,6 +57,7 @@ class SKLearnModel(FrameworkModel):
     """
 
     platform = "sklearn"
+    any_input_name = True
     well_known_files = ("model.joblib", "model.pickle", "model.pkl")
 
     def load(self) -> None:

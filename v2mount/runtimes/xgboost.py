@@ -29,6 +29,7 @@ class XGBoostModel(FrameworkModel):
     """
 
     platform = "xgboost"
+    any_input_name = True
     well_known_files = ("model.json", "model.ubj", "model.bst")
 
     def load(self) -> None:

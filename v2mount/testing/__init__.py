@@ -54,6 +54,14 @@ def __getattr__(name: str) -> Any:
     if name not in __all__:
         raise AttributeError(f"module 'v2mount.testing' has no attribute {name!r}")
     module = "client" if name in _CLIENT else "serving"
-    value = getattr(importlib.import_module(f"v2mount.testing.{module}"), name)
+    try:
+        imported = importlib.import_module(f"v2mount.testing.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != "httpx":
+            raise
+        raise ModuleNotFoundError(
+            f"v2mount.testing.{name} needs httpx: pip install 'v2mount[testing]'", name="httpx"
+        ) from exc
+    value = getattr(imported, name)
     globals()[name] = value
     return value
