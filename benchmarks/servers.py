@@ -94,11 +94,20 @@ def ensure_mlserver_venv(venv: Path, *, log: Path) -> Path:
     return bin_dir
 
 
+#: Ports this run has handed out: the kernel may offer a closed probe's port again, and two
+#: servers (or a server's HTTP and gRPC ports) given the same one collide at start.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nothing listens on now and that this run has not handed out yet."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass
