@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ import anyio
 from v2mount.errors import SettingsError
 from v2mount.registry import version_key
 from v2mount.repository import ModelRepository
-from v2mount.settings import MODEL_SETTINGS_FILE, ModelSettings, load_settings
+from v2mount.settings import MODEL_SETTINGS_FILE, ModelSettings, load_settings, usable_cores
 from v2mount.tuning._inputs import TuneError, load_request, request_body, synthetic_request
 from v2mount.tuning._results import Config, Step
 from v2mount.tuning._tuner import TuneOptions, TuneResult, concurrency_levels, tune
@@ -35,14 +34,6 @@ __all__ = ["build_parser", "main", "usable_cores"]
 PROG = "python -m v2mount tune"
 
 Number = TypeVar("Number", int, float)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _positive(kind: Callable[[str], Number]) -> Callable[[str], Number]:
