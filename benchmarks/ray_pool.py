@@ -241,8 +241,10 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a quarter of the calls")
     parser.add_argument("--only", choices=["hop", "iris", "4mb", "scaling"])
     args = parser.parse_args()
-    # Ray reads this when it starts its processes; set before ray.init, in this script only.
+    # Ray reads these when it is imported and when it starts its processes; set before
+    # either, in this script only: no usage statistics, and a one-node Ray on 127.0.0.1.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     load = os.getloadavg()
     print(f"python {platform.python_version()}, asyncio, {os.cpu_count()} cores, load {load}\n")
     anyio.run(main, args.quick, args.only)

@@ -42,6 +42,7 @@ from v2mount.settings import ModelSettings, Settings
 from v2mount.types import DATATYPES, InferenceRequest, InferenceResponse, Tensor
 
 ray = pytest.importorskip("ray")  # in the dev extra: CI always has it
+ray_constants = ray._private.ray_constants
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -62,18 +63,31 @@ def _load_models() -> ModuleType:
 
 models = _load_models()
 
+#: Nothing leaves the machine: no usage statistics, and a one-node Ray on 127.0.0.1 (by
+#: default Ray listens on the machine's routable address, which it finds by asking the
+#: kernel for a route to a public one).
+LOOPBACK_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def test_the_test_ray_listens_on_loopback_only() -> None:
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray() -> Iterator[None]:
     """One local Ray for the module; what ``ray.init`` changes in this process is undone."""
     environ, excepthook = dict(os.environ), sys.excepthook
     sigterm = signal.getsignal(signal.SIGTERM)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the machine
+    os.environ.update(LOOPBACK_RAY_ENV)  # for the processes Ray starts
+    # This process imported Ray already, which read that variable then.
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
         ray.shutdown()
+        monkeypatch.undo()
         os.environ.clear()
         os.environ.update(environ)
         sys.excepthook = excepthook
@@ -512,7 +526,7 @@ anyio.run(main)
 
 def test_a_pool_starts_a_local_ray_when_none_runs() -> None:
     """The default path (``ray_address`` unset, Ray not initialised), in a fresh process."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **LOOPBACK_RAY_ENV}
     done = subprocess.run(
         [
             sys.executable,
