@@ -9,8 +9,9 @@ name → array-like, a single array (for a model with one output), or a full
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,6 +29,7 @@ from v2mount.settings import ModelSettings, TensorSpec
 from v2mount.types import InferenceRequest, InferenceResponse, Tensor
 
 __all__ = [
+    "MethodRunner",
     "Model",
     "build_response",
     "call_load",
@@ -113,6 +115,27 @@ def call_predict_sync(model: Model, request: InferenceRequest) -> InferenceRespo
 async def call_predict(model: Model, request: InferenceRequest) -> InferenceResponse:
     """Run ``predict`` (plain or async) on the current thread and build the response."""
     return build_response(model, request, await _maybe_await(model.predict(request)))
+
+
+class MethodRunner:
+    """Runs a model's plain or ``async`` methods from a plain thread (a worker process, a
+    Ray actor); the ``async`` ones share one private event loop for the runner's life."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self, method: Callable[..., Any], *args: Any) -> Any:
+        result = method(*args)
+        if inspect.isawaitable(result):
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            result = self._loop.run_until_complete(result)
+        return result
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
 
 
 def _array(tensor: Tensor) -> np.ndarray[Any, Any]:

@@ -8,17 +8,15 @@ pydantic objects or Python lists. This module does not import Ray.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from v2mount.errors import V2MountError, describe_exception
-from v2mount.model import Model, build_response
+from v2mount.model import MethodRunner, Model, build_response
 from v2mount.pool._ipc import error_to_wire
 from v2mount.pool._shipping import ModelPackage, unpack_model
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
@@ -97,18 +95,8 @@ class ModelActor:
         self._package = package
         self._threads = threads
         self._model: Model | None = None
-        self._loop: Any = None
+        self._runner: MethodRunner | None = None
         self._watching = threading.Event()
-
-    def _run(self, method: Callable[..., Any], *args: Any) -> Any:
-        result = method(*args)
-        if inspect.isawaitable(result):
-            import asyncio
-
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-            result = self._loop.run_until_complete(result)
-        return result
 
     def load(self) -> tuple[Any, ...]:
         """``("ready", metrics, declared or None, pid)`` or ``("load_failed", text, metrics)``."""
@@ -124,7 +112,8 @@ class ModelActor:
         try:
             model = self._model = unpack_model(self._package)
             before = _declared(model)
-            self._run(model.load)
+            self._runner = MethodRunner(model)
+            self._runner.run(model.load)
         except Exception as exc:
             logger.error("loading the model failed", exc_info=True)
             drained = self._model.metrics.drain() if self._model is not None else []
@@ -134,11 +123,11 @@ class ModelActor:
 
     def predict(self, wire: RequestWire) -> tuple[Any, ...]:
         """``("result", response wire, metrics)`` or ``("error", error wire, metrics)``."""
-        model = self._model
-        assert model is not None
+        model, runner = self._model, self._runner
+        assert model is not None and runner is not None
         try:
             request = request_from_wire(wire)
-            response = build_response(model, request, self._run(model.predict, request))
+            response = build_response(model, request, runner.run(model.predict, request))
             reply: tuple[Any, ...] = ("result", response_to_wire(response))
         except Exception as exc:
             if not isinstance(exc, V2MountError):

@@ -47,7 +47,7 @@ from v2mount.pool._ipc import error_from_wire
 from v2mount.pool._shipping import ModelPackage, pack_model
 from v2mount.pool._waiter import Waiter
 from v2mount.ray_actor import ModelActor, RequestWire, request_to_wire, response_from_wire
-from v2mount.runner import MetricsSink, RunnerStatistics
+from v2mount.runner import MetricsSink, RunnerStatistics, apply_metrics
 from v2mount.settings import TensorSpec
 from v2mount.types import InferenceRequest, InferenceResponse
 
@@ -466,11 +466,7 @@ class RayPool:
         return BrokenWorker(f"model {self._name!r}: its Ray actor died while running this request")
 
     def _apply_metrics(self, updates: list[MetricUpdate]) -> None:
-        if updates:
-            try:
-                self._sink(updates)
-            except Exception:
-                logger.exception("model %r: the metrics sink raised", self._name)
+        apply_metrics(self._sink, updates, self._name, logger)
 
     def _begin_stop(self) -> list[_Job]:
         """Enter the stopping phase (lock held); returns the queued jobs, failed."""

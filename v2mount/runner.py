@@ -32,12 +32,31 @@ from v2mount.model import Model, call_load, call_predict, call_predict_sync
 from v2mount.settings import TensorSpec
 from v2mount.types import InferenceRequest, InferenceResponse
 
-__all__ = ["Declared", "InProcessRunner", "MetricsSink", "Runner", "RunnerStatistics"]
+__all__ = [
+    "Declared",
+    "InProcessRunner",
+    "MetricsSink",
+    "Runner",
+    "RunnerStatistics",
+    "apply_metrics",
+]
 
 logger = logging.getLogger("v2mount.runner")
 
 #: Receives the custom-metric updates a model recorded (applied by the app's metrics).
 MetricsSink = Callable[[list[MetricUpdate]], None]
+
+
+def apply_metrics(
+    sink: MetricsSink, updates: list[MetricUpdate], model_name: str, log: logging.Logger
+) -> None:
+    """Hand updates relayed from a worker to the sink; a sink that raises is logged, so a
+    pool's own thread never dies of it."""
+    if updates:
+        try:
+            sink(updates)
+        except Exception:
+            log.exception("model %r: the metrics sink raised", model_name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from v2mount.pool._state import RUNNING, STARTING, STOPPED, STOPPING, PoolState,
 from v2mount.pool._template import Template
 from v2mount.pool._waiter import Waiter
 from v2mount.pool._worker import WorkerSpec
-from v2mount.runner import MetricsSink
+from v2mount.runner import MetricsSink, apply_metrics
 
 __all__ = ["EXIT_GRACE", "STOP_GRACE", "Supervisor"]
 
@@ -183,11 +183,7 @@ class Supervisor:
         )
 
     def _apply_metrics(self, updates: list[MetricUpdate]) -> None:
-        if updates:
-            try:
-                self._sink(updates)
-            except Exception:
-                logger.exception("model %r: the metrics sink raised", self._name)
+        apply_metrics(self._sink, updates, self._name, logger)
 
     def _on_message(self, worker: Worker) -> bool:
         """Handle one control message; ``False`` at EOF (its exit fd will fire)."""

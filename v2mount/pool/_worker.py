@@ -16,11 +16,9 @@ already, see ``_template.py``). From ``load`` on, both are the same.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import faulthandler
 import functools
-import inspect
 import io
 import logging
 import os
@@ -32,13 +30,12 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import multiprocess
 from multiprocess.connection import Connection
 
 from v2mount.errors import V2MountError, describe_exception
-from v2mount.model import Model, build_response
+from v2mount.model import MethodRunner, Model, build_response
 from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._ipc import (
     Channel,
@@ -171,26 +168,6 @@ def _watch_parent(parent_pid: int, parent_fd: int | None, arena_path: str | None
     os._exit(0)
 
 
-class _Runner:
-    """Runs the model's (plain or async) methods; async ones share one loop for life."""
-
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def run(self, method: Callable[..., Any], *args: Any) -> Any:
-        result = method(*args)
-        if inspect.isawaitable(result):
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-            result = self._loop.run_until_complete(result)
-        return result
-
-    def close(self) -> None:
-        if self._loop is not None:
-            self._loop.close()
-
-
 def _declared(model: Model) -> DeclaredSpecs:
     """The model's declared inputs and outputs, as plain data for the parent."""
     settings = model.settings
@@ -199,7 +176,7 @@ def _declared(model: Model) -> DeclaredSpecs:
     )
 
 
-def _answer(runner: _Runner, frame: bytearray, arena: Arena | None, threshold: int) -> bytes:
+def _answer(runner: MethodRunner, frame: bytearray, arena: Arena | None, threshold: int) -> bytes:
     """The reply frame to one request frame: its result or its error, with the metrics."""
     model = runner.model
     seq = -1
@@ -214,7 +191,7 @@ def _answer(runner: _Runner, frame: bytearray, arena: Arena | None, threshold: i
         return encode_error(exc, seq, model.metrics.drain())
 
 
-def _serve(channel: Channel, runner: _Runner, arena: Arena | None, threshold: int) -> None:
+def _serve(channel: Channel, runner: MethodRunner, arena: Arena | None, threshold: int) -> None:
     """Answer requests one at a time until the channel reaches EOF.
 
     Each frame is dropped as soon as it is used, so an idle worker holds no tensor.
@@ -309,12 +286,12 @@ def _run(
         target=_watch_parent, args=(spec.parent_pid, parent_fd, spec.arena_path), daemon=True
     ).start()
 
-    runner: _Runner | None = None
+    runner: MethodRunner | None = None
     arena: Arena | None = None
     try:
         try:
             model = obtain()
-            runner = _Runner(model)
+            runner = MethodRunner(model)
             declared = _declared(model)
             runner.run(model.load)
         except Exception as exc:
