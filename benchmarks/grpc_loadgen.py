@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.loadgen import LoadResult, _child_cpu
+from benchmarks.loadgen import LoadResult, _child_cpu, summarise
 
 __all__ = ["METHOD", "run_grpc"]
 
@@ -50,7 +50,6 @@ async def _drive(
     target: str, request: bytes, concurrency: int, duration_s: float, timeout_s: float
 ) -> dict[str, object]:
     import grpc
-    import numpy as np
 
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     latencies: list[float] = []
@@ -74,21 +73,7 @@ async def _drive(
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    ms = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
-    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
-    return {
-        "tool": "grpc-python",
-        "concurrency": concurrency,
-        "duration_s": elapsed,
-        "requests": len(latencies),
-        "errors": sum(errors.values()),
-        "p50_ms": p50,
-        "p90_ms": p90,
-        "p99_ms": p99,
-        "mean_ms": float(ms.mean()),
-        "loadgen_cpu_s": 0.0,
-        "error_detail": errors,
-    }
+    return summarise("grpc-python", concurrency, elapsed, latencies, errors)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["LoadResult", "find_wrk", "run_load", "run_python_client", "run_wrk"]
+__all__ = ["LoadResult", "find_wrk", "run_load", "run_python_client", "run_wrk", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -275,12 +275,19 @@ async def _drive(
         )
     )
     elapsed = time.perf_counter() - start
+    return summarise("python", concurrency, elapsed, latencies, errors)
+
+
+def summarise(
+    tool: str, concurrency: int, elapsed: float, latencies: list[float], errors: dict[str, int]
+) -> dict[str, object]:
+    """A Python client's run as ``LoadResult`` fields (its CPU is measured by the parent)."""
     import numpy as np
 
     ms = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
     p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
     return {
-        "tool": "python",
+        "tool": tool,
         "concurrency": concurrency,
         "duration_s": elapsed,
         "requests": len(latencies),
