@@ -7,14 +7,12 @@ statistics of every model's batcher. Only batchers built from a ``batching`` blo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from v2mount.metrics.queues import QueueSource
+from v2mount.metrics.queues import ScrapedCollector
 
 __all__ = ["BatchingCollector"]
 
@@ -33,39 +31,27 @@ class _PredictiveFigures(Protocol):
     guard: float | None
 
 
-class BatchingCollector(Collector):
+class BatchingCollector(ScrapedCollector):
     """``model_infer_batch_dispatch_total`` (by ``reason``), ``..._refused_total``,
     ``..._slo_miss_total`` and the fitted cost gauges, per model version."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self._sources: list[Callable[[], Iterable[QueueSource]]] = []
-        if registry is not None:
-            registry.register(self)
-
-    def track(self, sources: Callable[[], Iterable[QueueSource]]) -> None:
-        self._sources.append(sources)
-
-    def describe(self) -> Iterable[Metric]:
-        return self._families()
 
     def collect(self) -> Iterator[Metric]:
         families = self._families()
         dispatch, refused, misses, intercept, per_row, guard = families
-        for sources in self._sources:
-            for source in list(sources()):
-                stats = source.batcher_statistics()
-                if not isinstance(stats, _PredictiveFigures):
-                    continue
-                labels = [source.name, source.version or ""]
-                dispatch.add_metric([*labels, "full"], stats.dispatched_full)
-                dispatch.add_metric([*labels, "deadline"], stats.dispatched_deadline)
-                dispatch.add_metric([*labels, "idle"], stats.dispatched_idle)
-                refused.add_metric(labels, stats.refused)
-                misses.add_metric(labels, stats.slo_misses)
-                if stats.intercept is not None and stats.per_row is not None:
-                    intercept.add_metric(labels, stats.intercept)
-                    per_row.add_metric(labels, stats.per_row)
-                    guard.add_metric(labels, stats.guard or 0.0)
+        for source in self._models():
+            stats = source.batcher_statistics()
+            if not isinstance(stats, _PredictiveFigures):
+                continue
+            labels = [source.name, source.version or ""]
+            dispatch.add_metric([*labels, "full"], stats.dispatched_full)
+            dispatch.add_metric([*labels, "deadline"], stats.dispatched_deadline)
+            dispatch.add_metric([*labels, "idle"], stats.dispatched_idle)
+            refused.add_metric(labels, stats.refused)
+            misses.add_metric(labels, stats.slo_misses)
+            if stats.intercept is not None and stats.per_row is not None:
+                intercept.add_metric(labels, stats.intercept)
+                per_row.add_metric(labels, stats.per_row)
+                guard.add_metric(labels, stats.guard or 0.0)
         yield from families
 
     @staticmethod

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["QueueCollector", "QueueSource"]
+__all__ = ["QueueCollector", "QueueSource", "ScrapedCollector"]
 
 _LABELS = ("model", "version")
 
@@ -43,13 +43,10 @@ class QueueSource(Protocol):
     def batcher_statistics(self) -> _BatcherQueue | None: ...
 
 
-class QueueCollector(Collector):
-    """Gauges of requests waiting in each model's batcher and runner (or worker pool).
+class ScrapedCollector(Collector):
+    """Metric families read at scrape time from the model versions that ``track`` adds.
 
-    ``batch_request_queue``: requests held in batches not yet dispatched (models with
-    adaptive batching only). ``parallel_request_queue``: requests waiting for a free
-    worker (every loaded model). ``collect`` runs in the scraping thread; the
-    ``/metrics`` endpoint scrapes on the event loop, where the models' state lives.
+    Subclasses name their families in ``_families`` and fill them in ``collect``.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -63,17 +60,34 @@ class QueueCollector(Collector):
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
+    def _models(self) -> Iterator[QueueSource]:
+        for sources in self._sources:
+            yield from list(sources())
+
+    @staticmethod
+    def _families() -> tuple[Metric, ...]:
+        raise NotImplementedError
+
+
+class QueueCollector(ScrapedCollector):
+    """Gauges of requests waiting in each model's batcher and runner (or worker pool).
+
+    ``batch_request_queue``: requests held in batches not yet dispatched (models with
+    adaptive batching only). ``parallel_request_queue``: requests waiting for a free
+    worker (every loaded model). ``collect`` runs in the scraping thread; the
+    ``/metrics`` endpoint scrapes on the event loop, where the models' state lives.
+    """
+
     def collect(self) -> Iterator[Metric]:
         batch, parallel = self._families()
-        for sources in self._sources:
-            for source in list(sources()):
-                labels = [source.name, source.version or ""]
-                runner = source.runner_statistics()
-                if runner is not None:
-                    parallel.add_metric(labels, runner.queued)
-                batcher = source.batcher_statistics()
-                if batcher is not None:
-                    batch.add_metric(labels, batcher.queued_requests)
+        for source in self._models():
+            labels = [source.name, source.version or ""]
+            runner = source.runner_statistics()
+            if runner is not None:
+                parallel.add_metric(labels, runner.queued)
+            batcher = source.batcher_statistics()
+            if batcher is not None:
+                batch.add_metric(labels, batcher.queued_requests)
         yield batch
         yield parallel
 
