@@ -11,6 +11,7 @@ import numpy as np
 
 from v2mount.errors import BadRequest
 from v2mount.model import Model
+from v2mount.settings import TensorSpec
 from v2mount.types import InferenceRequest
 
 
@@ -52,7 +53,12 @@ class Gate(Model):
 
 
 class AsyncDouble(Model):
+    """Async load and predict; its load declares the input, where the actor runs it."""
+
     name = "async-double"
+
+    async def load(self) -> None:
+        self.settings.inputs = [TensorSpec(name="x", datatype="FP32", shape=[-1])]
 
     async def predict(self, payload: InferenceRequest) -> Any:
         return {"y": payload["x"] * 2}

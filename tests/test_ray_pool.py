@@ -254,8 +254,14 @@ async def test_adaptive_batches_cross_to_an_actor_as_one_call() -> None:
 
 async def test_an_async_model_and_custom_metrics_cross_from_actors() -> None:
     sink = Sink()
-    pool = ray_pool(models.AsyncDouble(), workers=1, metrics_sink=sink)
-    await pool.start()
+    model = models.AsyncDouble()
+    pool = ray_pool(model, workers=1, metrics_sink=sink)
+    declared = await pool.start()
+    # What load declared in the actor comes back to the caller, to serve as metadata;
+    # the model's own settings are left as they were.
+    assert declared is not None and declared.outputs == []
+    assert [(s.name, s.datatype, s.shape) for s in declared.inputs] == [("x", "FP32", [-1])]
+    assert model.settings.inputs == []
     try:
         x = np.array([1.5, 2.0], np.float32)
         response = await pool.infer(InferenceRequest([Tensor("x", "FP32", (2,), x)]))

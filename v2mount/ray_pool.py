@@ -47,8 +47,7 @@ from v2mount.pool._ipc import error_from_wire
 from v2mount.pool._shipping import ModelPackage, pack_model
 from v2mount.pool._waiter import Waiter
 from v2mount.ray_actor import ModelActor, RequestWire, request_to_wire, response_from_wire
-from v2mount.runner import MetricsSink, RunnerStatistics, apply_metrics
-from v2mount.settings import TensorSpec
+from v2mount.runner import Declared, MetricsSink, RunnerStatistics, apply_metrics
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = ["RayPool"]
@@ -184,6 +183,8 @@ class RayPool:
         self._reason = f"model {self._name!r} is not started"
         self._start_waiter: Waiter | None = None
         self._start_ok = False
+        #: What the model's ``load`` declared in the first actor that loaded, for ``start``.
+        self._declared: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
         self._initial: set[int] = set()
         self._stop_waiters: list[Waiter] = []
         self._actor_class: Any = None
@@ -205,9 +206,11 @@ class RayPool:
         with self._lock:
             return None if self._phase in (_STARTING, _RUNNING) and self._live() else self._reason
 
-    async def start(self) -> None:
+    async def start(self) -> Declared | None:
         """Connect to Ray, create the actors, wait until each has loaded or failed to.
 
+        Returns what the model's ``load`` declared in an actor (``None`` if nothing), for
+        the caller to serve as metadata; the model's settings are left as they were.
         Raises ``ModelNotReady`` with the load error when no actor loaded. Cancelling
         ``start`` stops the pool.
         """
@@ -240,6 +243,7 @@ class RayPool:
             reason = self._reason
             await self.stop()
             raise ModelNotReady(reason)
+        return None if self._declared is None else Declared.from_wire(*self._declared)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Answer one request in an actor.
@@ -589,11 +593,9 @@ class RayPool:
             return
         _, updates, declared, pid = message
         self._apply_metrics(updates)
-        if declared is not None and not self._start_ok:
-            settings = self._model.settings
-            settings.inputs = [TensorSpec.model_validate(spec) for spec in declared[0]]
-            settings.outputs = [TensorSpec.model_validate(spec) for spec in declared[1]]
         with self._lock:
+            if declared is not None and not self._start_ok:
+                self._declared = declared
             if actor.dead:
                 return
             actor.loaded, actor.pid = True, pid

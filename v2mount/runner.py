@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import anyio
 import anyio.to_thread
@@ -75,6 +75,14 @@ class Declared(NamedTuple):
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+
+    @classmethod
+    def from_wire(cls, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> Declared:
+        """From the plain data a worker process or actor sent."""
+        return cls(
+            [TensorSpec.model_validate(spec) for spec in inputs],
+            [TensorSpec.model_validate(spec) for spec in outputs],
+        )
 
 
 class Runner(Protocol):

@@ -29,7 +29,6 @@ from v2mount.pool._state import NEW, STARTING, STOPPED, STOPPING, PoolState, Tic
 from v2mount.pool._supervisor import Supervisor
 from v2mount.pool._waiter import Waiter
 from v2mount.runner import Declared, MetricsSink, RunnerStatistics
-from v2mount.settings import TensorSpec
 from v2mount.stats import mark_started
 from v2mount.types import InferenceRequest, InferenceResponse
 
@@ -120,11 +119,7 @@ class WorkerPool:
             raise ModelNotReady(reason)
         if state.declared is None:
             return None
-        inputs, outputs = state.declared
-        return Declared(
-            [TensorSpec.model_validate(spec) for spec in inputs],
-            [TensorSpec.model_validate(spec) for spec in outputs],
-        )
+        return Declared.from_wire(*state.declared)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Answer one request in a worker process.
