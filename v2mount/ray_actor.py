@@ -17,7 +17,7 @@ import numpy as np
 
 from v2mount.errors import V2MountError, describe_exception
 from v2mount.model import MethodRunner, Model, build_response
-from v2mount.pool._ipc import error_to_wire
+from v2mount.pool._ipc import DeclaredSpecs, error_to_wire
 from v2mount.pool._shipping import ModelPackage, unpack_model
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
@@ -111,14 +111,14 @@ class ModelActor:
                 pass
         try:
             model = self._model = unpack_model(self._package)
-            before = _declared(model)
+            before = DeclaredSpecs.of(model.settings)
             self._runner = MethodRunner(model)
             self._runner.run(model.load)
         except Exception as exc:
             logger.error("loading the model failed", exc_info=True)
             drained = self._model.metrics.drain() if self._model is not None else []
             return ("load_failed", describe_exception(exc), drained)
-        after = _declared(model)
+        after = DeclaredSpecs.of(model.settings)
         return ("ready", model.metrics.drain(), after if after != before else None, os.getpid())
 
     def predict(self, wire: RequestWire) -> tuple[Any, ...]:
@@ -138,8 +138,3 @@ class ModelActor:
     def watch(self) -> None:
         """Never returns while the actor lives: its failure tells the pool the actor died."""
         self._watching.wait()
-
-
-def _declared(model: Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    settings = model.settings
-    return [s.model_dump() for s in settings.inputs], [s.model_dump() for s in settings.outputs]

@@ -38,6 +38,7 @@ from v2mount import errors
 from v2mount.errors import ModelError, V2MountError, describe_exception
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.pool._arena import Arena
+from v2mount.settings import ModelSettings
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 __all__ = [
@@ -82,6 +83,14 @@ class DeclaredSpecs(NamedTuple):
 
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, settings: ModelSettings) -> DeclaredSpecs:
+        """What ``settings`` declare now, as plain data for the parent."""
+        return cls(
+            [spec.model_dump() for spec in settings.inputs],
+            [spec.model_dump() for spec in settings.outputs],
+        )
 
 
 class Ready(NamedTuple):

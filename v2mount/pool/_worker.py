@@ -168,14 +168,6 @@ def _watch_parent(parent_pid: int, parent_fd: int | None, arena_path: str | None
     os._exit(0)
 
 
-def _declared(model: Model) -> DeclaredSpecs:
-    """The model's declared inputs and outputs, as plain data for the parent."""
-    settings = model.settings
-    return DeclaredSpecs(
-        [s.model_dump() for s in settings.inputs], [s.model_dump() for s in settings.outputs]
-    )
-
-
 def _answer(runner: MethodRunner, frame: bytearray, arena: Arena | None, threshold: int) -> bytes:
     """The reply frame to one request frame: its result or its error, with the metrics."""
     model = runner.model
@@ -292,7 +284,7 @@ def _run(
         try:
             model = obtain()
             runner = MethodRunner(model)
-            declared = _declared(model)
+            declared = DeclaredSpecs.of(model.settings)
             runner.run(model.load)
         except Exception as exc:
             drained = runner.model.metrics.drain() if runner is not None else []
@@ -303,7 +295,7 @@ def _run(
         if spec.arena_path is not None:
             arena = Arena.create(spec.arena_path)
         # What load declared (an ONNX graph's inputs, say) is metadata the parent serves.
-        changed = _declared(model)
+        changed = DeclaredSpecs.of(model.settings)
         ready = Ready(
             model.metrics.drain(), changed if changed != declared else None, arena is not None
         )
