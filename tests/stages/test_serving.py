@@ -220,3 +220,59 @@ async def test_stages_refuse_the_ray_backend_at_load(serve: Any) -> None:
     assert ready.status_code != 200
     assert answer.status_code == 503
     assert "stages are not supported with pool_backend ray" in answer.json()["error"]
+
+
+class Wide(Model):
+    """Large tensors at every hop (above the 64 KiB shared-memory threshold): a
+    ``[1, 10000]`` input, a ``[1, 20000]`` preprocessed tensor per request."""
+
+    name = "wide"
+    inputs = [{"name": "x", "datatype": "FP64", "shape": [-1, 10000]}]
+
+    def preprocess(self, payload: InferenceRequest) -> Any:
+        return {"wide": np.hstack([payload["x"], 2 * payload["x"]])}
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        wide = payload["wide"]
+        return {"wide": wide, "batch": np.full((len(wide), 1), len(wide))}
+
+    def postprocess(self, payload: InferenceRequest, response: InferenceResponse) -> Any:
+        wide = response.output("wide").data
+        assert np.array_equal(wide[:, :10000], payload["x"])
+        return {"total": wide.sum(axis=1), "batch": response.output("batch").data[:, 0]}
+
+
+async def test_large_tensors_cross_every_stage_intact(serve: Any) -> None:
+    app = V2App([Wide(parallel_workers=2, **BATCHED)])
+    rows = {value: np.arange(10000, dtype=np.float64) * value for value in (1, 2, 3, 4)}
+    answers: dict[int, httpx.Response] = {}
+
+    async def post(value: int) -> None:
+        data = rows[value].tolist()
+        tensor = {"name": "x", "datatype": "FP64", "shape": [1, 10000], "data": data}
+        answers[value] = await client.post("/v2/models/wide/infer", json={"inputs": [tensor]})
+
+    async with serve(app) as client:
+        async with anyio.create_task_group() as group:
+            for value in rows:
+                group.start_soon(post, value)
+    for value, answer in answers.items():
+        got = outputs(answer)
+        assert got["total"] == [3 * rows[value].sum()]
+        assert got["batch"] == [4]
+
+
+async def test_the_predictive_batcher_takes_preprocessed_requests(serve: Any) -> None:
+    model = Staged(parallel_workers=0, max_batch_size=4, batching={"slo_ms": 60_000})
+    app = V2App([model])
+    async with serve(app) as client:
+        answers = await post_all(client, [1, 2, 3, 4, 5, 6])
+        figures = await samples(client)
+    for value, answer in answers.items():
+        assert outputs(answer)["y"] == [10.0 * value + 1]
+    assert figures[("staged_predict_rows_sum", frozenset())] == 6
+    assert stage_count(figures, "preprocess") == stage_count(figures, "postprocess") == 6
+    dispatched = sum(
+        value for (name, _), value in figures.items() if name == "model_infer_batch_dispatch_total"
+    )
+    assert dispatched == figures[("staged_predict_rows_count", frozenset())]
