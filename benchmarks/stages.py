@@ -49,6 +49,8 @@ class Figure:
     throughput: float
     p50_ms: float
     p99_ms: float
+    cpu_us: float  # the web process's CPU time (all threads) per request
+    batch: float  # mean requests per predict call
 
 
 def model_for(setup: str, workers: int, batch_time: float) -> Model:
@@ -79,13 +81,19 @@ async def closed_loop(
             if record:
                 latencies.append(time.perf_counter() - started)
 
-    elapsed = 0.0
+    elapsed = cpu = 0.0
+    batches = requests = 0
     for record, seconds in ((False, min(1.0, duration)), (True, duration)):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
+        before = handle.batcher_statistics()
         async with anyio.create_task_group() as group:
             for image in images:
                 group.start_soon(client, image, started + seconds, record)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        after = handle.batcher_statistics()
+        if before is not None and after is not None:
+            batches = after.batches - before.batches
+            requests = after.batched_requests - before.batched_requests
     milliseconds = np.asarray(latencies) * 1000
     return Figure(
         setup=setup,
@@ -93,13 +101,15 @@ async def closed_loop(
         throughput=len(latencies) / elapsed,
         p50_ms=float(np.percentile(milliseconds, 50)),
         p99_ms=float(np.percentile(milliseconds, 99)),
+        cpu_us=cpu / len(latencies) * 1e6,
+        batch=requests / batches if batches else 1.0,
     )
 
 
 async def run(arguments: argparse.Namespace) -> dict[str, list[Figure]]:
-    figures: dict[str, list[Figure]] = {setup: [] for setup in SETUPS}
+    figures: dict[str, list[Figure]] = {setup: [] for setup in arguments.setups}
     for _ in range(arguments.repeat):
-        for setup in SETUPS:
+        for setup in arguments.setups:
             model = model_for(setup, arguments.workers, arguments.batch_time)
             app = V2App([model])
             async with app.lifespan():
@@ -118,24 +128,27 @@ def report(figures: dict[str, list[Figure]], arguments: argparse.Namespace) -> s
             statistics.median(f.throughput for f in runs),
             statistics.median(f.p50_ms for f in runs),
             statistics.median(f.p99_ms for f in runs),
+            statistics.median(f.cpu_us for f in runs),
+            statistics.median(f.batch for f in runs),
         )
         for setup, runs in figures.items()
     }
-    staged = median["stages"]
+    staged = median.get("stages", next(iter(median.values())))
     lines = [
         f"pool of {arguments.workers} workers, {arguments.concurrency} clients, "
         f"{arguments.duration:g} s x {arguments.repeat} per setup (medians), "
         f"max_batch_time {arguments.batch_time:g} s; "
         f"{platform.python_version()}, {platform.machine()}",
         "",
-        "| setup | req/s | p50 ms | p99 ms | stages' req/s ÷ this | this p50 ÷ stages' |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| setup | req/s | p50 ms | p99 ms | web CPU µs/req | mean batch "
+        "| stages' req/s ÷ this | this p50 ÷ stages' |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for setup in SETUPS:
-        f = median[setup]
+    for setup, f in median.items():
         lines.append(
-            f"| {setup} | {f.throughput:.0f} | {f.p50_ms:.1f} | {f.p99_ms:.1f} "
-            f"| {staged.throughput / f.throughput:.2f} | {f.p50_ms / staged.p50_ms:.2f} |"
+            f"| {setup} | {f.throughput:.0f} | {f.p50_ms:.1f} | {f.p99_ms:.1f} | {f.cpu_us:.0f} "
+            f"| {f.batch:.1f} | {staged.throughput / f.throughput:.2f} "
+            f"| {f.p50_ms / staged.p50_ms:.2f} |"
         )
     return "\n".join(lines)
 
@@ -147,6 +160,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch-time", type=float, default=0.005)
+    parser.add_argument("--setups", type=lambda text: text.split(","), default=list(SETUPS))
     arguments = parser.parse_args()
     figures = anyio.run(run, arguments)
     print(report(figures, arguments))
