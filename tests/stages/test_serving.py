@@ -4,6 +4,8 @@ pool, with batching on and off, on asyncio and trio."""
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -276,3 +278,32 @@ async def test_the_predictive_batcher_takes_preprocessed_requests(serve: Any) ->
         value for (name, _), value in figures.items() if name == "model_infer_batch_dispatch_total"
     )
     assert dispatched == figures[("staged_predict_rows_count", frozenset())]
+
+
+class Stuck(Staged):
+    """``Staged`` whose preprocess of ``x == 99`` waits until the file named by the
+    request parameter ``gate`` exists."""
+
+    def preprocess(self, payload: InferenceRequest) -> Any:
+        gate = payload.parameters.get("gate")
+        if gate and (payload["x"] == 99).any():
+            deadline = time.monotonic() + 60
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return Staged.preprocess(self, payload)
+
+
+async def test_a_stuck_preprocess_times_out_alone(serve: Any, tmp_path: Path) -> None:
+    gate = tmp_path / "open"
+    app = V2App([Stuck(parallel_workers=2, inference_timeout=1, **BATCHED)])
+    async with serve(app) as client:
+        stuck = body(99) | {"parameters": {"gate": str(gate)}}
+        timed_out = await client.post(INFER, json=stuck)
+        # One worker is still in that preprocess: the other serves a whole batch.
+        answers = await post_all(client, [1, 2, 3, 4])
+        gate.touch()
+        again = await post_all(client, [5, 6, 7, 8])
+    assert timed_out.status_code == 504
+    assert timed_out.json() == {"error": "model staged did not answer within 1 s"}
+    assert [outputs(answers[v])["batch"] for v in (1, 2, 3, 4)] == [[4]] * 4
+    assert [outputs(again[v])["y"] for v in (5, 6, 7, 8)] == [[51], [61], [71], [81]]
