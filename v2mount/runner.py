@@ -243,7 +243,8 @@ class InProcessRunner:
             self._sink(self._model.metrics.drain())
         self._ready = True
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    def _admit(self) -> None:
+        """Count a call in, or refuse it (not loaded, or ``max_queue_size`` waiting)."""
         if not self._ready:
             raise ModelNotReady(f"model {self._model.settings.name!r} is not loaded")
         if self._pending >= self._max_queue_size:
@@ -251,6 +252,9 @@ class InProcessRunner:
                 f"model {self._model.settings.name!r} has {self._pending} requests queued"
             )
         self._pending += 1
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        self._admit()
         try:
             if self._async:
                 return await call_predict(self._model, request)
@@ -302,13 +306,7 @@ class InProcessRunner:
     async def _run_stage(self, run: Callable[[], T]) -> T:
         """Run stages in the model's worker thread (one model call at a time, as in a
         worker process); ``async`` methods among them run on the event loop."""
-        if not self._ready:
-            raise ModelNotReady(f"model {self._model.settings.name!r} is not loaded")
-        if self._pending >= self._max_queue_size:
-            raise Overloaded(
-                f"model {self._model.settings.name!r} has {self._pending} requests queued"
-            )
-        self._pending += 1
+        self._admit()
         try:
             return await anyio.to_thread.run_sync(run, limiter=self._limiter)
         finally:

@@ -179,7 +179,7 @@ class WorkerPool:
 
     @staticmethod
     def _response(
-        staged: tuple[InferenceRequest | InferenceResponse, list[tuple[str, float]]],
+        staged: Staged[InferenceRequest | InferenceResponse],
     ) -> Staged[InferenceResponse]:
         response, timings = staged
         assert isinstance(response, InferenceResponse)
