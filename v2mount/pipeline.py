@@ -1,20 +1,35 @@
 """The way of one request through a model with stages (``v2mount.stages``), in the parent.
 
-With a batcher: ``preprocess`` in the runner (a worker of the pool, or a worker thread),
-then the batcher merges the preprocessed request with others and the runner's ``predict``
-answers the batch, then ``postprocess`` on this request's rows in the runner. Without
-one: the whole chain in one call to the runner (one trip to a worker).
+With a batcher, a request makes two calls to the runner (a worker of the pool, or the
+model's worker thread), and shares each with other requests:
+
+- ``preprocess``: requests that arrive while the call waits for a worker join it, so
+  under load one trip preprocesses several requests (each apart; ``_Gatherer``); when
+  the call gets its worker it leaves the requests that other idle workers can take now
+  to a second call, so at low load they are preprocessed in parallel;
+- the batcher merges preprocessed requests, and one call runs ``predict`` on the batch
+  and then ``postprocess`` on each of its requests (``answer_batch``).
+
+Without a batcher: the whole chain in one call (one trip to a worker).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+import functools
+import math
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
-from v2mount.errors import ModelError
+import anyio
+
+from v2mount.batching._loops import Spawner, current_loop, fresh
+from v2mount.batching._tensors import BatchAnswer
+from v2mount.errors import ModelError, V2MountError
 from v2mount.model import Model, has_postprocess
 from v2mount.runner import StagedRunner
-from v2mount.stages import Timings, has_preprocess
+from v2mount.stages import Answered, Prepared, Timings, has_preprocess
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = ["Executor", "Pipeline"]
@@ -26,51 +41,187 @@ class Executor(Protocol):
     async def infer(self, request: InferenceRequest) -> InferenceResponse: ...
 
 
-class Pipeline:
+B = TypeVar("B", bound=Executor)
+Observe = Callable[[str, float], None]
+
+
+class Pipeline(Generic[B]):
     """Offers ``infer`` like a runner, for a model with stages. Runs on the event loop.
 
-    ``observe(stage, seconds)`` is called for each stage a request ran. An error in
-    ``preprocess`` or ``postprocess`` answers this request alone (a request whose
+    ``batching(answer)`` makes the batcher (``None``: batching off), given what answers
+    its batches (``None`` when the model has no ``postprocess``: the runner's ``infer``
+    does). ``observe(stage, seconds)`` is called for each stage a request ran. An error
+    in ``preprocess`` or ``postprocess`` answers this request alone (a request whose
     preprocess failed never joins a batch); an error in a batched ``predict`` answers
-    every request of its batch, with ``predict`` named in its text. Cancellation: as
-    the runner's and the batcher's.
+    every request of its batch, with ``predict`` named in its text. Cancellation: as the
+    runner's and the batcher's; a request cancelled while its preprocess call waits for
+    a worker leaves the call.
     """
 
     def __init__(
         self,
         model: Model,
         runner: StagedRunner,
-        batcher: Executor | None,
-        observe: Callable[[str, float], None],
+        batching: Callable[[BatchAnswer | None], B] | None,
+        observe: Observe,
+        *,
+        group_size: int = 1,
     ) -> None:
         self._runner = runner
-        self._batcher = batcher
         self._observe = observe
-        self._preprocess = has_preprocess(model)
         self._postprocess = has_postprocess(model)
+        self._originals: dict[int, InferenceRequest] = {}
+        self.batcher: B | None = None
+        if batching is not None:
+            self.batcher = batching(self.answer_batch if self._postprocess else None)
+        self._gatherer = None
+        if has_preprocess(model):
+            self._gatherer = _Gatherer(runner, max(1, group_size), self._record)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        runner, batcher = self._runner, self._batcher
+        batcher = self.batcher
         if batcher is None:
-            response, timings = await runner.infer_staged(request)
+            response, timings = await self._runner.infer_staged(request)
             self._record(timings)
             return response
         prepared = request
-        if self._preprocess:
-            prepared, timings = await runner.preprocess(request)
-            self._record(timings)
+        if self._gatherer is not None:
+            prepared = await self._gatherer.preprocess(request)
+        if self._postprocess:
+            key = id(prepared)
+            self._originals[key] = request
+            try:
+                return await batcher.infer(prepared)  # answer_batch names its errors
+            finally:
+                del self._originals[key]
         try:
-            response = await batcher.infer(prepared)
+            return await batcher.infer(prepared)
         except ModelError as exc:
             if type(exc) is not ModelError or exc.message.startswith("predict"):
                 raise
             raise ModelError(f"predict failed: {exc.message}") from exc
-        del prepared
-        if self._postprocess:
-            response, timings = await runner.postprocess(request, response)
-            self._record(timings)
-        return response
+
+    async def answer_batch(self, prepared: list[InferenceRequest]) -> list[Answered]:
+        """``predict`` on a batch and ``postprocess`` on each of its requests, in one
+        call to the runner (the batcher's ``answer``)."""
+        originals = [self._originals[id(request)] for request in prepared]
+        answers, timings = await self._runner.predict_postprocess(prepared, originals)
+        self._record(timings)
+        return answers
 
     def _record(self, timings: Timings) -> None:
         for stage, seconds in timings:
             self._observe(stage, seconds)
+
+
+@dataclass(eq=False, slots=True)
+class _Waiting:
+    request: InferenceRequest
+    done: anyio.Event = field(default_factory=anyio.Event)
+    outcome: Prepared | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Group:
+    """Requests of one event loop sharing a preprocess call."""
+
+    loop: Hashable
+    trio: bool
+    members: list[_Waiting] = field(default_factory=list)
+    #: The requests the call took, once it took them: then nobody joins or leaves.
+    taken: list[InferenceRequest] | None = None
+
+
+class _Gatherer:
+    """Gathers requests into preprocess calls (see the module). Called on event loops,
+    from one or several threads; each loop has its own open group."""
+
+    def __init__(self, runner: StagedRunner, limit: int, record: Callable[[Timings], None]):
+        self._runner = runner
+        self._limit = limit
+        self._record = record
+        self._lock = threading.Lock()
+        self._open: dict[Hashable, _Group] = {}
+        self._spawner = Spawner()
+
+    async def preprocess(self, request: InferenceRequest) -> InferenceRequest:
+        loop, trio = current_loop()
+        waiting = _Waiting(request)
+        with self._lock:
+            group = self._open.get(loop)
+            opened = group is None
+            if group is None:
+                group = self._open[loop] = _Group(loop, trio)
+            group.members.append(waiting)
+            if len(group.members) >= self._limit:
+                del self._open[loop]  # full: it goes as it is, once it has its worker
+        if opened:
+            self._spawner.spawn(functools.partial(self._send, group), trio)
+        try:
+            await waiting.done.wait()
+        except BaseException:
+            with self._lock:
+                if group.taken is None:
+                    group.members.remove(waiting)
+            raise
+        outcome = waiting.outcome
+        if outcome is None:
+            raise ModelError("the preprocess call was cancelled (its event loop is closing)")
+        if isinstance(outcome, V2MountError):
+            raise fresh(outcome)
+        return outcome
+
+    def _idle_workers(self) -> int:
+        statistics = self._runner.statistics()
+        busy = statistics.in_flight - statistics.queued
+        return max(0, statistics.live_workers - busy)
+
+    def _take(self, group: _Group) -> list[InferenceRequest]:
+        """Called on the loop when the group's call has its worker: close the group, and
+        leave to another call the share that other idle workers can take now."""
+        if group.taken is not None:
+            return group.taken
+        idle = self._idle_workers()
+        spill = None
+        with self._lock:
+            if self._open.get(group.loop) is group:
+                del self._open[group.loop]
+            members = group.members
+            share = math.ceil(len(members) / (idle + 1))
+            if share < len(members):
+                spill = _Group(group.loop, group.trio, members[share:])
+                group.members = members[:share]
+            group.taken = [waiting.request for waiting in group.members]
+        if spill is not None:
+            self._spawner.spawn(functools.partial(self._send, spill), spill.trio)
+        return group.taken
+
+    def _close(self, group: _Group) -> None:
+        """The call failed before it took the group: take it whole, to answer its members."""
+        with self._lock:
+            if group.taken is None:
+                if self._open.get(group.loop) is group:
+                    del self._open[group.loop]
+                group.taken = [waiting.request for waiting in group.members]
+
+    async def _send(self, group: _Group) -> None:
+        """One preprocess call for the group; answers every member; raises nothing but
+        the cancellation of a closing loop."""
+        outcomes: Sequence[Prepared | None] = []
+        try:
+            results, timings = await self._runner.preprocess(functools.partial(self._take, group))
+            self._record(timings)
+            if len(results) != len(group.members):
+                raise ModelError(f"{len(results)} answers for {len(group.members)} requests")
+            outcomes = results
+        except V2MountError as exc:
+            self._close(group)
+            outcomes = [exc] * len(group.members)
+        except Exception as exc:  # a runner breaking its contract
+            self._close(group)
+            outcomes = [ModelError(f"{type(exc).__name__}: {exc}")] * len(group.members)
+        finally:  # also when cancelled as the loop closes: then members get nothing
+            self._close(group)
+            for index, waiting in enumerate(group.members):
+                waiting.outcome = outcomes[index] if index < len(outcomes) else None
+                waiting.done.set()

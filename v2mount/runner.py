@@ -14,7 +14,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -32,7 +32,15 @@ from v2mount.errors import (
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model, call_load, call_predict, call_predict_sync
 from v2mount.settings import TensorSpec
-from v2mount.stages import Staged, Timings, run_pipeline, run_postprocess, run_preprocess
+from v2mount.stages import (
+    Answered,
+    Prepared,
+    Staged,
+    Timings,
+    run_pipeline,
+    run_predict_postprocess,
+    run_preprocess_each,
+)
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = [
@@ -119,18 +127,25 @@ class Runner(Protocol):
 
 
 class StagedRunner(Runner, Protocol):
-    """A runner that also runs a model's stages (``v2mount.stages``), one request each.
+    """A runner that also runs a model's stages (``v2mount.stages``), several requests a call.
 
-    ``infer`` runs ``predict`` alone (on a batch of preprocessed requests);
-    ``infer_staged`` runs preprocess → predict → postprocess in one trip. Each returns
-    its result with the time its stages took; errors and cancellation as ``infer``.
+    ``infer`` runs ``predict`` alone (on a batch of preprocessed requests, for a model
+    without ``postprocess``). ``preprocess`` runs ``preprocess`` on each request that
+    ``take()`` returns — called on the event loop when the call starts, or again with the
+    same result if it must start over — and ``predict_postprocess`` runs ``predict`` on a
+    batch and ``postprocess`` on each of its requests: each answers per request (a result
+    or that request's error). ``infer_staged`` runs preprocess → predict → postprocess
+    on one request. Each returns its result with the time its stages took; errors of
+    the whole call and cancellation as ``infer``.
     """
 
-    async def preprocess(self, request: InferenceRequest) -> Staged[InferenceRequest]: ...
+    async def preprocess(
+        self, take: Callable[[], Sequence[InferenceRequest]]
+    ) -> Staged[list[Prepared]]: ...
 
-    async def postprocess(
-        self, request: InferenceRequest, response: InferenceResponse
-    ) -> Staged[InferenceResponse]: ...
+    async def predict_postprocess(
+        self, prepared: Sequence[InferenceRequest], originals: Sequence[InferenceRequest]
+    ) -> Staged[list[Answered]]: ...
 
     async def infer_staged(self, request: InferenceRequest) -> Staged[InferenceResponse]: ...
 
@@ -283,18 +298,22 @@ class InProcessRunner:
             self._pending -= 1
             self._sink(self._model.metrics.drain())
 
-    async def preprocess(self, request: InferenceRequest) -> Staged[InferenceRequest]:
+    async def preprocess(
+        self, take: Callable[[], Sequence[InferenceRequest]]
+    ) -> Staged[list[Prepared]]:
         timings: Timings = []
-        run = functools.partial(run_preprocess, self._model, _call_from_thread, request, timings)
+        requests = take()
+        run = functools.partial(
+            run_preprocess_each, self._model, _call_from_thread, requests, timings
+        )
         return await self._run_stage(run), timings
 
-    async def postprocess(
-        self, request: InferenceRequest, response: InferenceResponse
-    ) -> Staged[InferenceResponse]:
+    async def predict_postprocess(
+        self, prepared: Sequence[InferenceRequest], originals: Sequence[InferenceRequest]
+    ) -> Staged[list[Answered]]:
         timings: Timings = []
-        model = self._model
         run = functools.partial(
-            run_postprocess, model, _call_from_thread, request, response, timings
+            run_predict_postprocess, self._model, _call_from_thread, prepared, originals, timings
         )
         return await self._run_stage(run), timings
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
@@ -28,7 +28,9 @@ from v2mount.types import InferenceRequest, InferenceResponse, Tensor
 
 __all__ = [
     "STAGES",
+    "Answered",
     "Call",
+    "Prepared",
     "Stage",
     "Staged",
     "Timings",
@@ -38,7 +40,9 @@ __all__ = [
     "naming",
     "run_pipeline",
     "run_postprocess",
+    "run_predict_postprocess",
     "run_preprocess",
+    "run_preprocess_each",
 ]
 
 logger = logging.getLogger("v2mount.stages")
@@ -53,6 +57,10 @@ Call = Callable[..., Any]
 T = TypeVar("T")
 #: A stage's result and the timings of the stages that made it.
 Staged = tuple[T, Timings]
+#: What ``preprocess`` made of one request of a call, or that request's error.
+Prepared = InferenceRequest | V2MountError
+#: One request's answer from a call that answered several, or its error.
+Answered = InferenceResponse | V2MountError
 
 
 def has_preprocess(model: Model) -> bool:
@@ -123,6 +131,19 @@ def run_preprocess(
     return prepared
 
 
+def run_preprocess_each(
+    model: Model, call: Call, requests: Sequence[InferenceRequest], timings: Timings
+) -> list[Prepared]:
+    """``preprocess`` several requests in one call, each apart: an error is its own."""
+    results: list[Prepared] = []
+    for request in requests:
+        try:
+            results.append(run_preprocess(model, call, request, timings))
+        except V2MountError as exc:
+            results.append(exc)
+    return results
+
+
 def run_postprocess(
     model: Model,
     call: Call,
@@ -137,6 +158,43 @@ def run_postprocess(
         result = build_response(model, request, answer, final=True)
     timings.append(("postprocess", time.perf_counter() - start))
     return result
+
+
+def run_predict_postprocess(
+    model: Model,
+    call: Call,
+    prepared: Sequence[InferenceRequest],
+    originals: Sequence[InferenceRequest],
+    timings: Timings,
+) -> list[Answered]:
+    """``predict`` on a batch of preprocessed requests merged, then ``postprocess`` on
+    each request's rows (with its original request), all in one call.
+
+    An error in ``predict`` raises (it answers the whole batch, named ``predict``); one
+    in a ``postprocess`` answers its request alone.
+    """
+    # Here, not at the top: v2mount.batching imports the runner, which imports this.
+    from v2mount.batching._tensors import batch_rows, merge_requests, split_response
+
+    with naming(model, "predict"):
+        if len(prepared) == 1:
+            merged = prepared[0]
+            responses = [build_response(model, merged, call(model.predict, merged))]
+        else:
+            merged = merge_requests(prepared)
+            response = build_response(model, merged, call(model.predict, merged))
+            rows = [batch_rows(request) or 0 for request in prepared]
+            responses = split_response(response, prepared, rows)
+    del merged
+    if not has_postprocess(model):
+        return list(responses)
+    results: list[Answered] = []
+    for original, part in zip(originals, responses, strict=True):
+        try:
+            results.append(run_postprocess(model, call, original, part, timings))
+        except V2MountError as exc:
+            results.append(exc)
+    return results
 
 
 def run_pipeline(

@@ -43,14 +43,13 @@ from v2mount.settings import ModelSettings
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 __all__ = [
+    "ANSWERS",
     "ERROR",
     "PIPELINE",
-    "POSTPROCESS",
+    "PREDICT_POSTPROCESS",
     "PREPROCESS",
-    "PREPROCESSED",
     "REQUEST",
     "RESULT",
-    "STAGED",
     "Channel",
     "DeclaredSpecs",
     "LoadFailed",
@@ -71,10 +70,10 @@ __all__ = [
 #: Frame length, kind, flags, (unused), meta length, extra length, sequence number.
 HEADER = struct.Struct("<QBBHIIQ")
 REQUEST, RESULT, ERROR = 1, 2, 3
-#: Stage calls (``_stage_frames.py``): preprocess one request, postprocess one request's
-#: answer, run preprocess → predict → postprocess; and the replies to them.
-PREPROCESS, POSTPROCESS, PIPELINE, PREPROCESSED, STAGED = 4, 5, 6, 7, 8
-_REQUEST_KINDS = frozenset({REQUEST, PREPROCESS, PIPELINE})
+#: Stage calls (``_stage_frames.py``): preprocess several requests, predict a batch and
+#: postprocess its requests, run preprocess → predict → postprocess; and their reply.
+PREPROCESS, PREDICT_POSTPROCESS, PIPELINE, ANSWERS = 4, 5, 6, 7
+_REQUEST_KINDS = frozenset({REQUEST, PIPELINE})
 PICKLED_META = 1
 _ALIGN = 64
 _CHUNK = 1 << 16

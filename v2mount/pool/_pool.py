@@ -15,8 +15,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar, cast
 
 import anyio
 import multiprocess
@@ -26,13 +26,17 @@ from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
 from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._config import PoolConfig
-from v2mount.pool._ipc import PIPELINE, PREPROCESS, decode_reply, encode_request
-from v2mount.pool._stage_frames import decode_stage_reply, encode_postprocess
+from v2mount.pool._ipc import PIPELINE, decode_reply, encode_request
+from v2mount.pool._stage_frames import (
+    decode_stage_reply,
+    encode_predict_postprocess,
+    encode_preprocess,
+)
 from v2mount.pool._state import NEW, STARTING, STOPPED, STOPPING, PoolState, Ticket, Worker, fire
 from v2mount.pool._supervisor import Supervisor
 from v2mount.pool._waiter import Waiter
 from v2mount.runner import Declared, MetricsSink, RunnerStatistics
-from v2mount.stages import Staged
+from v2mount.stages import Answered, Prepared, Staged
 from v2mount.stats import mark_started
 from v2mount.types import InferenceRequest, InferenceResponse
 
@@ -146,42 +150,45 @@ class WorkerPool:
             lambda seq, arena: encode_request(request, seq, arena, threshold), decode_reply
         )
 
-    async def preprocess(self, request: InferenceRequest) -> Staged[InferenceRequest]:
-        """Run the model's ``preprocess`` on one request in a worker; errors as ``infer``."""
-        threshold = self._config.shm_threshold
-        staged = await self._call(
-            lambda seq, arena: encode_request(request, seq, arena, threshold, PREPROCESS),
-            decode_stage_reply,
-        )
-        prepared, timings = staged
-        assert isinstance(prepared, InferenceRequest)
-        return prepared, timings
+    async def preprocess(
+        self, take: Callable[[], Sequence[InferenceRequest]]
+    ) -> Staged[list[Prepared]]:
+        """Run the model's ``preprocess`` in one worker on each request ``take()`` returns.
 
-    async def postprocess(
-        self, request: InferenceRequest, response: InferenceResponse
-    ) -> Staged[InferenceResponse]:
-        """Run the model's ``postprocess`` on one request's answer in a worker."""
+        ``take`` is called on the event loop once a worker is held, and again (it must
+        return the same) if that worker died before it had the frame: requests that come
+        while the call waits for a worker can still join it. Returns a preprocessed
+        request or the error per request; errors of the whole call as ``infer``.
+        """
         threshold = self._config.shm_threshold
-        staged = await self._call(
-            lambda seq, arena: encode_postprocess(request, response, seq, arena, threshold),
+        items, timings = await self._call(
+            lambda seq, arena: encode_preprocess(take(), seq, arena, threshold),
             decode_stage_reply,
         )
-        return self._response(staged)
+        return cast(list[Prepared], items), timings
+
+    async def predict_postprocess(
+        self, prepared: Sequence[InferenceRequest], originals: Sequence[InferenceRequest]
+    ) -> Staged[list[Answered]]:
+        """``predict`` on a batch of preprocessed requests, then ``postprocess`` on each
+        request's rows, in one trip to a worker: a response or the error per request
+        (``predict``'s error raises, for the whole batch)."""
+        threshold = self._config.shm_threshold
+        items, timings = await self._call(
+            lambda seq, arena: encode_predict_postprocess(
+                prepared, originals, seq, arena, threshold
+            ),
+            decode_stage_reply,
+        )
+        return cast(list[Answered], items), timings
 
     async def infer_staged(self, request: InferenceRequest) -> Staged[InferenceResponse]:
         """preprocess → predict → postprocess on one request, in one trip to a worker."""
         threshold = self._config.shm_threshold
-        staged = await self._call(
+        (response,), timings = await self._call(
             lambda seq, arena: encode_request(request, seq, arena, threshold, PIPELINE),
             decode_stage_reply,
         )
-        return self._response(staged)
-
-    @staticmethod
-    def _response(
-        staged: Staged[InferenceRequest | InferenceResponse],
-    ) -> Staged[InferenceResponse]:
-        response, timings = staged
         assert isinstance(response, InferenceResponse)
         return response, timings
 
