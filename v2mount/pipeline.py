@@ -1,16 +1,19 @@
 """The way of one request through a model with stages (``v2mount.stages``), in the parent.
 
-With a batcher, a request makes two calls to the runner (a worker of the pool, or the
-model's worker thread), and shares each with other requests:
+With a batcher, requests share calls to the runner (a worker of the pool, or the
+model's worker thread); each request is preprocessed and postprocessed apart:
 
-- ``preprocess``: requests that arrive while the call waits for a worker join it, so
-  under load one trip preprocesses several requests (each apart; ``_Gatherer``); when
-  the call gets its worker it leaves the requests that other idle workers can take now
-  to a second call, so at low load they are preprocessed in parallel;
-- the batcher merges preprocessed requests, and one call runs ``predict`` on the batch
-  and then ``postprocess`` on each of its requests (``answer_batch``).
+- requests that arrive while a call waits for a worker join it (``_Gatherer``). When
+  the call gets its worker, it leaves the requests that other idle workers can take
+  now to another call (so at low load they are preprocessed in parallel) and, if it
+  holds ``max_batch_size`` requests, runs their whole chain: preprocess, ``predict`` on
+  them merged, postprocess — one trip for the batch, as a batched ``predict`` alone
+  would make (under load, when calls wait for workers). Otherwise it runs their
+  ``preprocess`` alone, and
+- the batcher merges preprocessed requests; one call runs ``predict`` on each batch and
+  ``postprocess`` on each of its requests (``answer_batch``).
 
-Without a batcher: the whole chain in one call (one trip to a worker).
+Without a batcher: the whole chain in one call per request (one trip to a worker).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from v2mount.batching._tensors import BatchAnswer
 from v2mount.errors import ModelError, V2MountError
 from v2mount.model import Model, has_postprocess
 from v2mount.runner import StagedRunner
-from v2mount.stages import Answered, Prepared, Timings, has_preprocess
+from v2mount.stages import Answered, Gathered, Item, Timings, has_preprocess
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = ["Executor", "Pipeline"]
@@ -86,7 +89,10 @@ class Pipeline(Generic[B]):
             return response
         prepared = request
         if self._gatherer is not None:
-            prepared = await self._gatherer.preprocess(request)
+            gathered = await self._gatherer.run(request)
+            if isinstance(gathered, InferenceResponse):
+                return gathered  # its call ran the whole chain
+            prepared = gathered
         if self._postprocess:
             key = id(prepared)
             self._originals[key] = request
@@ -118,7 +124,7 @@ class Pipeline(Generic[B]):
 class _Waiting:
     request: InferenceRequest
     done: anyio.Event = field(default_factory=anyio.Event)
-    outcome: Prepared | None = None
+    outcome: Item | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -144,7 +150,8 @@ class _Gatherer:
         self._open: dict[Hashable, _Group] = {}
         self._spawner = Spawner()
 
-    async def preprocess(self, request: InferenceRequest) -> InferenceRequest:
+    async def run(self, request: InferenceRequest) -> InferenceRequest | InferenceResponse:
+        """The request preprocessed, or answered when its call ran the whole chain."""
         loop, trio = current_loop()
         waiting = _Waiting(request)
         with self._lock:
@@ -176,11 +183,12 @@ class _Gatherer:
         busy = statistics.in_flight - statistics.queued
         return max(0, statistics.live_workers - busy)
 
-    def _take(self, group: _Group) -> list[InferenceRequest]:
-        """Called on the loop when the group's call has its worker: close the group, and
-        leave to another call the share that other idle workers can take now."""
+    def _take(self, group: _Group) -> Gathered:
+        """Called on the loop when the group's call has its worker: close the group,
+        leave to another call the share that other idle workers can take now, and run
+        the whole chain of a group of ``max_batch_size`` requests."""
         if group.taken is not None:
-            return group.taken
+            return Gathered(group.taken, len(group.taken) >= self._limit, self._limit)
         idle = self._idle_workers()
         spill = None
         with self._lock:
@@ -194,7 +202,7 @@ class _Gatherer:
             group.taken = [waiting.request for waiting in group.members]
         if spill is not None:
             self._spawner.spawn(functools.partial(self._send, spill), spill.trio)
-        return group.taken
+        return Gathered(group.taken, len(group.taken) >= self._limit, self._limit)
 
     def _close(self, group: _Group) -> None:
         """The call failed before it took the group: take it whole, to answer its members."""
@@ -207,9 +215,10 @@ class _Gatherer:
     async def _send(self, group: _Group) -> None:
         """One preprocess call for the group; answers every member; raises nothing but
         the cancellation of a closing loop."""
-        outcomes: Sequence[Prepared | None] = []
+        outcomes: Sequence[Item | None] = []
         try:
-            results, timings = await self._runner.preprocess(functools.partial(self._take, group))
+            take = functools.partial(self._take, group)
+            results, timings = await self._runner.run_gathered(take)
             self._record(timings)
             if len(results) != len(group.members):
                 raise ModelError(f"{len(results)} answers for {len(group.members)} requests")

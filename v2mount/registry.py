@@ -125,6 +125,11 @@ class ModelHandle:
         return self.settings.version
 
     @property
+    def in_flight(self) -> int:
+        """Requests this handle is answering now (from ``infer``'s first line)."""
+        return self._in_flight
+
+    @property
     def ready(self) -> bool:
         return self.state is ModelState.READY and self._runner is not None and self._runner.ready
 

@@ -34,7 +34,8 @@ from v2mount.model import Model, call_load, call_predict, call_predict_sync
 from v2mount.settings import TensorSpec
 from v2mount.stages import (
     Answered,
-    Prepared,
+    Gathered,
+    Item,
     Staged,
     Timings,
     run_pipeline,
@@ -130,18 +131,17 @@ class StagedRunner(Runner, Protocol):
     """A runner that also runs a model's stages (``v2mount.stages``), several requests a call.
 
     ``infer`` runs ``predict`` alone (on a batch of preprocessed requests, for a model
-    without ``postprocess``). ``preprocess`` runs ``preprocess`` on each request that
-    ``take()`` returns — called on the event loop when the call starts, or again with the
-    same result if it must start over — and ``predict_postprocess`` runs ``predict`` on a
-    batch and ``postprocess`` on each of its requests: each answers per request (a result
-    or that request's error). ``infer_staged`` runs preprocess → predict → postprocess
-    on one request. Each returns its result with the time its stages took; errors of
-    the whole call and cancellation as ``infer``.
+    without ``postprocess``). ``run_gathered`` runs the stages of the requests that
+    ``take()`` returns — called on the event loop when the call starts, or again with
+    the same result if it must start over: their ``preprocess``, or their whole chain
+    (``v2mount.stages.run_pipeline``). ``predict_postprocess`` runs ``predict`` on a
+    batch and ``postprocess`` on each of its requests. Each answers per request (a
+    result or that request's error), with the time its stages took; ``infer_staged``
+    runs the whole chain of one request and raises its error. Errors of the whole call
+    and cancellation as ``infer``.
     """
 
-    async def preprocess(
-        self, take: Callable[[], Sequence[InferenceRequest]]
-    ) -> Staged[list[Prepared]]: ...
+    async def run_gathered(self, take: Callable[[], Gathered]) -> Staged[list[Item]]: ...
 
     async def predict_postprocess(
         self, prepared: Sequence[InferenceRequest], originals: Sequence[InferenceRequest]
@@ -298,15 +298,19 @@ class InProcessRunner:
             self._pending -= 1
             self._sink(self._model.metrics.drain())
 
-    async def preprocess(
-        self, take: Callable[[], Sequence[InferenceRequest]]
-    ) -> Staged[list[Prepared]]:
+    async def run_gathered(self, take: Callable[[], Gathered]) -> Staged[list[Item]]:
         timings: Timings = []
-        requests = take()
-        run = functools.partial(
-            run_preprocess_each, self._model, _call_from_thread, requests, timings
+        requests, whole, max_rows = take()
+        model, call = self._model, _call_from_thread
+        if whole:
+            answers = await self._run_stage(
+                functools.partial(run_pipeline, model, call, requests, max_rows, timings)
+            )
+            return list[Item](answers), timings
+        prepared = await self._run_stage(
+            functools.partial(run_preprocess_each, model, call, requests, timings)
         )
-        return await self._run_stage(run), timings
+        return list[Item](prepared), timings
 
     async def predict_postprocess(
         self, prepared: Sequence[InferenceRequest], originals: Sequence[InferenceRequest]
@@ -319,8 +323,11 @@ class InProcessRunner:
 
     async def infer_staged(self, request: InferenceRequest) -> Staged[InferenceResponse]:
         timings: Timings = []
-        run = functools.partial(run_pipeline, self._model, _call_from_thread, request, timings)
-        return await self._run_stage(run), timings
+        run = functools.partial(run_pipeline, self._model, _call_from_thread, [request], 1, timings)
+        (answer,) = await self._run_stage(run)
+        if isinstance(answer, V2MountError):
+            raise answer
+        return answer, timings
 
     async def _run_stage(self, run: Callable[[], T]) -> T:
         """Run stages in the model's worker thread (one model call at a time, as in a

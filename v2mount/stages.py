@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 from v2mount.codecs.tensor import array_to_datatype, to_output_array
 from v2mount.errors import ModelError, V2MountError, describe_exception
@@ -30,6 +30,8 @@ __all__ = [
     "STAGES",
     "Answered",
     "Call",
+    "Gathered",
+    "Item",
     "Prepared",
     "Stage",
     "Staged",
@@ -61,6 +63,20 @@ Staged = tuple[T, Timings]
 Prepared = InferenceRequest | V2MountError
 #: One request's answer from a call that answered several, or its error.
 Answered = InferenceResponse | V2MountError
+
+
+#: What a call answers per request: ``preprocess``'s result, a response, or its error.
+Item = InferenceRequest | InferenceResponse | V2MountError
+
+
+class Gathered(NamedTuple):
+    """Requests gathered for one call, and whether the call runs their whole chain
+    (``run_pipeline``, with at most ``max_rows`` rows a batch) rather than their
+    ``preprocess`` alone."""
+
+    requests: Sequence[InferenceRequest]
+    whole: bool = False
+    max_rows: int = 1
 
 
 def has_preprocess(model: Model) -> bool:
@@ -198,13 +214,57 @@ def run_predict_postprocess(
 
 
 def run_pipeline(
-    model: Model, call: Call, request: InferenceRequest, timings: Timings
-) -> InferenceResponse:
-    """preprocess → predict → postprocess for one request (batching off): one trip."""
-    prepared = run_preprocess(model, call, request, timings) if has_preprocess(model) else request
-    with naming(model, "predict"):
-        response = build_response(model, prepared, call(model.predict, prepared))
+    model: Model,
+    call: Call,
+    requests: Sequence[InferenceRequest],
+    max_rows: int,
+    timings: Timings,
+) -> list[Answered]:
+    """preprocess → predict → postprocess for several requests in one call.
+
+    Each request is preprocessed apart; those that succeeded are merged into batches of
+    requests that may share a ``predict`` call (at most ``max_rows`` rows; a request
+    that cannot be merged goes alone), each batch is predicted once, and each request
+    postprocessed apart. An error answers its request, or, in ``predict``, its batch.
+    """
+    # Here, not at the top: v2mount.batching imports the runner, which imports this.
+    from v2mount.batching._tensors import batch_rows, compatibility_key
+
+    answers: list[Answered | None] = [None] * len(requests)
+    prepared: list[Prepared] = list(requests)
+    if has_preprocess(model):
+        prepared = run_preprocess_each(model, call, requests, timings)
+    batches: dict[Hashable, list[tuple[int, InferenceRequest, int]]] = {}
+    alone = []
+    for index, item in enumerate(prepared):
+        if isinstance(item, V2MountError):
+            answers[index] = item
+            continue
+        rows = batch_rows(item)
+        key = compatibility_key(item) if rows is not None and 0 < rows < max_rows else None
+        if key is None:
+            alone.append([(index, item, 0)])
+        else:
+            batches.setdefault(key, []).append((index, item, rows or 0))
     del prepared
-    if has_postprocess(model):
-        response = run_postprocess(model, call, request, response, timings)
-    return response
+    groups = alone
+    for members in batches.values():
+        group: list[tuple[int, InferenceRequest, int]] = []
+        for member in members:
+            if group and sum(rows for _, _, rows in group) + member[2] > max_rows:
+                groups.append(group)
+                group = []
+            group.append(member)
+        groups.append(group)
+    for group in groups:
+        indices = [index for index, _, _ in group]
+        try:
+            results = run_predict_postprocess(
+                model, call, [item for _, item, _ in group], [requests[i] for i in indices], timings
+            )
+        except V2MountError as exc:
+            results = [exc] * len(group)
+        for index, result in zip(indices, results, strict=True):
+            answers[index] = result
+    assert all(answer is not None for answer in answers)
+    return cast(list[Answered], answers)

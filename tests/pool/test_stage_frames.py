@@ -23,13 +23,12 @@ from v2mount.pool._ipc import (
     updates_of,
 )
 from v2mount.pool._stage_frames import (
-    Item,
     answer_stage,
     decode_stage_reply,
+    encode_gathered,
     encode_predict_postprocess,
-    encode_preprocess,
 )
-from v2mount.stages import Timings
+from v2mount.stages import Gathered, Item, Timings
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 THRESHOLD = 1024
@@ -84,7 +83,7 @@ def answered(reply: bytes, arena: Arena, seq: int) -> tuple[list[Item], Timings]
 def test_preprocess_answers_each_request_of_a_call_apart(arena: Arena) -> None:
     runner = MethodRunner(Tripler())
     requests = [request(), request(refuse=True), request(scale=2)]
-    frame = encode_preprocess(requests, 7, arena, THRESHOLD)
+    frame = encode_gathered(Gathered(requests), 7, arena, THRESHOLD)
     assert frame_kind(bytearray(frame)) == PREPROCESS
     reply = answer_stage(runner, bytearray(frame), arena, THRESHOLD)
     assert frame_kind(bytearray(reply)) == ANSWERS
@@ -140,7 +139,8 @@ def test_a_failing_predict_answers_the_whole_batch(arena: Arena) -> None:
 
 def test_the_pipeline_runs_every_stage_in_one_call(arena: Arena) -> None:
     runner = MethodRunner(Tripler())
-    frame = encode_request(request(), 4, arena, THRESHOLD, PIPELINE)
+    frame = encode_gathered(Gathered([request()], whole=True), 4, arena, THRESHOLD)
+    assert frame_kind(bytearray(frame)) == PIPELINE
     (answer,), timings = answered(
         answer_stage(runner, bytearray(frame), arena, THRESHOLD), arena, 4
     )
@@ -157,16 +157,15 @@ def test_the_pipeline_runs_every_stage_in_one_call(arena: Arena) -> None:
         ({"explode": True}, ModelError, "postprocess failed: ZeroDivisionError"),
     ],
 )
-def test_a_pipeline_error_comes_back_named(
+def test_a_pipeline_error_answers_its_request_named(
     arena: Arena, parameters: dict[str, Any], error: type[Exception], text: str
 ) -> None:
     runner = MethodRunner(Tripler())
-    frame = encode_request(request(**parameters), 9, arena, THRESHOLD, PIPELINE)
-    seq, outcome, _ = decode_stage_reply(
-        bytearray(answer_stage(runner, bytearray(frame), arena, THRESHOLD)), arena
-    )
-    assert seq == 9 and type(outcome) is error
-    assert str(outcome).startswith(text)
+    gathered = Gathered([request(**parameters)], whole=True)
+    frame = encode_gathered(gathered, 9, arena, THRESHOLD)
+    (answer,), _ = answered(answer_stage(runner, bytearray(frame), arena, THRESHOLD), arena, 9)
+    assert type(answer) is error
+    assert str(answer).startswith(text)
 
 
 def test_a_frame_of_another_kind_is_refused(arena: Arena) -> None:

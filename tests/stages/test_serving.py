@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from v2mount import InferenceRequest, Model, V2App
+from v2mount.codecs.tensor import array_to_datatype as datatype
 from v2mount.errors import BadRequest
-from v2mount.types import InferenceResponse
+from v2mount.types import InferenceResponse, Tensor
 
 pytestmark = pytest.mark.anyio
 
@@ -166,9 +168,9 @@ async def test_without_batching_the_stages_run_in_one_trip(serve: Any, workers: 
 
 @pytest.mark.parametrize("workers", [0, 2])
 async def test_a_failing_stage_answers_only_its_request(serve: Any, workers: int) -> None:
-    app = V2App([Staged(parallel_workers=workers, **BATCHED)])
+    # A short window: however the six are gathered and batched, every batch goes.
+    app = V2App([Staged(parallel_workers=workers, max_batch_size=4, max_batch_time=0.05)])
     async with serve(app) as client:
-        # The preprocess failures never join a batch: the other four fill one.
         answers = await post_all(client, [FAIL_PRE, 1, REFUSE_PRE, 2, 3, FAIL_POST])
         figures = await samples(client)
         health = await client.get("/v2/health/ready")
@@ -183,8 +185,9 @@ async def test_a_failing_stage_answers_only_its_request(serve: Any, workers: int
     assert answers[FAIL_POST].json() == {
         "error": "postprocess failed: KeyError: 'no label for this one'"
     }
-    for value in (1, 2, 3):
-        assert outputs(answers[value])["batch"] == [4]
+    assert [outputs(answers[value])["y"] for value in (1, 2, 3)] == [[11], [21], [31]]
+    # The preprocess failures never joined a batch: predict saw the four others' rows.
+    assert figures[("staged_predict_rows_sum", frozenset())] == 4
     assert stage_count(figures, "preprocess") == 4  # only the ones that succeeded
     assert stage_count(figures, "postprocess") == 3
     assert health.status_code == 200
@@ -265,15 +268,16 @@ async def test_large_tensors_cross_every_stage_intact(serve: Any) -> None:
 
 
 async def test_the_predictive_batcher_takes_preprocessed_requests(serve: Any) -> None:
+    # Fewer requests than a batch: none is gathered into a whole chain of its own.
     model = Staged(parallel_workers=0, max_batch_size=4, batching={"slo_ms": 60_000})
     app = V2App([model])
     async with serve(app) as client:
-        answers = await post_all(client, [1, 2, 3, 4, 5, 6])
+        answers = await post_all(client, [1, 2, 3])
         figures = await samples(client)
     for value, answer in answers.items():
         assert outputs(answer)["y"] == [10.0 * value + 1]
-    assert figures[("staged_predict_rows_sum", frozenset())] == 6
-    assert stage_count(figures, "preprocess") == stage_count(figures, "postprocess") == 6
+    assert figures[("staged_predict_rows_sum", frozenset())] == 3
+    assert stage_count(figures, "preprocess") == stage_count(figures, "postprocess") == 3
     dispatched = sum(
         value for (name, _), value in figures.items() if name == "model_infer_batch_dispatch_total"
     )
@@ -282,7 +286,8 @@ async def test_the_predictive_batcher_takes_preprocessed_requests(serve: Any) ->
 
 class Stuck(Staged):
     """``Staged`` whose preprocess of ``x == 99`` waits until the file named by the
-    request parameter ``gate`` exists."""
+    request parameter ``gate`` exists (a parameter it then drops: the request may share
+    a batch with others)."""
 
     def preprocess(self, payload: InferenceRequest) -> Any:
         gate = payload.parameters.get("gate")
@@ -290,7 +295,11 @@ class Stuck(Staged):
             deadline = time.monotonic() + 60
             while not os.path.exists(gate) and time.monotonic() < deadline:
                 time.sleep(0.005)
-        return Staged.preprocess(self, payload)
+        prepared = Staged.preprocess(self, payload)
+        inputs = [
+            Tensor(name, datatype(value), value.shape, value) for name, value in prepared.items()
+        ]
+        return InferenceRequest(inputs, payload.id)
 
 
 async def test_a_stuck_preprocess_times_out_alone(serve: Any, tmp_path: Path) -> None:
@@ -307,3 +316,77 @@ async def test_a_stuck_preprocess_times_out_alone(serve: Any, tmp_path: Path) ->
     assert timed_out.json() == {"error": "model staged did not answer within 1 s"}
     assert [outputs(answers[v])["batch"] for v in (1, 2, 3, 4)] == [[4]] * 4
     assert [outputs(again[v])["y"] for v in (5, 6, 7, 8)] == [[51], [61], [71], [81]]
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Poll state that the pool's thread or another task changes."""
+    with anyio.fail_after(60):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def test_requests_waiting_for_a_worker_share_one_trip(serve: Any, tmp_path: Path) -> None:
+    """Under load (the one worker busy) a batch's worth of requests gathers while it
+    waits, and runs preprocess, predict and postprocess in one trip."""
+    gate = tmp_path / "open"
+    app = V2App([Stuck(parallel_workers=1, max_batch_size=4, max_batch_time=0.05)])
+    handle = app.registry.get("staged")
+    answers: dict[int, httpx.Response] = {}
+
+    async def post(value: int, extra: dict[str, Any]) -> None:
+        answers[value] = await client.post(INFER, json=body(value) | extra)
+
+    async with serve(app) as client:
+        async with anyio.create_task_group() as group:
+            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
+            await eventually(lambda: handle.in_flight == 1)
+            for value in (1, 2, 3, 4):
+                group.start_soon(post, value, {})
+            await eventually(lambda: handle.in_flight == 5)  # all four wait, gathered
+            gate.touch()
+        figures = await samples(client)
+        batched = handle.batcher_statistics()
+    assert outputs(answers[99])["y"] == [991]
+    pids = set()
+    for value in (1, 2, 3, 4):
+        got = outputs(answers[value])
+        assert got["y"] == [10.0 * value + 1]
+        assert got["batch"] == [4]
+        pre, predict, post_pid = got["pids"]
+        assert pre == predict == post_pid  # one call did all three
+        pids.add(pre)
+    assert len(pids) == 1
+    # The gathered four went past the batcher: it saw only the first request.
+    assert batched is not None and batched.batched_requests == 1
+    assert stage_count(figures, "preprocess") == stage_count(figures, "postprocess") == 5
+
+
+@pytest.mark.parametrize("waiting", [1, 3])
+async def test_requests_gathered_below_a_batch_are_preprocessed_then_batched(
+    serve: Any, tmp_path: Path, waiting: int
+) -> None:
+    gate = tmp_path / "open"
+    app = V2App([Stuck(parallel_workers=1, max_batch_size=4, max_batch_time=600)])
+    handle = app.registry.get("staged")
+    answers: dict[int, httpx.Response] = {}
+
+    async def post(value: int, extra: dict[str, Any]) -> None:
+        answers[value] = await client.post(INFER, json=body(value) | extra)
+
+    async with serve(app) as client:
+        async with anyio.create_task_group() as group:
+            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
+            await eventually(lambda: handle.in_flight == 1)
+            for value in range(1, waiting + 1):
+                group.start_soon(post, value, {})
+            await eventually(lambda: handle.in_flight == 1 + waiting)
+            gate.touch()
+            # The stuck request and those gathered fill one batch at the batcher.
+            for value in range(waiting + 1, 4):
+                await eventually(lambda: handle.batcher_statistics().queued_requests >= 1)
+                group.start_soon(post, value, {})
+        batched = handle.batcher_statistics()
+    for value in range(1, 4):
+        assert outputs(answers[value])["y"] == [10.0 * value + 1]
+    assert outputs(answers[99])["batch"] == [4]
+    assert batched is not None and batched.batches == 1

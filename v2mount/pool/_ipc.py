@@ -71,9 +71,9 @@ __all__ = [
 HEADER = struct.Struct("<QBBHIIQ")
 REQUEST, RESULT, ERROR = 1, 2, 3
 #: Stage calls (``_stage_frames.py``): preprocess several requests, predict a batch and
-#: postprocess its requests, run preprocess → predict → postprocess; and their reply.
+#: postprocess its requests, run preprocess → predict → postprocess on several requests;
+#: and their reply.
 PREPROCESS, PREDICT_POSTPROCESS, PIPELINE, ANSWERS = 4, 5, 6, 7
-_REQUEST_KINDS = frozenset({REQUEST, PIPELINE})
 PICKLED_META = 1
 _ALIGN = 64
 _CHUNK = 1 << 16
@@ -329,9 +329,9 @@ def frame_kind(frame: bytearray) -> int:
 
 
 def encode_request(
-    request: InferenceRequest, seq: int, arena: Arena | None, threshold: int, kind: int = REQUEST
+    request: InferenceRequest, seq: int, arena: Arena | None, threshold: int
 ) -> bytes:
-    """Called in the parent: the frame of one request (``kind``: or of a stage call)."""
+    """Called in the parent: the frame of one request."""
     parameters = request.parameters
     plain = not parameters or _plain(parameters)
     outputs = None
@@ -339,13 +339,13 @@ def encode_request(
         outputs = [[out.name, out.parameters] for out in request.outputs]
         plain = plain and all(not p or _plain(p) for _, p in outputs)
     head = [request.id, parameters, outputs]
-    return _frame(kind, seq, head, request.inputs, arena, threshold, plain)
+    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain)
 
 
 def decode_request(frame: bytearray, arena: Arena | None) -> tuple[int, InferenceRequest]:
     """Called in the worker: the sequence number and the request of a frame."""
     kind, seq, meta, _, data = _parse(frame)
-    if kind not in _REQUEST_KINDS:
+    if kind != REQUEST:
         raise ValueError(f"expected a request frame, got kind {kind}")
     request_id, parameters, outputs, entries = meta
     inputs = [_tensor_from(entry, frame, data, arena) for entry in entries]

@@ -26,17 +26,17 @@ from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
 from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._config import PoolConfig
-from v2mount.pool._ipc import PIPELINE, decode_reply, encode_request
+from v2mount.pool._ipc import decode_reply, encode_request
 from v2mount.pool._stage_frames import (
     decode_stage_reply,
+    encode_gathered,
     encode_predict_postprocess,
-    encode_preprocess,
 )
 from v2mount.pool._state import NEW, STARTING, STOPPED, STOPPING, PoolState, Ticket, Worker, fire
 from v2mount.pool._supervisor import Supervisor
 from v2mount.pool._waiter import Waiter
 from v2mount.runner import Declared, MetricsSink, RunnerStatistics
-from v2mount.stages import Answered, Prepared, Staged
+from v2mount.stages import Answered, Gathered, Item, Staged
 from v2mount.stats import mark_started
 from v2mount.types import InferenceRequest, InferenceResponse
 
@@ -150,22 +150,21 @@ class WorkerPool:
             lambda seq, arena: encode_request(request, seq, arena, threshold), decode_reply
         )
 
-    async def preprocess(
-        self, take: Callable[[], Sequence[InferenceRequest]]
-    ) -> Staged[list[Prepared]]:
-        """Run the model's ``preprocess`` in one worker on each request ``take()`` returns.
+    async def run_gathered(self, take: Callable[[], Gathered]) -> Staged[list[Item]]:
+        """Run the stages of the requests ``take()`` returns in one worker, one trip.
 
         ``take`` is called on the event loop once a worker is held, and again (it must
         return the same) if that worker died before it had the frame: requests that come
-        while the call waits for a worker can still join it. Returns a preprocessed
-        request or the error per request; errors of the whole call as ``infer``.
+        while the call waits for a worker can still join it. Returns per request what
+        ``preprocess`` made of it, or its answer when the call ran its whole chain, or
+        its error; errors of the whole call as ``infer``.
         """
         threshold = self._config.shm_threshold
         items, timings = await self._call(
-            lambda seq, arena: encode_preprocess(take(), seq, arena, threshold),
+            lambda seq, arena: encode_gathered(take(), seq, arena, threshold),
             decode_stage_reply,
         )
-        return cast(list[Prepared], items), timings
+        return items, timings
 
     async def predict_postprocess(
         self, prepared: Sequence[InferenceRequest], originals: Sequence[InferenceRequest]
@@ -184,13 +183,15 @@ class WorkerPool:
 
     async def infer_staged(self, request: InferenceRequest) -> Staged[InferenceResponse]:
         """preprocess → predict → postprocess on one request, in one trip to a worker."""
-        threshold = self._config.shm_threshold
-        (response,), timings = await self._call(
-            lambda seq, arena: encode_request(request, seq, arena, threshold, PIPELINE),
+        threshold, gathered = self._config.shm_threshold, Gathered([request], whole=True)
+        (answer,), timings = await self._call(
+            lambda seq, arena: encode_gathered(gathered, seq, arena, threshold),
             decode_stage_reply,
         )
-        assert isinstance(response, InferenceResponse)
-        return response, timings
+        if isinstance(answer, V2MountError):
+            raise answer
+        assert isinstance(answer, InferenceResponse)
+        return answer, timings
 
     async def _call(self, encode: Encode, decode: Decode[T]) -> T:
         """One frame to an idle worker and its reply's outcome (see ``infer``)."""

@@ -6,8 +6,9 @@ Calls, parent to worker (tensors as in any ``_ipc`` frame: large ones in the are
 - ``PREDICT_POSTPROCESS``: a batch's preprocessed requests, then their original ones, in
   one frame: ``predict`` runs once on the batch merged, then ``postprocess`` on each
   request's rows;
-- ``PIPELINE``: a request frame; preprocess → predict → postprocess run in the worker,
-  in one trip (batching off).
+- ``PIPELINE``: several requests in one frame, and the most rows a batch may hold:
+  preprocess → predict → postprocess, each request preprocessed and postprocessed apart,
+  ``predict`` once per batch of them (``v2mount.stages.run_pipeline``).
 
 The reply is ``ANSWERS``: one item per request of the call, in order — a request (what
 ``preprocess`` returned), a response, or that request's error — so one request's error
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import pickle
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from v2mount.errors import V2MountError
 from v2mount.metrics.custom import MetricUpdate
@@ -38,28 +39,31 @@ from v2mount.pool._ipc import (
     _parse,
     _plain,
     _tensor_from,
-    decode_request,
     encode_error,
     error_from_wire,
     error_to_wire,
     frame_kind,
 )
-from v2mount.stages import Timings, run_pipeline, run_predict_postprocess, run_preprocess_each
+from v2mount.stages import (
+    Gathered,
+    Item,
+    Timings,
+    run_pipeline,
+    run_predict_postprocess,
+    run_preprocess_each,
+)
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput
 
 __all__ = [
-    "Item",
     "StageReply",
     "answer_stage",
     "decode_stage_reply",
+    "encode_gathered",
     "encode_predict_postprocess",
-    "encode_preprocess",
 ]
 
 logger = logging.getLogger("v2mount.worker")
 
-#: What a stage frame carries per request.
-Item = InferenceRequest | InferenceResponse | V2MountError
 #: (sequence number, (one item per request, timings) or the call's error, metric updates).
 StageReply = tuple[int, tuple[list[Item], Timings] | V2MountError, list[MetricUpdate]]
 
@@ -90,6 +94,7 @@ def _encode(
     threshold: int,
     timings: Timings | None = None,
     updates: list[MetricUpdate] | None = None,
+    max_rows: int = 0,
 ) -> bytes:
     heads = []
     tensors = []
@@ -103,13 +108,22 @@ def _encode(
         elif isinstance(item, InferenceResponse):
             tensors.extend(item.outputs)
     extra = pickle.dumps(updates, protocol=5) if updates else b""
-    meta = [timings or [], heads]
+    meta = [timings or [], heads, max_rows]
     return _frame(kind, seq, meta, tensors, arena, threshold, plain, extra)
 
 
-def _decode(frame: bytearray, arena: Arena | None) -> tuple[int, int, Timings, list[Item], bytes]:
+class _Decoded(NamedTuple):
+    kind: int
+    seq: int
+    timings: Timings
+    items: list[Item]
+    extra: bytes
+    max_rows: int
+
+
+def _decode(frame: bytearray, arena: Arena | None) -> _Decoded:
     kind, seq, meta, extra, data = _parse(frame)
-    timings, heads, entries = meta
+    timings, heads, max_rows, entries = meta
     items: list[Item] = []
     position = 0
     for head in heads:
@@ -130,14 +144,15 @@ def _decode(frame: bytearray, arena: Arena | None) -> tuple[int, int, Timings, l
             name, version, response_id, parameters = head[1:5]
             items.append(InferenceResponse(name, tensors, version, response_id, parameters))
     timed = [(str(stage), float(seconds)) for stage, seconds in timings]
-    return kind, seq, timed, items, extra
+    return _Decoded(kind, seq, timed, items, extra, max_rows)
 
 
-def encode_preprocess(
-    requests: Sequence[InferenceRequest], seq: int, arena: Arena | None, threshold: int
-) -> bytes:
-    """Called in the parent: the frame of a ``preprocess`` call on ``requests``."""
-    return _encode(PREPROCESS, seq, requests, arena, threshold)
+def encode_gathered(gathered: Gathered, seq: int, arena: Arena | None, threshold: int) -> bytes:
+    """Called in the parent: the frame of a ``preprocess`` call on the requests, or of a
+    ``PIPELINE`` call when they run their whole chain."""
+    kind = PIPELINE if gathered.whole else PREPROCESS
+    rows = gathered.max_rows
+    return _encode(kind, seq, gathered.requests, arena, threshold, max_rows=rows)
 
 
 def encode_predict_postprocess(
@@ -162,8 +177,9 @@ def decode_stage_reply(frame: bytearray, arena: Arena | None) -> StageReply:
         return seq, error_from_wire(tuple(wire)), updates
     if kind != ANSWERS:
         raise ValueError(f"expected a stage reply frame, got kind {kind}")
-    _, seq, timings, items, extra = _decode(frame, arena)
-    return seq, (items, timings), pickle.loads(extra) if extra else []
+    decoded = _decode(frame, arena)
+    updates = pickle.loads(decoded.extra) if decoded.extra else []
+    return decoded.seq, (decoded.items, decoded.timings), updates
 
 
 def _requests(items: list[Item]) -> list[InferenceRequest]:
@@ -182,25 +198,20 @@ def answer_stage(
     try:
         kind = frame_kind(frame)
         results: list[Item]
-        if kind == PIPELINE:
-            seq, request = decode_request(frame, arena)
-            results = [run_pipeline(model, runner.run, request, timings)]
-            del request
-        elif kind in (PREPROCESS, PREDICT_POSTPROCESS):
-            _, seq, _, items, _ = _decode(frame, arena)
-            requests = _requests(items)
-            del items
-            if kind == PREPROCESS:
-                results = [*run_preprocess_each(model, runner.run, requests, timings)]
-            else:
-                half = len(requests) // 2
-                prepared, originals = requests[:half], requests[half:]
-                del requests
-                results = [
-                    *run_predict_postprocess(model, runner.run, prepared, originals, timings)
-                ]
-        else:
+        if kind not in (PREPROCESS, PREDICT_POSTPROCESS, PIPELINE):
             raise ValueError(f"not a stage call: frame kind {kind}")
+        decoded = _decode(frame, arena)
+        seq, requests, max_rows = decoded.seq, _requests(decoded.items), decoded.max_rows
+        del decoded
+        if kind == PREPROCESS:
+            results = [*run_preprocess_each(model, runner.run, requests, timings)]
+        elif kind == PIPELINE:
+            results = [*run_pipeline(model, runner.run, requests, max_rows, timings)]
+        else:
+            half = len(requests) // 2
+            prepared, originals = requests[:half], requests[half:]
+            results = [*run_predict_postprocess(model, runner.run, prepared, originals, timings)]
+        del requests
         updates = model.metrics.drain()
         return _encode(ANSWERS, seq, results, arena, threshold, timings, updates)
     except Exception as exc:
