@@ -24,6 +24,7 @@ from v2mount.batching._tensors import (
 )
 from v2mount.errors import ModelError, V2MountError
 from v2mount.runner import Runner
+from v2mount.stats import mark_started, started_at
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = ["BatchReport", "PredictiveBatcher", "PredictiveStatistics", "runner_capacity"]
@@ -291,21 +292,28 @@ class PredictiveBatcher:
         error: Exception | None = None
         parts: Sequence[InferenceResponse | V2MountError] | None = None
         answered = False
+        waited = 0.0
         try:
             if self._on_batch is not None:
                 delays = [dispatch.sent - entry.arrived for entry in dispatch.entries]
                 self._on_batch(BatchReport(dispatch.rows, dispatch.reason, delays))
             requests = [member.request for member in members]
             rows = [entry.rows for entry in dispatch.entries]
+            mark_started()
+            sent = started_at()
             parts = await answer_batch(self._runner, self._answer, requests, rows)
             answered = True
+            # A pool says when a worker took the batch up: the wait before is not its cost.
+            taken = started_at()
+            if sent is not None and taken is not None:
+                waited = max(0.0, (taken - sent) / 1e9)
         except V2MountError as exc:
             error = exc
         except Exception as exc:  # a runner breaking its contract, or on_batch
             error = ModelError(f"{type(exc).__name__}: {exc}")
         finally:  # also when cancelled as the loop closes: then members get neither
             with self._lock:
-                state.scheduler.finished(dispatch, self._clock(), answered)
+                state.scheduler.finished(dispatch, self._clock(), answered, waited)
             for index, member in enumerate(members):
                 member.error, member.response = error, None
                 if parts is not None:
