@@ -6,8 +6,9 @@ hardly grows with the batch, then a softmax. Setups, all on a pool of ``--worker
 worker processes (one BLAS thread each):
 
 - ``stages``: preprocess and postprocess per request in the workers, ``predict`` on
-  adaptive batches of preprocessed tensors (``max_batch_size`` 8, ``max_batch_time``
-  ``--batch-time``);
+  batches (``max_batch_size`` 8, ``max_batch_time`` ``--batch-time``): a batch's worth
+  of requests that waited together for a worker in one trip, the others preprocessed
+  then merged by the adaptive batcher;
 - ``predict``: everything in ``predict``, same batching (a batch's preprocessing then
   runs row after row in one worker);
 - ``predict-unbatched``: everything in ``predict``, batching off (the reference most
@@ -16,7 +17,8 @@ worker processes (one BLAS thread each):
 
 ``--concurrency`` closed-loop clients call ``ModelHandle.infer`` directly (no HTTP), the
 way a request goes after decoding; each setup runs ``--repeat`` times, the rounds
-interleaved, and the report gives medians of throughput and latency, and ratios.
+interleaved, and the report gives medians of throughput and latency, the mean rows per
+``predict`` call, and ratios. ``--blur-passes`` makes the preprocessing heavier.
 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.stages
     python -m benchmarks.stages --duration 3 --repeat 1     # a quick look

@@ -188,7 +188,7 @@ class _Gatherer:
         leave to another call the share that other idle workers can take now, and run
         the whole chain of a group of ``max_batch_size`` requests."""
         if group.taken is not None:
-            return Gathered(group.taken, len(group.taken) >= self._limit, self._limit)
+            return self._gathered(group.taken)
         idle = self._idle_workers()
         spill = None
         with self._lock:
@@ -202,10 +202,13 @@ class _Gatherer:
             group.taken = [waiting.request for waiting in group.members]
         if spill is not None:
             self._spawner.spawn(functools.partial(self._send, spill), spill.trio)
-        return Gathered(group.taken, len(group.taken) >= self._limit, self._limit)
+        return self._gathered(group.taken)
+
+    def _gathered(self, requests: list[InferenceRequest]) -> Gathered:
+        return Gathered(requests, whole=len(requests) >= self._limit, max_rows=self._limit)
 
     def _close(self, group: _Group) -> None:
-        """The call failed before it took the group: take it whole, to answer its members."""
+        """Close the group if its call ended (failed) before taking it."""
         with self._lock:
             if group.taken is None:
                 if self._open.get(group.loop) is group:
@@ -213,24 +216,23 @@ class _Gatherer:
                 group.taken = [waiting.request for waiting in group.members]
 
     async def _send(self, group: _Group) -> None:
-        """One preprocess call for the group; answers every member; raises nothing but
-        the cancellation of a closing loop."""
-        outcomes: Sequence[Item | None] = []
+        """One call for the group; answers every member; raises nothing but the
+        cancellation of a closing loop (then its members get no answer)."""
+        results: Sequence[Item] | None = None
+        error: V2MountError | None = None
         try:
             take = functools.partial(self._take, group)
-            results, timings = await self._runner.run_gathered(take)
+            answers, timings = await self._runner.run_gathered(take)
             self._record(timings)
-            if len(results) != len(group.members):
-                raise ModelError(f"{len(results)} answers for {len(group.members)} requests")
-            outcomes = results
+            if len(answers) != len(group.members):
+                raise ModelError(f"{len(answers)} answers for {len(group.members)} requests")
+            results = answers
         except V2MountError as exc:
-            self._close(group)
-            outcomes = [exc] * len(group.members)
+            error = exc
         except Exception as exc:  # a runner breaking its contract
-            self._close(group)
-            outcomes = [ModelError(f"{type(exc).__name__}: {exc}")] * len(group.members)
-        finally:  # also when cancelled as the loop closes: then members get nothing
+            error = ModelError(f"{type(exc).__name__}: {exc}")
+        finally:
             self._close(group)
             for index, waiting in enumerate(group.members):
-                waiting.outcome = outcomes[index] if index < len(outcomes) else None
+                waiting.outcome = results[index] if results is not None else error
                 waiting.done.set()

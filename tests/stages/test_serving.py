@@ -390,3 +390,26 @@ async def test_requests_gathered_below_a_batch_are_preprocessed_then_batched(
         assert outputs(answers[value])["y"] == [10.0 * value + 1]
     assert outputs(answers[99])["batch"] == [4]
     assert batched is not None and batched.batches == 1
+
+
+async def test_a_request_that_times_out_waiting_for_a_worker_leaves_its_call(
+    serve: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "open"
+    app = V2App([Stuck(parallel_workers=1, inference_timeout=1, **BATCHED)])
+    handle = app.registry.get("staged")
+    async with serve(app) as client:
+        stuck = body(99) | {"parameters": {"gate": str(gate)}}
+        timed_out = await client.post(INFER, json=stuck)
+        # The one worker is still in that preprocess: this one waits for it, gathered
+        # into a call, and gives up first.
+        waited = await client.post(INFER, json=body(5))
+        gate.touch()
+        await eventually(lambda: handle.runner_statistics().in_flight == 0)
+        answers = await post_all(client, [1, 2, 3, 4])
+        figures = await samples(client)
+    assert timed_out.status_code == waited.status_code == 504
+    assert waited.json() == {"error": "model staged did not answer within 1 s"}
+    assert [outputs(answers[v])["y"] for v in (1, 2, 3, 4)] == [[11], [21], [31], [41]]
+    # 99's answer, with its timing, was dropped; 5 never ran.
+    assert stage_count(figures, "preprocess") == 4
