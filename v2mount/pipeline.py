@@ -1,19 +1,21 @@
 """The way of one request through a model with stages (``v2mount.stages``), in the parent.
 
-With a batcher, requests share calls to the runner (a worker of the pool, or the
-model's worker thread); each request is preprocessed and postprocessed apart:
+With batching on, requests share calls to the runner (a worker of the pool, or the
+model's worker thread); each request is preprocessed and postprocessed apart. Requests
+that arrive while a call waits for a worker join it (``_Gatherer``); when the call gets
+its worker it leaves the requests that other idle workers can take now to another call,
+so at low load they run in parallel. Then:
 
-- requests that arrive while a call waits for a worker join it (``_Gatherer``). When
-  the call gets its worker, it leaves the requests that other idle workers can take
-  now to another call (so at low load they are preprocessed in parallel) and, if it
-  holds ``max_batch_size`` requests, runs their whole chain: preprocess, ``predict`` on
-  them merged, postprocess — one trip for the batch, as a batched ``predict`` alone
-  would make (under load, when calls wait for workers). Otherwise it runs their
-  ``preprocess`` alone, and
-- the batcher merges preprocessed requests; one call runs ``predict`` on each batch and
+- with the plain window (no ``batching`` block), every call runs the whole chain of its
+  requests: preprocess, ``predict`` on them merged, postprocess — one trip per batch,
+  and batches grow with the load (requests gather while the workers are busy);
+- with a ``batching`` block, a call runs the whole chain only when it gathered
+  ``max_batch_size`` requests; otherwise it preprocesses them, the batcher merges them
+  with others as it decides, and one call runs ``predict`` on each batch and
   ``postprocess`` on each of its requests (``answer_batch``).
 
-Without a batcher: the whole chain in one call per request (one trip to a worker).
+A model with ``postprocess`` alone goes to the batcher. Without batching: the whole
+chain in one call per request (one trip to a worker).
 """
 
 from __future__ import annotations
@@ -53,12 +55,14 @@ class Pipeline(Generic[B]):
 
     ``batching(answer)`` makes the batcher (``None``: batching off), given what answers
     its batches (``None`` when the model has no ``postprocess``: the runner's ``infer``
-    does). ``observe(stage, seconds)`` is called for each stage a request ran. An error
-    in ``preprocess`` or ``postprocess`` answers this request alone (a request whose
+    does); ``group_size`` is ``max_batch_size``; ``whole``: every gathered call runs the
+    whole chain (the batcher is not made for a model with ``preprocess``).
+    ``observe(stage, seconds)`` is called for each stage a request ran. An error in
+    ``preprocess`` or ``postprocess`` answers this request alone (a request whose
     preprocess failed never joins a batch); an error in a batched ``predict`` answers
     every request of its batch, with ``predict`` named in its text. Cancellation: as the
-    runner's and the batcher's; a request cancelled while its preprocess call waits for
-    a worker leaves the call.
+    runner's and the batcher's; a request cancelled while its call waits for a worker
+    leaves the call.
     """
 
     def __init__(
@@ -69,21 +73,23 @@ class Pipeline(Generic[B]):
         observe: Observe,
         *,
         group_size: int = 1,
+        whole: bool = False,
     ) -> None:
         self._runner = runner
         self._observe = observe
         self._postprocess = has_postprocess(model)
         self._originals: dict[int, InferenceRequest] = {}
+        self._batched = batching is not None
         self.batcher: B | None = None
-        if batching is not None:
-            self.batcher = batching(self.answer_batch if self._postprocess else None)
         self._gatherer = None
-        if has_preprocess(model):
-            self._gatherer = _Gatherer(runner, max(1, group_size), self._record)
+        preprocess = has_preprocess(model)
+        if batching is not None and preprocess:
+            self._gatherer = _Gatherer(runner, max(1, group_size), whole, self._record)
+        if batching is not None and not (preprocess and whole):
+            self.batcher = batching(self.answer_batch if self._postprocess else None)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        batcher = self.batcher
-        if batcher is None:
+        if not self._batched:
             response, timings = await self._runner.infer_staged(request)
             self._record(timings)
             return response
@@ -93,6 +99,8 @@ class Pipeline(Generic[B]):
             if isinstance(gathered, InferenceResponse):
                 return gathered  # its call ran the whole chain
             prepared = gathered
+        batcher = self.batcher
+        assert batcher is not None  # made unless every call runs the whole chain
         if self._postprocess:
             key = id(prepared)
             self._originals[key] = request
@@ -142,9 +150,12 @@ class _Gatherer:
     """Gathers requests into preprocess calls (see the module). Called on event loops,
     from one or several threads; each loop has its own open group."""
 
-    def __init__(self, runner: StagedRunner, limit: int, record: Callable[[Timings], None]):
+    def __init__(
+        self, runner: StagedRunner, limit: int, whole: bool, record: Callable[[Timings], None]
+    ) -> None:
         self._runner = runner
         self._limit = limit
+        self._whole = whole
         self._record = record
         self._lock = threading.Lock()
         self._open: dict[Hashable, _Group] = {}
@@ -185,8 +196,8 @@ class _Gatherer:
 
     def _take(self, group: _Group) -> Gathered:
         """Called on the loop when the group's call has its worker: close the group,
-        leave to another call the share that other idle workers can take now, and run
-        the whole chain of a group of ``max_batch_size`` requests."""
+        leave to another call the share that other idle workers can take now, and say
+        whether the call runs the whole chain."""
         if group.taken is not None:
             return self._gathered(group.taken)
         idle = self._idle_workers()
@@ -205,7 +216,8 @@ class _Gatherer:
         return self._gathered(group.taken)
 
     def _gathered(self, requests: list[InferenceRequest]) -> Gathered:
-        return Gathered(requests, whole=len(requests) >= self._limit, max_rows=self._limit)
+        whole = self._whole or len(requests) >= self._limit
+        return Gathered(requests, whole=whole, max_rows=self._limit)
 
     def _close(self, group: _Group) -> None:
         """Close the group if its call ended (failed) before taking it."""

@@ -242,6 +242,7 @@ class ModelHandle:
                     self.name, self.version, stage, seconds
                 ),
                 group_size=batch_size,
+                whole=settings.batching is None,
             )
             self._batcher = self._pipeline.batcher
         elif batching is not None:

@@ -122,7 +122,11 @@ def stage_count(figures: dict[tuple[str, frozenset[Any]], float], stage: str) ->
 
 
 #: A full batch of four goes at once; the window is long enough never to close first.
+#: With the plain window, every gathered call runs its requests' whole chain.
 BATCHED: dict[str, Any] = {"max_batch_size": 4, "max_batch_time": 600}
+#: The same through a batcher that holds a batch until it is full (a ``batching`` block):
+#: gathered calls below a batch preprocess, and the batcher merges.
+HELD: dict[str, Any] = BATCHED | {"batching": {"idle_dispatch": False}}
 
 
 @pytest.mark.parametrize("model_class", [Staged, AsyncStaged])
@@ -130,7 +134,7 @@ BATCHED: dict[str, Any] = {"max_batch_size": 4, "max_batch_time": 600}
 async def test_predict_sees_merged_batches_of_preprocessed_requests(
     serve: Any, workers: int, model_class: type[Staged]
 ) -> None:
-    app = V2App([model_class(parallel_workers=workers, **BATCHED)])
+    app = V2App([model_class(parallel_workers=workers, **HELD)])
     async with serve(app) as client:
         answers = await post_all(client, [1, 2, 3, 4])
         figures = await samples(client)
@@ -207,7 +211,8 @@ async def test_a_failing_predict_names_its_stage(serve: Any, workers: int) -> No
 
 
 async def test_a_failing_batched_predict_names_its_stage(serve: Any) -> None:
-    app = V2App([Staged(parallel_workers=0, max_batch_size=2, max_batch_time=600)])
+    held = HELD | {"max_batch_size": 2}
+    app = V2App([Staged(parallel_workers=0, **held)])
     async with serve(app) as client:
         answers = await post_all(client, [FAIL_PREDICT, 8])
     for value in (FAIL_PREDICT, 8):  # they shared the batch
@@ -248,7 +253,7 @@ class Wide(Model):
 
 
 async def test_large_tensors_cross_every_stage_intact(serve: Any) -> None:
-    app = V2App([Wide(parallel_workers=2, **BATCHED)])
+    app = V2App([Wide(parallel_workers=2, **HELD)])
     rows = {value: np.arange(10000, dtype=np.float64) * value for value in (1, 2, 3, 4)}
     answers: dict[int, httpx.Response] = {}
 
@@ -308,13 +313,13 @@ async def test_a_stuck_preprocess_times_out_alone(serve: Any, tmp_path: Path) ->
     async with serve(app) as client:
         stuck = body(99) | {"parameters": {"gate": str(gate)}}
         timed_out = await client.post(INFER, json=stuck)
-        # One worker is still in that preprocess: the other serves a whole batch.
+        # One worker is still in that preprocess: the other serves the next requests.
         answers = await post_all(client, [1, 2, 3, 4])
         gate.touch()
         again = await post_all(client, [5, 6, 7, 8])
     assert timed_out.status_code == 504
     assert timed_out.json() == {"error": "model staged did not answer within 1 s"}
-    assert [outputs(answers[v])["batch"] for v in (1, 2, 3, 4)] == [[4]] * 4
+    assert [outputs(answers[v])["y"] for v in (1, 2, 3, 4)] == [[11], [21], [31], [41]]
     assert [outputs(again[v])["y"] for v in (5, 6, 7, 8)] == [[51], [61], [71], [81]]
 
 
@@ -325,11 +330,15 @@ async def eventually(condition: Callable[[], bool]) -> None:
             await anyio.sleep(0.01)
 
 
-async def test_requests_waiting_for_a_worker_share_one_trip(serve: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("batching", [None, {"idle_dispatch": False}])
+async def test_requests_waiting_for_a_worker_share_one_trip(
+    serve: Any, tmp_path: Path, batching: dict[str, Any] | None
+) -> None:
     """Under load (the one worker busy) a batch's worth of requests gathers while it
     waits, and runs preprocess, predict and postprocess in one trip."""
     gate = tmp_path / "open"
-    app = V2App([Stuck(parallel_workers=1, max_batch_size=4, max_batch_time=0.05)])
+    model = Stuck(parallel_workers=1, max_batch_size=4, max_batch_time=0.05, batching=batching)
+    app = V2App([model])
     handle = app.registry.get("staged")
     answers: dict[int, httpx.Response] = {}
 
@@ -356,8 +365,10 @@ async def test_requests_waiting_for_a_worker_share_one_trip(serve: Any, tmp_path
         assert pre == predict == post_pid  # one call did all three
         pids.add(pre)
     assert len(pids) == 1
-    # The gathered four went past the batcher: it saw only the first request.
-    assert batched is not None and batched.batched_requests == 1
+    if batching is None:
+        assert batched is None  # every call ran its whole chain: no batcher
+    else:  # the gathered four went past the batcher: it saw only the first request
+        assert batched is not None and batched.batched_requests == 1
     assert stage_count(figures, "preprocess") == stage_count(figures, "postprocess") == 5
 
 
@@ -366,7 +377,7 @@ async def test_requests_gathered_below_a_batch_are_preprocessed_then_batched(
     serve: Any, tmp_path: Path, waiting: int
 ) -> None:
     gate = tmp_path / "open"
-    app = V2App([Stuck(parallel_workers=1, max_batch_size=4, max_batch_time=600)])
+    app = V2App([Stuck(parallel_workers=1, **HELD)])
     handle = app.registry.get("staged")
     answers: dict[int, httpx.Response] = {}
 
@@ -413,3 +424,32 @@ async def test_a_request_that_times_out_waiting_for_a_worker_leaves_its_call(
     assert [outputs(answers[v])["y"] for v in (1, 2, 3, 4)] == [[11], [21], [31], [41]]
     # 99's answer, with its timing, was dropped; 5 never ran.
     assert stage_count(figures, "preprocess") == 4
+
+
+async def test_with_the_plain_window_a_call_runs_the_whole_chain_of_what_it_gathered(
+    serve: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "open"
+    app = V2App([Stuck(parallel_workers=1, **BATCHED)])
+    handle = app.registry.get("staged")
+    answers: dict[int, httpx.Response] = {}
+
+    async def post(value: int, extra: dict[str, Any]) -> None:
+        answers[value] = await client.post(INFER, json=body(value) | extra)
+
+    async with serve(app) as client:
+        async with anyio.create_task_group() as group:
+            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
+            await eventually(lambda: handle.in_flight == 1)
+            for value in (1, 2):
+                group.start_soon(post, value, {})
+            await eventually(lambda: handle.in_flight == 3)
+            gate.touch()
+    # 99 alone (a whole chain in one trip, waiting for nobody), then the two gathered
+    # while it ran, in one trip of their own.
+    assert outputs(answers[99])["batch"] == [1]
+    first, second = outputs(answers[1]), outputs(answers[2])
+    assert (first["y"], second["y"]) == ([11], [21])
+    assert first["batch"] == second["batch"] == [2]
+    assert first["pids"] == second["pids"]
+    assert len(set(first["pids"])) == 1  # one call did all three
