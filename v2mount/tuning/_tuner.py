@@ -81,6 +81,17 @@ class TuneOptions:
     in_process: bool = True
     min_gain: float = 0.10
     repeat: int = 1
+    predictive: bool = True  # also try the predictive batcher (largest batch size)
+    slo_ms: float | None = None  # its SLO; None: the latency target
+
+    def batch_configs(self, workers: int, batch_time: float) -> list[Config]:
+        """The batching sweeps at ``workers``: each fixed size, then the predictive one."""
+        sizes = [size for size in self.batch_sizes if size > 1]
+        configs = [Config(workers, size, batch_time) for size in sizes]
+        if self.predictive and sizes:
+            slo = self.latency_target_ms if self.slo_ms is None else self.slo_ms
+            configs.append(Config(workers, max(sizes), slo_ms=slo))
+        return configs
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,9 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
     1. In-process (``parallel_workers`` 0), unless ``options.in_process`` is false.
     2. Pools of 1, 2, … ``max_workers`` without batching, while each size still adds
        ``min_gain`` of peak throughput within the latency target.
-    3. At the best worker count: each of ``batch_sizes`` with ``batch_time``.
+    3. At the best worker count: each of ``batch_sizes`` with ``batch_time``, then (with
+       ``options.predictive``) the predictive batcher, up to the largest of those sizes,
+       with ``options.slo_ms`` (default: the latency target) as its SLO.
 
     Runs on the caller's event loop (asyncio or trio). Cancelling it leaves the
     configuration being served through its ``Bench``, whose exit stops the app and pool.
@@ -142,11 +155,11 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
     listener = listener or _Silent()
     target = options.latency_target_ms
     levels = len(concurrency_levels(options.max_concurrency))
-    sizes = [size for size in options.batch_sizes if size > 1]
+    batch_sweeps = len(options.batch_configs(0, 0.0))
     sweeps: list[Sweep] = []
 
     def left(worker_counts: int) -> int:
-        return (worker_counts + len(sizes)) * levels
+        return (worker_counts + batch_sweeps) * levels
 
     listener.remaining(left(options.max_workers + int(options.in_process)))
     if options.in_process:
@@ -161,13 +174,13 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
             break
     listener.remaining(left(0))
     base = best_unbatched(sweeps, target, options.min_gain)
-    if base is not None and sizes:
+    if base is not None and batch_sweeps:
         batch_time = options.batch_time
         if batch_time is None:
             batch_time = auto_batch_time(base.steps[0] if base.steps else None, target)
-        for index, size in enumerate(sizes):
-            config = Config(base.config.parallel_workers, size, batch_time)
-            left_after = (len(sizes) - index - 1) * levels
+        configs = options.batch_configs(base.config.parallel_workers, batch_time)
+        for index, config in enumerate(configs):
+            left_after = (len(configs) - index - 1) * levels
             sweeps.append(await _sweep(bench, config, options, listener, left_after))
     listener.remaining(0)
     if not any(s.steps for s in sweeps):
