@@ -50,7 +50,10 @@ class Config:
 
     def batching_block(self) -> dict[str, float] | None:
         """The ``batching`` block that switches the predictive batcher on, or ``None``."""
-        return {"slo_ms": self.slo_ms} if self.predictive and self.slo_ms is not None else None
+        if not self.predictive or self.slo_ms is None:
+            return None
+        slo = float(self.slo_ms)
+        return {"slo_ms": int(slo) if slo.is_integer() else slo}  # 100, not 100.0
 
     def settings(self) -> Fields:
         """The ``model-settings.json`` fields for this configuration.

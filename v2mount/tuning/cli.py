@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -221,6 +223,22 @@ class _ProgressListener:
         self.progress.update(self.task, total=self.done + steps)
 
 
+@contextmanager
+def _quiet_answers() -> Iterator[None]:
+    """Hide the server's log line per error answer while measuring, then restore it.
+
+    The table counts the errors and the reason quotes the first; a line per 503 (a
+    batcher refusing requests at the end of a ramp) would bury the progress bar.
+    """
+    answers = logging.getLogger("v2mount.rest")
+    level = answers.level
+    answers.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        answers.setLevel(level)
+
+
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import (
@@ -283,7 +301,7 @@ def _run(args: argparse.Namespace) -> int:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as progress:
+    with Progress(*columns, console=err, transient=False) as progress, _quiet_answers():
         listener = _ProgressListener(progress)
         uvloop = importlib.util.find_spec("uvloop") is not None
         result: TuneResult = anyio.run(
