@@ -57,6 +57,14 @@ def test_the_ramp_stops_after_two_flat_steps_not_one() -> None:
     assert not ramp_done([step(1, 100), step(2, 90), step(4, 200)], 100)
 
 
+def test_saturation_does_not_count_before_until() -> None:
+    dipping = [step(1, 100), step(2, 90), step(4, 95)]
+    assert ramp_done(dipping, 100)
+    assert not ramp_done(dipping, 100, until=8)
+    assert ramp_done([*dipping, step(8, 96)], 100, until=8)  # flat still, and far enough
+    assert ramp_done([step(1, 100), step(2, 190, p99=120)], 100, until=64)  # the target stops
+
+
 def test_the_ramp_stops_at_once_past_the_target_or_on_errors() -> None:
     assert ramp_done([step(1, 100), step(2, 190, p99=120)], 100)
     assert ramp_done([step(1, 100), step(2, 190, errors=3)], 100)

@@ -148,6 +148,26 @@ async def test_predictive_batching_wins_where_the_fixed_window_never_fills() -> 
 
 
 @pytest.mark.anyio
+async def test_the_predictive_sweep_goes_as_far_as_the_fixed_window_through_a_dip() -> None:
+    class Dipping(Simulated):
+        """In a closed loop the predictive batcher may slow down before it speeds up."""
+
+        def step(self, config: Config, concurrency: int, duration: float) -> Step:
+            clean = super().step(config, concurrency, duration)
+            if config.predictive and concurrency in (2, 4, 8):
+                return Step(concurrency, duration, 10, 0, 1.0, 2.0, 1.0)
+            return clean
+
+    model = Dipping(fixed=0.010, per_row=0.0001)
+    options = TuneOptions(max_workers=1, batch_sizes=(64,), max_concurrency=32)
+    result = await tune(model, options)
+    fixed, predictive = result.sweeps[-2:]
+    assert [s.concurrency for s in predictive.steps] == [s.concurrency for s in fixed.steps]
+    assert predictive.steps[-1].concurrency == 32
+    assert result.recommendation.config == predictive.config  # it won at 32 clients
+
+
+@pytest.mark.anyio
 async def test_a_per_row_cost_keeps_batching_off_and_says_why_predictive_lost() -> None:
     model = Simulated(fixed=0.0, per_row=0.002, hop=0.0)
     options = TuneOptions(max_workers=2, latency_target_ms=30, slo_ms=10)

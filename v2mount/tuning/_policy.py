@@ -43,19 +43,27 @@ def peak(sweep: Sweep, target_ms: float) -> Step | None:
 
 
 def ramp_done(
-    steps: Sequence[Step], target_ms: float, gain: float = RAMP_GAIN, patience: int = 2
+    steps: Sequence[Step],
+    target_ms: float,
+    gain: float = RAMP_GAIN,
+    patience: int = 2,
+    until: int = 0,
 ) -> bool:
     """Whether raising concurrency further is pointless.
 
     True once the last step failed requests or passed the latency target, or when none
     of the last ``patience`` steps raised throughput by ``gain`` over every step before
-    it (saturated; one flat step alone may be noise on a busy machine).
+    it (saturated; one flat step alone may be noise on a busy machine). Saturation does
+    not count before concurrency ``until``: a sweep compared with another runs at least
+    as far as it did.
     """
     if not steps:
         return False
     last = steps[-1]
     if last.errors or last.requests == 0 or last.p99_ms > target_ms:
         return True
+    if last.concurrency < until:
+        return False
     record = 0.0
     since_record = 0
     for step in steps:

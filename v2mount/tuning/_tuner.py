@@ -109,9 +109,14 @@ async def _measure(target: Target, concurrency: int, options: TuneOptions) -> St
 
 
 async def _sweep(
-    bench: Bench, config: Config, options: TuneOptions, listener: Listener, left_after: int
+    bench: Bench,
+    config: Config,
+    options: TuneOptions,
+    listener: Listener,
+    left_after: int,
+    until: int = 0,
 ) -> Sweep:
-    """Serve ``config`` and raise concurrency until ``ramp_done``."""
+    """Serve ``config`` and raise concurrency until ``ramp_done`` (see there for ``until``)."""
     levels = concurrency_levels(options.max_concurrency)
     sweep = Sweep(config)
     listener.started(config)
@@ -128,7 +133,7 @@ async def _sweep(
                         f"{config.label}: every request failed: {step.error} "
                         "(give a request the model accepts with --request FILE)"
                     )
-                if ramp_done(sweep.steps, options.latency_target_ms):
+                if ramp_done(sweep.steps, options.latency_target_ms, until=until):
                     break
                 listener.remaining(len(levels) - index - 1 + left_after)
     except TuneError as exc:
@@ -147,7 +152,9 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
        ``min_gain`` of peak throughput within the latency target.
     3. At the best worker count: each of ``batch_sizes`` with ``batch_time``, then (with
        ``options.predictive``) the predictive batcher, up to the largest of those sizes,
-       with ``options.slo_ms`` (default: the latency target) as its SLO.
+       with ``options.slo_ms`` (default: the latency target) as its SLO, at least up to
+       the concurrency the fixed windows reached (unless it fails or passes the target
+       first: in a closed loop its throughput may dip before it grows).
 
     Runs on the caller's event loop (asyncio or trio). Cancelling it leaves the
     configuration being served through its ``Bench``, whose exit stops the app and pool.
@@ -179,9 +186,14 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
         if batch_time is None:
             batch_time = auto_batch_time(base.steps[0] if base.steps else None, target)
         configs = options.batch_configs(base.config.parallel_workers, batch_time)
+        reached = 0  # the predictive sweep goes at least as far as the fixed windows did
         for index, config in enumerate(configs):
             left_after = (len(configs) - index - 1) * levels
-            sweeps.append(await _sweep(bench, config, options, listener, left_after))
+            until = reached if config.predictive else 0
+            sweep = await _sweep(bench, config, options, listener, left_after, until)
+            sweeps.append(sweep)
+            if sweep.steps and not config.predictive:
+                reached = max(reached, sweep.steps[-1].concurrency)
     listener.remaining(0)
     if not any(s.steps for s in sweeps):
         errors = "; ".join(s.error for s in sweeps if s.error)
