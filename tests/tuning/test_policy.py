@@ -235,7 +235,7 @@ def test_a_losing_predictive_sweep_says_where_its_ramp_ended() -> None:
     recommendation = recommend([one, refused], 100)
     assert recommendation.config == Config(1)
     assert (
-        "+3% over no batching; at concurrency 4 it answered 37 requests with an error "
+        "+3% over no batching; at concurrency 4, 37 clients got an error "
         "(HTTP 503: predicted late)." in recommendation.reason
     )
     late = Sweep(Config(1, 32, slo_ms=100), [step(1, 100, p99=150.0)])
@@ -245,3 +245,8 @@ def test_a_losing_predictive_sweep_says_where_its_ramp_ended() -> None:
         "target; at concurrency 1 its p99 was 150.0 ms." in recommendation.reason
     )
     assert "less than the 10% it must, so batching off" in recommendation.reason
+    broken = Sweep(Config(1, 32, slo_ms=100), error="model did not start: out of memory")
+    assert (
+        "(1 worker, predictive 32/SLO 100 ms) never met the 100 ms p99 target; it did not "
+        "start: model did not start: out of memory." in recommend([one, broken], 100).reason
+    )

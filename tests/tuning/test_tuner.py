@@ -49,7 +49,7 @@ class Simulated:
         latency_ms = concurrency / throughput * 1000
         refused = 0
         if config.slo_ms is not None and latency_ms * 1.5 > config.slo_ms:
-            refused = round(throughput * duration / 10)  # admission control: 503s
+            refused = concurrency // 2  # admission control: clients refused (503)
         return Step(
             concurrency,
             duration,
@@ -178,7 +178,7 @@ async def test_a_per_row_cost_keeps_batching_off_and_says_why_predictive_lost() 
     assert [s.config.predictive for s in result.sweeps].count(True) == 1
     reason = recommendation.reason
     assert "Predictive batching at best (2 workers, predictive 32/SLO 10 ms) peaks at" in reason
-    assert "+0% over no batching; at concurrency 8 it answered 200 requests with an error" in reason
+    assert "+0% over no batching; at concurrency 8, 4 clients got an error" in reason
     assert "(HTTP 503: predicted to miss its SLO)" in reason
     assert "Batching adds less than the 10% it must, so batching off." in reason
 

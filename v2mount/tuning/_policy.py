@@ -196,16 +196,14 @@ def _fallback(sweeps: Sequence[Sweep], target_ms: float) -> Recommendation:
 
 
 def _ramp_end(sweep: Sweep, target_ms: float) -> str:
-    """Why a sweep's ramp stopped short of the target, when it did: errors or latency."""
+    """Why a sweep's ramp stopped, when errors or latency stopped it (or it never ran)."""
     last = sweep.steps[-1] if sweep.steps else None
     if last is None:
-        return ""
+        return f"; it did not start: {sweep.error}" if sweep.error else ""
     if last.errors:
         first = f" ({last.error[:160]})" if last.error else ""
-        return (
-            f"; at concurrency {last.concurrency} it answered {last.errors:,} requests with "
-            f"an error{first}"
-        )
+        clients = "client" if last.errors == 1 else "clients"
+        return f"; at concurrency {last.concurrency}, {last.errors:,} {clients} got an error{first}"
     if last.p99_ms > target_ms:
         return f"; at concurrency {last.concurrency} its p99 was {last.p99_ms:.1f} ms"
     return ""
