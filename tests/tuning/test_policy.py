@@ -57,12 +57,16 @@ def test_the_ramp_stops_after_two_flat_steps_not_one() -> None:
     assert not ramp_done([step(1, 100), step(2, 90), step(4, 200)], 100)
 
 
-def test_saturation_does_not_count_before_until() -> None:
+def test_before_until_only_errors_stop_the_ramp() -> None:
     dipping = [step(1, 100), step(2, 90), step(4, 95)]
     assert ramp_done(dipping, 100)
     assert not ramp_done(dipping, 100, until=8)
     assert ramp_done([*dipping, step(8, 96)], 100, until=8)  # flat still, and far enough
-    assert ramp_done([step(1, 100), step(2, 190, p99=120)], 100, until=64)  # the target stops
+    late = [step(1, 100), step(2, 190, p99=120)]
+    assert ramp_done(late, 100)
+    assert not ramp_done(late, 100, until=4)  # a step past the target only loses the peak
+    assert ramp_done([*late, step(4, 300, p99=130)], 100, until=4)
+    assert ramp_done([step(1, 100), step(2, 190, errors=1)], 100, until=64)  # errors stop
 
 
 def test_the_ramp_stops_at_once_past_the_target_or_on_errors() -> None:

@@ -73,5 +73,5 @@ async def test_a_cost_per_row_keeps_batching_off_and_says_why() -> None:
     predictive = result.sweeps[-1]
     assert predictive.config.predictive and predictive.steps  # it was measured
     reason = recommendation.reason
-    assert "Predictive batching at best (in-process, predictive 32/SLO 300 ms) peaks at" in reason
+    assert "Predictive batching at best (in-process, predictive 32/SLO 240 ms) peaks at" in reason
     assert "Batching adds less than the 50% it must, so batching off." in reason

@@ -53,17 +53,21 @@ def ramp_done(
 
     True once the last step failed requests or passed the latency target, or when none
     of the last ``patience`` steps raised throughput by ``gain`` over every step before
-    it (saturated; one flat step alone may be noise on a busy machine). Saturation does
-    not count before concurrency ``until``: a sweep compared with another runs at least
-    as far as it did.
+    it (saturated; one flat step alone may be noise on a busy machine). Below
+    concurrency ``until`` only failed requests stop it: a sweep compared with another
+    runs at least as far as that one did, since a step past the target or flat there
+    only loses its place as the peak (the predictive batcher, in a closed loop, may
+    wait at low concurrency for company it finds at a higher one).
     """
     if not steps:
         return False
     last = steps[-1]
-    if last.errors or last.requests == 0 or last.p99_ms > target_ms:
+    if last.errors or last.requests == 0:
         return True
     if last.concurrency < until:
         return False
+    if last.p99_ms > target_ms:
+        return True
     record = 0.0
     since_record = 0
     for step in steps:

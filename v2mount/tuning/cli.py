@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--slo-ms",
         type=_positive(float),
         default=None,
-        help="the predictive batcher's slo_ms to try (default: --latency-target-ms)",
+        help="the predictive batcher's slo_ms to try (default: 80%% of --latency-target-ms)",
     )
     measure.add_argument(
         "--min-gain",
