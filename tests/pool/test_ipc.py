@@ -74,7 +74,7 @@ def test_large_buffers_go_through_the_arena_and_come_back_as_private_copies(
     # The other end maps the same file (as a worker does) and decodes.
     other = Arena.attach(arena.path)
     assert other is not None
-    seq, decoded = decode_request(bytearray(frame), other)
+    seq, decoded, _ = decode_request(bytearray(frame), other)
     other.close()
     assert seq == 5
     assert np.array_equal(decoded["big"], big) and np.array_equal(decoded["small"], small)
@@ -87,7 +87,7 @@ def test_without_an_arena_everything_travels_in_the_frame() -> None:
     big = np.ones(1 << 18, dtype=np.float64)
     frame = encode_request(one("x", big, "FP64"), 1, None, THRESHOLD)
     assert len(frame) > big.nbytes
-    seq, request = decode_request(bytearray(frame), None)
+    seq, request, _ = decode_request(bytearray(frame), None)
     assert seq == 1 and np.array_equal(request["x"], big) and request["x"].flags.writeable
 
 
@@ -131,7 +131,7 @@ def test_arena_keeps_its_size_between_messages(arena: Arena) -> None:
 def test_tensors_of_every_kind_round_trip_without_pickle(datatype: str, array: np.ndarray) -> None:
     frame = encode_request(one("t", array, datatype), 3, None, THRESHOLD)
     assert not flags(frame) & PICKLED_META and b"\x80\x05" not in frame  # no pickle inside
-    _, request = decode_request(bytearray(frame), None)
+    _, request, _ = decode_request(bytearray(frame), None)
     tensor = request.input("t")
     assert tensor.datatype == datatype and tensor.shape == array.shape
     assert tensor.data.shape == array.shape and tensor.data.tolist() == array.tolist()
@@ -147,7 +147,7 @@ def test_request_fields_round_trip_and_plain_parameters_need_no_pickle() -> None
     )
     frame = encode_request(request, 9, None, THRESHOLD)
     assert not flags(frame) & PICKLED_META
-    seq, again = decode_request(bytearray(frame), None)
+    seq, again, _ = decode_request(bytearray(frame), None)
     assert seq == 9 and again.id == "7" and again.parameters == request.parameters
     assert again.outputs == request.outputs and again.requested_output_names == ["y"]
     assert again.input("s").parameters == {"content_type": "str"}
@@ -214,7 +214,7 @@ def test_the_channel_moves_whole_frames_in_pieces() -> None:
             got = receiver.read_some()
             rounds += 1
         assert rounds > 1 and not sender.writing and not receiver.reading
-        seq, request = decode_request(got, None)
+        seq, request, _ = decode_request(got, None)
         assert seq == 11 and np.array_equal(request["x"], big)
         assert receiver.read_some() is None  # nothing more, and the channel is reusable
         right.close()

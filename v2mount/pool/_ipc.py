@@ -6,7 +6,8 @@ and each reply is one frame, with no pickle in the common case::
     HEADER (struct) | meta | extra | padding to 64 | data
 
 ``HEADER`` holds the frame's length, its kind (request, result, error), flags, the
-lengths of ``meta`` and ``extra`` and the request's sequence number. ``meta`` is JSON
+model's slot (which model of a shared pool the request is for), the lengths of ``meta``
+and ``extra`` and the request's sequence number. ``meta`` is JSON
 (orjson): the request's or response's id, parameters and requested outputs, and one entry
 per tensor (name, datatype, shape, parameters, numpy dtype, where its bytes are). Tensor
 bytes are raw: in ``data`` when small, in the worker's shared-memory arena
@@ -15,8 +16,10 @@ travel as length-prefixed elements. pickle is used only for what is genuinely ar
 ``meta`` whose parameters are not plain JSON values (flag ``PICKLED_META``), tensors numpy
 cannot describe by a dtype, the custom-metric updates in ``extra``, and errors.
 
-**Control pipe** (worker to parent, read by the pool's supervisor): the typed messages
-``Ready``, ``LoadFailed`` and ``Log``, pickled (a few per worker life, never per request).
+**Control pipe** (both ways, only the pool's supervisor on the parent's end): from the
+worker the typed messages ``Ready``, ``LoadFailed``, ``Serving``, ``Unloaded`` and
+``Log``; to it ``Load`` and ``Unload`` (a model joining or leaving a running shared
+pool). Pickled: a few per model and worker, never per request.
 
 Receivers never alias shared memory: a tensor from the arena is copied out; one from
 ``data`` is a view of the frame, a private ``bytearray``.
@@ -38,6 +41,7 @@ from v2mount import errors
 from v2mount.errors import ModelError, V2MountError, describe_exception
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.pool._arena import Arena
+from v2mount.pool._shipping import ModelPackage
 from v2mount.settings import ModelSettings
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
@@ -47,10 +51,15 @@ __all__ = [
     "RESULT",
     "Channel",
     "DeclaredSpecs",
+    "Load",
     "LoadFailed",
     "Log",
     "Ready",
     "Reply",
+    "Request",
+    "Serving",
+    "Unload",
+    "Unloaded",
     "decode_reply",
     "decode_request",
     "encode_error",
@@ -61,7 +70,7 @@ __all__ = [
     "updates_of",
 ]
 
-#: Frame length, kind, flags, (unused), meta length, extra length, sequence number.
+#: Frame length, kind, flags, model slot, meta length, extra length, sequence number.
 HEADER = struct.Struct("<QBBHIIQ")
 REQUEST, RESULT, ERROR = 1, 2, 3
 PICKLED_META = 1
@@ -94,18 +103,49 @@ class DeclaredSpecs(NamedTuple):
 
 
 class Ready(NamedTuple):
-    """The worker loaded the model and serves; ``declared`` when load changed the metadata."""
+    """The worker loaded the model of ``slot``; ``declared`` when load changed its metadata."""
 
+    slot: int
     updates: list[MetricUpdate]
     declared: DeclaredSpecs | None
-    has_arena: bool
 
 
 class LoadFailed(NamedTuple):
+    slot: int
     text: str
     updates: list[MetricUpdate]
     #: The load's traceback, formatted in the worker (logged by the parent, once).
     traceback: str = ""
+
+
+class Serving(NamedTuple):
+    """The worker loaded (or failed) every model it started with, and serves those it has.
+
+    Never sent by a worker that loaded none: it exits instead.
+    """
+
+    has_arena: bool
+
+
+class Unloaded(NamedTuple):
+    """The worker dropped the model of ``slot``; ``freed``: the model object is gone
+    (a weak reference died after a collection), ``None`` if that cannot be told."""
+
+    slot: int
+    freed: bool | None
+
+
+class Load(NamedTuple):
+    """Parent to worker: load a model that joined the running pool, as ``slot``."""
+
+    slot: int
+    package: ModelPackage
+
+
+class Unload(NamedTuple):
+    """Parent to worker: drop the model of ``slot`` and release its memory."""
+
+    slot: int
 
 
 class Log(NamedTuple):
@@ -186,6 +226,7 @@ def _frame(
     threshold: int,
     plain: bool,
     extra: bytes = b"",
+    slot: int = 0,
 ) -> bytes:
     """One frame: ``head`` and the tensors' entries as meta, their bytes inline or shared.
 
@@ -255,7 +296,7 @@ def _frame(
         meta, flags = pickle.dumps(meta_object, protocol=5), PICKLED_META
     start = HEADER.size + len(meta) + len(extra)
     padding = (_aligned(start) - start) if offset else 0
-    header = HEADER.pack(start + padding + offset, kind, flags, 0, len(meta), len(extra), seq)
+    header = HEADER.pack(start + padding + offset, kind, flags, slot, len(meta), len(extra), seq)
     return b"".join([header, meta, extra, bytes(padding), *inline])
 
 
@@ -294,6 +335,7 @@ def _tensor_from(entry: Sequence[Any], frame: bytearray, data: int, arena: Arena
 
 class _Parsed(NamedTuple):
     kind: int
+    slot: int
     seq: int
     meta: list[Any]
     extra: bytes
@@ -301,7 +343,7 @@ class _Parsed(NamedTuple):
 
 
 def _parse(frame: bytearray) -> _Parsed:
-    total, kind, flags, _, meta_length, extra_length, seq = HEADER.unpack_from(frame)
+    total, kind, flags, slot, meta_length, extra_length, seq = HEADER.unpack_from(frame)
     if total != len(frame):
         raise ValueError(f"frame of {len(frame)} bytes says it has {total}")
     start = HEADER.size
@@ -309,13 +351,13 @@ def _parse(frame: bytearray) -> _Parsed:
     raw = frame[start:end]  # a small copy, cheaper than a memoryview's bookkeeping
     meta = pickle.loads(raw) if flags & PICKLED_META else orjson.loads(raw)
     extra = bytes(frame[end : end + extra_length]) if extra_length else b""
-    return _Parsed(kind, seq, meta, extra, _aligned(end + extra_length))
+    return _Parsed(kind, slot, seq, meta, extra, _aligned(end + extra_length))
 
 
 def encode_request(
-    request: InferenceRequest, seq: int, arena: Arena | None, threshold: int
+    request: InferenceRequest, seq: int, arena: Arena | None, threshold: int, slot: int = 0
 ) -> bytes:
-    """Called in the parent: the frame of one request."""
+    """Called in the parent: the frame of one request for the model of ``slot``."""
     parameters = request.parameters
     plain = not parameters or _plain(parameters)
     outputs = None
@@ -323,18 +365,26 @@ def encode_request(
         outputs = [[out.name, out.parameters] for out in request.outputs]
         plain = plain and all(not p or _plain(p) for _, p in outputs)
     head = [request.id, parameters, outputs]
-    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain)
+    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain, slot=slot)
 
 
-def decode_request(frame: bytearray, arena: Arena | None) -> tuple[int, InferenceRequest]:
-    """Called in the worker: the sequence number and the request of a frame."""
-    kind, seq, meta, _, data = _parse(frame)
+class Request(NamedTuple):
+    """A decoded request: its sequence number, the request, its model's slot."""
+
+    seq: int
+    request: InferenceRequest
+    slot: int
+
+
+def decode_request(frame: bytearray, arena: Arena | None) -> Request:
+    """Called in the worker: the sequence number, model slot and request of a frame."""
+    kind, slot, seq, meta, _, data = _parse(frame)
     if kind != REQUEST:
         raise ValueError(f"expected a request frame, got kind {kind}")
     request_id, parameters, outputs, entries = meta
     inputs = [_tensor_from(entry, frame, data, arena) for entry in entries]
     requested = None if outputs is None else [RequestedOutput(n, p) for n, p in outputs]
-    return seq, InferenceRequest(inputs, request_id, parameters, requested)
+    return Request(seq, InferenceRequest(inputs, request_id, parameters, requested), slot)
 
 
 def encode_result(
@@ -367,7 +417,7 @@ class Reply(NamedTuple):
 
 def decode_reply(frame: bytearray, arena: Arena | None) -> Reply:
     """Called in the parent."""
-    kind, seq, meta, extra, data = _parse(frame)
+    kind, _, seq, meta, extra, data = _parse(frame)
     if kind == ERROR:
         wire, updates = meta[0], meta[1]
         return Reply(seq, error_from_wire(tuple(wire)), updates)
@@ -381,7 +431,7 @@ def decode_reply(frame: bytearray, arena: Arena | None) -> Reply:
 
 def updates_of(frame: bytearray) -> list[MetricUpdate]:
     """The custom-metric updates of a reply nobody waits for any more."""
-    kind, _, meta, extra, _ = _parse(frame)
+    kind, _, _, meta, extra, _ = _parse(frame)
     if kind == ERROR:
         return list(meta[1])
     return pickle.loads(extra) if extra else []
