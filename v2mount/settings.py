@@ -354,7 +354,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _default_pool_needs_processes(self) -> Settings:
         if self.default_pool is not None and self.pool_backend == "ray":
-            raise ValueError('default_pool: shared pools run local processes, not pool_backend "ray"')
+            raise ValueError(
+                'default_pool: shared pools run local processes, not pool_backend "ray"'
+            )
         return self
 
     def default_workers(self) -> int:
