@@ -30,6 +30,7 @@ from v2mount.model import Model
 from v2mount.pool._arena import unlink_quietly
 from v2mount.pool._config import PoolConfig
 from v2mount.pool._ipc import decode_reply, encode_request
+from v2mount.pool._lifecycle import LIVE
 from v2mount.pool._state import (
     GONE,
     JOINING,
@@ -93,8 +94,7 @@ class SharedPool:
         self, name: str, config: PoolConfig, *, metrics_sink: MetricsSink, shared: bool = True
     ) -> None:
         self.name = name
-        label = f"pool {name!r}" if shared else f"model {name!r}"
-        self._state = PoolState(name, config, label)
+        self._state = PoolState(name, config, shared=shared)
         self._sink = metrics_sink
         self._seq = itertools.count()
         self._slots = itertools.count()
@@ -147,7 +147,7 @@ class SharedPool:
             return [worker.pid for worker in self._state.workers.values()]
 
     def loaded(self) -> dict[int, set[str]]:
-        """The models each live worker serves, by worker pid (names, with the version)."""
+        """The models each serving worker has loaded, by pid (``name`` or ``name:version``)."""
         with self._state.lock:
             names = {
                 slot: m.name
@@ -158,6 +158,7 @@ class SharedPool:
             return {
                 w.pid: {names[s] for s in w.slots if s in names}
                 for w in self._state.workers.values()
+                if w.phase in LIVE
             }
 
     # -- called by members ------------------------------------------------------------------

@@ -208,9 +208,11 @@ class PoolState:
     members' settings hold for their queues and timeouts.
     """
 
-    def __init__(self, name: str, config: PoolConfig, label: str) -> None:
+    def __init__(self, name: str, config: PoolConfig, *, shared: bool) -> None:
         self.name = name
-        self.label = label
+        self.shared = shared
+        #: What it serves, for messages.
+        self.label = f"pool {name!r}" if shared else f"model {name!r}"
         self.config = config
         self.lock = threading.Lock()
         self.queue: deque[Ticket] = deque()
@@ -224,7 +226,7 @@ class PoolState:
         self.live = 0
         self.busy = 0
         self.phase = NEW
-        self.reason = f"{label} is not started"
+        self.reason = f"{self.label} is not started"
         self.start_ok = False
         self.stop_waiters: list[Waiter] = []
         self.wake_read = self.wake_write = -1

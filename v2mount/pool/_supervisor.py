@@ -207,7 +207,8 @@ class Supervisor:
     def _log(self, worker_id: int, level: int, text: str) -> None:
         worker_logger.log(
             level,
-            "[model %s, worker %d] %s",
+            "[%s %s, worker %d] %s",
+            "pool" if self._state.shared else "model",
             self._name,
             worker_id,
             text,
@@ -353,8 +354,8 @@ class Supervisor:
         member = self._state.members.get(failed.slot)
         name = member.name if member is not None else self._name
         worker.load_error = f"model {name!r} failed to load: {failed.text}"
-        if member is not None and member.failure is None:
-            member.failure = worker.load_error
+        if member is not None:
+            self._failed(member, worker.load_error)
         if failed.traceback and failed.slot not in self._failing:
             what = "the model" if len(self._state.members) < 2 else f"model {name!r}"
             text = f"loading {what} failed\n{failed.traceback.rstrip()}"
@@ -363,6 +364,13 @@ class Supervisor:
         if worker.loaded:
             logger.warning("%s: %s", worker.where, worker.load_error)
         self._settle_members()
+
+    def _failed(self, member: Member, reason: str) -> None:
+        """A load of ``member`` failed; one that never loaded goes to no new worker."""
+        if member.failure is None:
+            member.failure = reason
+        if member.phase is JOINING and not member.loaded:
+            self._packages.pop(member.slot, None)
 
     def _on_unloaded(self, worker: Worker, unloaded: Unloaded) -> None:
         worker.unloading.discard(unloaded.slot)
@@ -548,8 +556,8 @@ class Supervisor:
         if worker.loading and not from_outside(process.exit_code):
             # It died loading this one (they load in order): that load failed.
             culprit = self._state.members.get(worker.loading[0])
-            if culprit is not None and culprit.failure is None:
-                culprit.failure = f"model {culprit.name!r} failed to load: its worker {how}"
+            if culprit is not None:
+                self._failed(culprit, f"model {culprit.name!r} failed to load: its worker {how}")
         with self._state.lock:
             self._state.workers.pop(worker.id, None)
             worker.exit = how

@@ -327,7 +327,9 @@ def worker_main(
     stderr.close()
     name_process(WORKER_NAME)
     limit_threads(spec.threads)
-    initial = {slot: functools.partial(unpack_model, packages[slot]) for slot in spec.slots}
+    initial: dict[int, Callable[[], Model]] = {
+        slot: functools.partial(unpack_model, packages[slot]) for slot in spec.slots
+    }
     _run(conn, events, initial, spec, parent_pidfd(spec.parent_pid))
 
 
@@ -336,7 +338,7 @@ def forked_worker_main(
     events: Connection,
     stdout: int,
     stderr: int,
-    models: Mapping[int, Model],
+    models: dict[int, Model],
     spec: WorkerSpec,
     name: str,
     parent_fd: int,
@@ -353,7 +355,10 @@ def forked_worker_main(
     os.close(stderr)
     name_process(WORKER_NAME)
     multiprocess.current_process().name = name
-    initial = {slot: _given(models[slot]) for slot in spec.slots}
+    # Taken out of the template's dict, the rest dropped: an unloaded model must leave
+    # no reference behind (its memory is then released).
+    initial = {slot: _given(models.pop(slot)) for slot in spec.slots}
+    models.clear()
     _run(conn, events, initial, spec, parent_fd)
 
 
@@ -371,7 +376,7 @@ def _redirect_output(stdout: int, stderr: int) -> None:
 def _run(
     conn: Connection,
     events: Connection,
-    initial: Mapping[int, Callable[[], Model]],
+    initial: dict[int, Callable[[], Model]],
     spec: WorkerSpec,
     parent_fd: int | None,
 ) -> None:
@@ -396,8 +401,8 @@ def _run(
     threading.Thread(target=_follow, args=(events, control, models, serving), daemon=True).start()
     arena: Arena | None = None
     try:
-        for slot, obtain in initial.items():
-            _load(slot, obtain, control, models)
+        for slot in list(initial):
+            _load(slot, initial.pop(slot), control, models)
         if not models:
             return
         if spec.arena_path is not None:
