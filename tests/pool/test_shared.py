@@ -135,6 +135,55 @@ async def test_models_of_one_pool_share_its_workers_and_answer_concurrently(
         assert statistics is not None and statistics.workers == statistics.live_workers == 2
 
 
+async def test_queues_and_metrics_are_counted_per_model(
+    serve: Any, tmp_path: Path, importable: None
+) -> None:
+    app = V2App(
+        repository=repository(
+            tmp_path, {"a": scale(2), "b": scale(3)}, pool="shared", parallel_workers=1
+        )
+    )
+    release = tmp_path / "release"
+    async with serve(app) as client:
+        answers: list[httpx.Response] = []
+
+        async def ask(model: str) -> None:
+            answers.append(await infer(client, model, until=str(release)))
+
+        def statistics(model: str) -> Any:
+            return app.registry.get(model).runner_statistics()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(ask, "a")  # holds the one worker until the test releases it
+            await eventually(lambda: statistics("a").in_flight == 1, lambda: statistics("a"))
+            for model in ("b", "b", "a"):
+                group.start_soon(ask, model)
+            await eventually(
+                lambda: statistics("b").queued == 2 and statistics("a").queued == 1,
+                lambda: (statistics("a"), statistics("b")),
+            )
+            assert statistics("a").in_flight == 2 and statistics("b").in_flight == 2
+            text = (await client.get("/metrics")).text
+            assert 'parallel_request_queue{model="a",version=""} 1.0' in text
+            assert 'parallel_request_queue{model="b",version=""} 2.0' in text
+            release.touch()
+        assert [r.status_code for r in answers] == [200] * 4
+        assert statistics("a").in_flight == statistics("b").in_flight == 0
+
+
+async def test_two_apps_keep_their_pools_apart(
+    serve: Any, tmp_path: Path, importable: None
+) -> None:
+    root = repository(tmp_path, {"a": scale(2)}, pool="shared", parallel_workers=1)
+    first, second = V2App(repository=root), V2App(repository=root)
+    async with serve(first) as one, serve(second) as two:
+        ours, theirs = shared(first), shared(second)
+        assert ours is not theirs and not set(ours.pids()) & set(theirs.pids())
+        for client, pool in ((one, ours), (two, theirs)):
+            response = await infer(client, "a", 2)
+            assert output(response, "y") == [4] and output(response, "pid") == pool.pids()
+
+
 async def test_a_worker_killed_mid_request_fails_that_request_alone(
     serve: Any, tmp_path: Path, importable: None
 ) -> None:

@@ -336,6 +336,12 @@ class PoolState:
             return ticket
 
     def _hold(self, worker: Worker, slot: int) -> None:
+        if worker.phase in _HELD and worker.slot != slot:
+            # Handed from one request straight to the next: the busy count moves along.
+            for moved, by in ((worker.slot, -1), (slot, 1)):
+                member = self.members.get(moved)
+                if member is not None:
+                    member.busy += by
         worker.slot = slot
         self.set_phase(worker, Phase.BUSY)
         worker.held = True
