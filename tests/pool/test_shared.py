@@ -7,6 +7,8 @@ on what the pool reports (``SharedPool.loaded``, statistics), never on time.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -243,6 +245,16 @@ async def test_load_and_unload_through_the_repository_api(
         assert await census(client, pids) == {pid: 1 for pid in pids}
         response = await infer(client, "heavy")
         assert response.status_code == 200 and output(response, "y") == [1.0]
+
+        # A replacement loads it too, though the template (started before it joined)
+        # does not hold it.
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        await eventually(
+            lambda: whole(pool, {"census", "heavy"}) and victim not in pool.loaded(), pool.loaded
+        )
+        pids = set(pool.pids())
+        assert await census(client, pids) == {pid: 1 for pid in pids}
 
 
 async def test_a_model_that_fails_to_load_fails_alone(
