@@ -59,6 +59,18 @@ class Census(Model):
         return {"live": np.array([len(LIVE)], np.int64), "pid": np.array([os.getpid()], np.int64)}
 
 
+#: What ``Clingy`` models leave behind: a reference that outlives their unloading.
+KEPT: list[Model] = []
+
+
+class Clingy(Model):
+    def load(self) -> None:
+        KEPT.append(self)
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        return {"y": np.zeros(1, np.float32)}
+
+
 class FailsToLoad(Model):
     def load(self) -> None:
         raise RuntimeError("no weights here")

@@ -219,17 +219,22 @@ async def test_a_worker_killed_mid_request_fails_that_request_alone(
 
 
 async def test_load_and_unload_through_the_repository_api(
-    serve: Any, tmp_path: Path, importable: None
+    serve: Any, tmp_path: Path, importable: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     models = {
         "census": {"implementation": "shared_models.Census"},
         "heavy": {"implementation": "shared_models.Heavy"},
+        "clingy": {"implementation": "shared_models.Clingy"},
     }
     app = V2App(repository=repository(tmp_path, models, pool="shared", parallel_workers=2))
     async with serve(app) as client:
         pool = shared(app)
         pids = set(pool.pids())
         assert await census(client, pids) == {pid: 1 for pid in pids}
+        # A model something still holds cannot be freed: each worker says so.
+        assert (await client.post("/v2/repository/models/clingy/unload")).status_code == 200
+        kept = [r for r in caplog.records if "'clingy' is still referenced" in r.getMessage()]
+        assert len(kept) == 2
 
         assert (await client.post("/v2/repository/models/heavy/unload")).status_code == 200
         assert pool.loaded() == {pid: {"census"} for pid in pids}

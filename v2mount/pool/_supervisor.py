@@ -127,9 +127,8 @@ class Supervisor:
                     self._spawn(initial=True)
             else:
                 with self._state.lock:
-                    members = list(self._state.members.values())
-                    if members:
-                        self._state.reason = str(members[0].failure)
+                    failures = [m.failure for m in self._state.members.values() if m.failure]
+                    self._state.reason = failures[0] if failures else self._state.reason
             self._settle_members()
             self._settle_start()
             while not (self._state.phase == STOPPING and not self._state.workers):
@@ -357,7 +356,7 @@ class Supervisor:
         if member is not None:
             self._failed(member, worker.load_error)
         if failed.traceback and failed.slot not in self._failing:
-            what = "the model" if len(self._state.members) < 2 else f"model {name!r}"
+            what = f"model {name!r}" if self._state.shared else "the model"
             text = f"loading {what} failed\n{failed.traceback.rstrip()}"
             self._log(worker.id, logging.ERROR, text)
             self._failing.add(failed.slot)
@@ -374,12 +373,13 @@ class Supervisor:
 
     def _on_unloaded(self, worker: Worker, unloaded: Unloaded) -> None:
         worker.unloading.discard(unloaded.slot)
-        if unloaded.freed is False:
+        member = self._state.members.get(unloaded.slot)
+        if unloaded.freed is False and member is not None:
             logger.warning(
-                "%s: model slot %d is still referenced after it was unloaded: its memory "
-                "is not released (a module-level reference to the model?)",
+                "%s: model %r is still referenced after it was unloaded: its memory is "
+                "not released (a module-level reference to the model?)",
                 worker.where,
-                unloaded.slot,
+                member.name,
             )
         self._settle_members()
 
