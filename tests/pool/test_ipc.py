@@ -91,6 +91,14 @@ def test_without_an_arena_everything_travels_in_the_frame() -> None:
     assert seq == 1 and np.array_equal(request["x"], big) and request["x"].flags.writeable
 
 
+def test_a_request_frame_names_its_model_slot_in_the_header() -> None:
+    """A shared pool's worker runs the model of the frame's slot (16 bits of the header)."""
+    for slot in (0, 7, (1 << 16) - 1):
+        frame = encode_request(one("x", np.zeros(2, np.float32)), 3, None, THRESHOLD, slot)
+        assert HEADER.unpack_from(frame)[3] == slot
+        assert decode_request(bytearray(frame), None).slot == slot
+
+
 def test_an_arena_that_cannot_grow_falls_back_to_the_frame(arena: Arena) -> None:
     assert not arena.reserve(1 << 60)  # far more than /dev/shm could spare
     assert arena.size == 0
