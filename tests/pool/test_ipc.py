@@ -25,6 +25,7 @@ from v2mount.pool._ipc import (
     encode_result,
     error_from_wire,
     error_to_wire,
+    frame_route,
     updates_of,
 )
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
@@ -74,7 +75,7 @@ def test_large_buffers_go_through_the_arena_and_come_back_as_private_copies(
     # The other end maps the same file (as a worker does) and decodes.
     other = Arena.attach(arena.path)
     assert other is not None
-    seq, decoded, _ = decode_request(bytearray(frame), other)
+    seq, decoded = decode_request(bytearray(frame), other)
     other.close()
     assert seq == 5
     assert np.array_equal(decoded["big"], big) and np.array_equal(decoded["small"], small)
@@ -87,16 +88,16 @@ def test_without_an_arena_everything_travels_in_the_frame() -> None:
     big = np.ones(1 << 18, dtype=np.float64)
     frame = encode_request(one("x", big, "FP64"), 1, None, THRESHOLD)
     assert len(frame) > big.nbytes
-    seq, request, _ = decode_request(bytearray(frame), None)
+    seq, request = decode_request(bytearray(frame), None)
     assert seq == 1 and np.array_equal(request["x"], big) and request["x"].flags.writeable
 
 
 def test_a_request_frame_names_its_model_slot_in_the_header() -> None:
     """A shared pool's worker runs the model of the frame's slot (16 bits of the header)."""
     for slot in (0, 7, (1 << 16) - 1):
-        frame = encode_request(one("x", np.zeros(2, np.float32)), 3, None, THRESHOLD, slot)
-        assert HEADER.unpack_from(frame)[3] == slot
-        assert decode_request(bytearray(frame), None).slot == slot
+        frame = encode_request(one("x", np.zeros(2, np.float32)), 3, None, THRESHOLD, slot=slot)
+        assert frame_route(bytearray(frame)) == (slot, 3)
+        assert decode_request(bytearray(frame), None)[0] == 3
 
 
 def test_an_arena_that_cannot_grow_falls_back_to_the_frame(arena: Arena) -> None:
@@ -139,7 +140,7 @@ def test_arena_keeps_its_size_between_messages(arena: Arena) -> None:
 def test_tensors_of_every_kind_round_trip_without_pickle(datatype: str, array: np.ndarray) -> None:
     frame = encode_request(one("t", array, datatype), 3, None, THRESHOLD)
     assert not flags(frame) & PICKLED_META and b"\x80\x05" not in frame  # no pickle inside
-    _, request, _ = decode_request(bytearray(frame), None)
+    _, request = decode_request(bytearray(frame), None)
     tensor = request.input("t")
     assert tensor.datatype == datatype and tensor.shape == array.shape
     assert tensor.data.shape == array.shape and tensor.data.tolist() == array.tolist()
@@ -155,7 +156,7 @@ def test_request_fields_round_trip_and_plain_parameters_need_no_pickle() -> None
     )
     frame = encode_request(request, 9, None, THRESHOLD)
     assert not flags(frame) & PICKLED_META
-    seq, again, _ = decode_request(bytearray(frame), None)
+    seq, again = decode_request(bytearray(frame), None)
     assert seq == 9 and again.id == "7" and again.parameters == request.parameters
     assert again.outputs == request.outputs and again.requested_output_names == ["y"]
     assert again.input("s").parameters == {"content_type": "str"}
@@ -222,7 +223,7 @@ def test_the_channel_moves_whole_frames_in_pieces() -> None:
             got = receiver.read_some()
             rounds += 1
         assert rounds > 1 and not sender.writing and not receiver.reading
-        seq, request, _ = decode_request(got, None)
+        seq, request = decode_request(got, None)
         assert seq == 11 and np.array_equal(request["x"], big)
         assert receiver.read_some() is None  # nothing more, and the channel is reusable
         right.close()

@@ -174,7 +174,7 @@ def test_pool_frames_carry_request_bytes_as_data(tmp_path: Path) -> None:
     body, headers = binary_bytes_body([payload])
     request = decode_request(body, int(headers["Inference-Header-Content-Length"]))
     frame = encode_request(request, 1, None, 0)
-    decoded = from_frame(bytearray(frame), None).request
+    _, decoded = from_frame(bytearray(frame), None)
     assert decoded["x"].tolist() == [payload]
     assert not trap.exists()
 

@@ -5,9 +5,10 @@ and each reply is one frame, with no pickle in the common case::
 
     HEADER (struct) | meta | extra | padding to 64 | data
 
-``HEADER`` holds the frame's length, its kind (request, result, error), flags, the
-model's slot (which model of a shared pool the request is for), the lengths of ``meta``
-and ``extra`` and the request's sequence number. ``meta`` is JSON
+``HEADER`` holds the frame's length, its kind (request, result, error, or a stage call
+and its reply: ``_stage_frames.py``), flags, the model's slot (which model of a shared
+pool a call is for), the lengths of ``meta`` and ``extra`` and the request's sequence
+number. ``meta`` is JSON
 (orjson): the request's or response's id, parameters and requested outputs, and one entry
 per tensor (name, datatype, shape, parameters, numpy dtype, where its bytes are). Tensor
 bytes are raw: in ``data`` when small, in the worker's shared-memory arena
@@ -47,8 +48,13 @@ from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, 
 
 __all__ = [
     "ERROR",
+    "PIPELINE",
+    "POSTPROCESS",
+    "PREPROCESS",
+    "PREPROCESSED",
     "REQUEST",
     "RESULT",
+    "STAGED",
     "Channel",
     "DeclaredSpecs",
     "Load",
@@ -56,7 +62,6 @@ __all__ = [
     "Log",
     "Ready",
     "Reply",
-    "Request",
     "Serving",
     "Unload",
     "Unloaded",
@@ -67,12 +72,18 @@ __all__ = [
     "encode_result",
     "error_from_wire",
     "error_to_wire",
+    "frame_kind",
+    "frame_route",
     "updates_of",
 ]
 
 #: Frame length, kind, flags, model slot, meta length, extra length, sequence number.
 HEADER = struct.Struct("<QBBHIIQ")
 REQUEST, RESULT, ERROR = 1, 2, 3
+#: Stage calls (``_stage_frames.py``): preprocess one request, postprocess one request's
+#: answer, run preprocess → predict → postprocess; and the replies to them.
+PREPROCESS, POSTPROCESS, PIPELINE, PREPROCESSED, STAGED = 4, 5, 6, 7, 8
+_REQUEST_KINDS = frozenset({REQUEST, PREPROCESS, PIPELINE})
 PICKLED_META = 1
 _ALIGN = 64
 _CHUNK = 1 << 16
@@ -335,7 +346,6 @@ def _tensor_from(entry: Sequence[Any], frame: bytearray, data: int, arena: Arena
 
 class _Parsed(NamedTuple):
     kind: int
-    slot: int
     seq: int
     meta: list[Any]
     extra: bytes
@@ -343,7 +353,7 @@ class _Parsed(NamedTuple):
 
 
 def _parse(frame: bytearray) -> _Parsed:
-    total, kind, flags, slot, meta_length, extra_length, seq = HEADER.unpack_from(frame)
+    total, kind, flags, _, meta_length, extra_length, seq = HEADER.unpack_from(frame)
     if total != len(frame):
         raise ValueError(f"frame of {len(frame)} bytes says it has {total}")
     start = HEADER.size
@@ -351,13 +361,31 @@ def _parse(frame: bytearray) -> _Parsed:
     raw = frame[start:end]  # a small copy, cheaper than a memoryview's bookkeeping
     meta = pickle.loads(raw) if flags & PICKLED_META else orjson.loads(raw)
     extra = bytes(frame[end : end + extra_length]) if extra_length else b""
-    return _Parsed(kind, slot, seq, meta, extra, _aligned(end + extra_length))
+    return _Parsed(kind, seq, meta, extra, _aligned(end + extra_length))
+
+
+def frame_kind(frame: bytearray) -> int:
+    """The kind byte of a frame's header (it follows the frame's length, a ``Q``)."""
+    kind: int = frame[8]
+    return kind
+
+
+def frame_route(frame: bytearray) -> tuple[int, int]:
+    """A frame's model slot and sequence number, from its header alone."""
+    _, _, _, slot, _, _, seq = HEADER.unpack_from(frame)
+    return slot, seq
 
 
 def encode_request(
-    request: InferenceRequest, seq: int, arena: Arena | None, threshold: int, slot: int = 0
+    request: InferenceRequest,
+    seq: int,
+    arena: Arena | None,
+    threshold: int,
+    kind: int = REQUEST,
+    slot: int = 0,
 ) -> bytes:
-    """Called in the parent: the frame of one request for the model of ``slot``."""
+    """Called in the parent: the frame of one request (``kind``: or of a stage call) for
+    the model of ``slot``."""
     parameters = request.parameters
     plain = not parameters or _plain(parameters)
     outputs = None
@@ -365,26 +393,18 @@ def encode_request(
         outputs = [[out.name, out.parameters] for out in request.outputs]
         plain = plain and all(not p or _plain(p) for _, p in outputs)
     head = [request.id, parameters, outputs]
-    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain, slot=slot)
+    return _frame(kind, seq, head, request.inputs, arena, threshold, plain, slot=slot)
 
 
-class Request(NamedTuple):
-    """A decoded request: its sequence number, the request, its model's slot."""
-
-    seq: int
-    request: InferenceRequest
-    slot: int
-
-
-def decode_request(frame: bytearray, arena: Arena | None) -> Request:
-    """Called in the worker: the sequence number, model slot and request of a frame."""
-    kind, slot, seq, meta, _, data = _parse(frame)
-    if kind != REQUEST:
+def decode_request(frame: bytearray, arena: Arena | None) -> tuple[int, InferenceRequest]:
+    """Called in the worker: the sequence number and the request of a frame."""
+    kind, seq, meta, _, data = _parse(frame)
+    if kind not in _REQUEST_KINDS:
         raise ValueError(f"expected a request frame, got kind {kind}")
     request_id, parameters, outputs, entries = meta
     inputs = [_tensor_from(entry, frame, data, arena) for entry in entries]
     requested = None if outputs is None else [RequestedOutput(n, p) for n, p in outputs]
-    return Request(seq, InferenceRequest(inputs, request_id, parameters, requested), slot)
+    return seq, InferenceRequest(inputs, request_id, parameters, requested)
 
 
 def encode_result(
@@ -417,7 +437,7 @@ class Reply(NamedTuple):
 
 def decode_reply(frame: bytearray, arena: Arena | None) -> Reply:
     """Called in the parent."""
-    kind, _, seq, meta, extra, data = _parse(frame)
+    kind, seq, meta, extra, data = _parse(frame)
     if kind == ERROR:
         wire, updates = meta[0], meta[1]
         return Reply(seq, error_from_wire(tuple(wire)), updates)
@@ -431,7 +451,7 @@ def decode_reply(frame: bytearray, arena: Arena | None) -> Reply:
 
 def updates_of(frame: bytearray) -> list[MetricUpdate]:
     """The custom-metric updates of a reply nobody waits for any more."""
-    kind, _, _, meta, extra, _ = _parse(frame)
+    kind, _, meta, extra, _ = _parse(frame)
     if kind == ERROR:
         return list(meta[1])
     return pickle.loads(extra) if extra else []

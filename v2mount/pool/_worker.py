@@ -44,6 +44,7 @@ from v2mount.errors import ModelNotReady, V2MountError, describe_exception
 from v2mount.model import MethodRunner, Model, build_response
 from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._ipc import (
+    REQUEST,
     Channel,
     DeclaredSpecs,
     Load,
@@ -56,8 +57,11 @@ from v2mount.pool._ipc import (
     decode_request,
     encode_error,
     encode_result,
+    frame_kind,
+    frame_route,
 )
 from v2mount.pool._shipping import ModelPackage, unpack_model
+from v2mount.pool._stage_frames import answer_stage
 
 __all__ = [
     "THREAD_VARIABLES",
@@ -193,26 +197,31 @@ class _Loaded:
 def _answer(
     models: Mapping[int, _Loaded], frame: bytearray, arena: Arena | None, threshold: int
 ) -> bytes:
+    """The reply frame to one call frame, by the model of its slot (which an unload waits
+    for): its result or its error, with the metrics."""
+    slot, seq = frame_route(frame)
+    loaded = models.get(slot)
+    if loaded is None:
+        return encode_error(ModelNotReady(f"model slot {slot} is not loaded here"), seq, [])
+    with loaded.lock:
+        if frame_kind(frame) != REQUEST:
+            return answer_stage(loaded.runner, frame, arena, threshold)
+        return _predict(loaded.runner, frame, arena, threshold)
+
+
+def _predict(runner: MethodRunner, frame: bytearray, arena: Arena | None, threshold: int) -> bytes:
     """The reply frame to one request frame: its result or its error, with the metrics."""
-    seq, updates = -1, []
+    model = runner.model
+    seq = -1
     try:
-        seq, request, slot = decode_request(frame, arena)
-        loaded = models.get(slot)
-        if loaded is None:
-            raise ModelNotReady(f"model slot {slot} is not loaded in this worker")
-        with loaded.lock:
-            model = loaded.runner.model
-            try:
-                response = build_response(model, request, loaded.runner.run(model.predict, request))
-                del request
-                return encode_result(response, seq, model.metrics.drain(), arena, threshold)
-            except Exception:
-                updates = model.metrics.drain()
-                raise
+        seq, request = decode_request(frame, arena)
+        response = build_response(model, request, runner.run(model.predict, request))
+        del request
+        return encode_result(response, seq, model.metrics.drain(), arena, threshold)
     except Exception as exc:
         if not isinstance(exc, V2MountError):
             logger.exception("predict raised")
-        return encode_error(exc, seq, updates)
+        return encode_error(exc, seq, model.metrics.drain())
 
 
 def _serve(
