@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from v2mount.model import Model
-from v2mount.types import InferenceRequest
+from v2mount.types import InferenceRequest, InferenceResponse
 
 #: The ``Heavy`` models alive in this process (a worker), for ``Census`` to count.
 LIVE: weakref.WeakSet[Model] = weakref.WeakSet()
@@ -37,6 +37,20 @@ class Scale(Model):
             "y": np.asarray(payload["x"], np.float32) * factor,
             "pid": np.array([os.getpid()], np.int64),
         }
+
+
+class Staged(Model):
+    """``y = 10 * x + offset``: preprocess scales, predict adds, postprocess renames."""
+
+    def preprocess(self, payload: InferenceRequest) -> Any:
+        return {"scaled": np.asarray(payload["x"], np.float64) * 10}
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        offset = float((self.settings.parameters.model_extra or {}).get("offset", 0))
+        return {"z": payload["scaled"] + offset}
+
+    def postprocess(self, payload: InferenceRequest, response: InferenceResponse) -> Any:
+        return {"y": response.output("z").data}
 
 
 class Heavy(Model):

@@ -137,6 +137,38 @@ async def test_models_of_one_pool_share_its_workers_and_answer_concurrently(
         assert statistics is not None and statistics.workers == statistics.live_workers == 2
 
 
+async def test_stage_calls_reach_their_model_in_a_shared_pool(
+    serve: Any, tmp_path: Path, importable: None
+) -> None:
+    staged = {"implementation": "shared_models.Staged"}
+    models = {
+        "a": scale(2),
+        "piped": {**staged, "parameters": {"offset": 1}},  # one trip: preprocess → postprocess
+        "batched": {  # preprocess, a batched predict, postprocess: three calls
+            **staged,
+            "parameters": {"offset": 2},
+            "max_batch_size": 4,
+            "max_batch_time": 0.01,
+        },
+    }
+    app = V2App(repository=repository(tmp_path, models, pool="shared", parallel_workers=2))
+    async with serve(app) as client:
+        answers: dict[tuple[str, int], httpx.Response] = {}
+
+        async def ask(model: str, x: int) -> None:
+            answers[model, x] = await infer(client, model, x)
+
+        async with anyio.create_task_group() as group:
+            for x in range(5):
+                for model in ("a", "piped", "batched"):
+                    group.start_soon(ask, model, x)
+        expected = {"a": lambda x: 2 * x, "piped": lambda x: 10 * x + 1}
+        expected["batched"] = lambda x: 10 * x + 2
+        for (model, x), response in answers.items():
+            assert response.status_code == 200, response.text
+            assert output(response, "y") == [expected[model](x)]
+
+
 async def test_queues_and_metrics_are_counted_per_model(
     serve: Any, tmp_path: Path, importable: None
 ) -> None:
