@@ -95,6 +95,7 @@ def _encode(
     timings: Timings | None = None,
     updates: list[MetricUpdate] | None = None,
     max_rows: int = 0,
+    slot: int = 0,
 ) -> bytes:
     heads = []
     tensors = []
@@ -109,7 +110,7 @@ def _encode(
             tensors.extend(item.outputs)
     extra = pickle.dumps(updates, protocol=5) if updates else b""
     meta = [timings or [], heads, max_rows]
-    return _frame(kind, seq, meta, tensors, arena, threshold, plain, extra)
+    return _frame(kind, seq, meta, tensors, arena, threshold, plain, extra, slot)
 
 
 class _Decoded(NamedTuple):
@@ -147,12 +148,14 @@ def _decode(frame: bytearray, arena: Arena | None) -> _Decoded:
     return _Decoded(kind, seq, timed, items, extra, max_rows)
 
 
-def encode_gathered(gathered: Gathered, seq: int, arena: Arena | None, threshold: int) -> bytes:
+def encode_gathered(
+    gathered: Gathered, seq: int, arena: Arena | None, threshold: int, slot: int = 0
+) -> bytes:
     """Called in the parent: the frame of a ``preprocess`` call on the requests, or of a
-    ``PIPELINE`` call when they run their whole chain."""
+    ``PIPELINE`` call when they run their whole chain (to the model of ``slot``)."""
     kind = PIPELINE if gathered.whole else PREPROCESS
     rows = gathered.max_rows
-    return _encode(kind, seq, gathered.requests, arena, threshold, max_rows=rows)
+    return _encode(kind, seq, gathered.requests, arena, threshold, max_rows=rows, slot=slot)
 
 
 def encode_predict_postprocess(
@@ -161,11 +164,14 @@ def encode_predict_postprocess(
     seq: int,
     arena: Arena | None,
     threshold: int,
+    slot: int = 0,
 ) -> bytes:
-    """Called in the parent: the frame of a batch's ``predict`` and its ``postprocess`` calls."""
+    """Called in the parent: the frame of a batch's ``predict`` and its ``postprocess``
+    calls (to the model of ``slot``)."""
     if len(prepared) != len(originals):
         raise ValueError(f"{len(prepared)} preprocessed requests for {len(originals)} requests")
-    return _encode(PREDICT_POSTPROCESS, seq, [*prepared, *originals], arena, threshold)
+    items = [*prepared, *originals]
+    return _encode(PREDICT_POSTPROCESS, seq, items, arena, threshold, slot=slot)
 
 
 def decode_stage_reply(frame: bytearray, arena: Arena | None) -> StageReply:
