@@ -453,3 +453,50 @@ async def test_with_the_plain_window_a_call_runs_the_whole_chain_of_what_it_gath
     assert first["batch"] == second["batch"] == [2]
     assert first["pids"] == second["pids"]
     assert len(set(first["pids"])) == 1  # one call did all three
+
+
+class PostOnly(Model):
+    """Only ``postprocess``: it runs in the worker that ran the batch's ``predict``."""
+
+    name = "post"
+    inputs = [{"name": "x", "datatype": "INT32", "shape": [-1, 1]}]
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        x = payload["x"]
+        return {"z": x * 2, "pid": np.full((len(x), 1), os.getpid())}
+
+    def postprocess(self, payload: InferenceRequest, response: InferenceResponse) -> Any:
+        if (payload["x"] == FAIL_POST).any():
+            raise KeyError("no label for this one")
+        pid = response.output("pid").data
+        return {
+            "y": response.output("z").data + 1,
+            "pids": np.hstack([pid, np.full_like(pid, os.getpid())]),
+        }
+
+
+async def test_a_model_with_only_postprocess_postprocesses_where_it_predicted(
+    serve: Any,
+) -> None:
+    app = V2App([PostOnly(parallel_workers=2, **BATCHED)])
+    answers: dict[int, httpx.Response] = {}
+
+    async def post(value: int) -> None:
+        answers[value] = await client.post("/v2/models/post/infer", json=body(value))
+
+    async with serve(app) as client:
+        async with anyio.create_task_group() as group:
+            for value in (1, 2, FAIL_POST, 3):
+                group.start_soon(post, value)
+        figures = await samples(client)
+    for value in (1, 2, 3):
+        got = outputs(answers[value])
+        assert got["y"] == [2 * value + 1]
+        predicted, postprocessed = got["pids"]
+        assert predicted == postprocessed != os.getpid()
+    assert answers[FAIL_POST].status_code == 500
+    assert answers[FAIL_POST].json() == {
+        "error": "postprocess failed: KeyError: 'no label for this one'"
+    }
+    labels = frozenset({"model": "post", "version": "", "stage": "postprocess"}.items())
+    assert figures[("model_infer_stage_duration_seconds_count", labels)] == 3
