@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Iterable
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -29,6 +28,7 @@ from v2mount.errors import (
 from v2mount.metadata import select_outputs, validate_request
 from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
+from v2mount.request_ids import RequestIds
 from v2mount.runner import InProcessRunner, Runner, RunnerStatistics
 from v2mount.settings import ModelSettings, Settings
 from v2mount.stats import InferenceStats, mark_started, started_at
@@ -107,6 +107,7 @@ class ModelHandle:
         self.state = ModelState.UNAVAILABLE
         self.reason = broken or ""
         self.stats = InferenceStats()
+        self._ids = RequestIds()
         self._runner: Runner | None = None
         self._batcher: AdaptiveBatcher | PredictiveBatcher | None = None
         self._in_flight = 0
@@ -260,7 +261,7 @@ class ModelHandle:
         timeout = self.settings.inference_timeout
         assert timeout is not None
         if request.id is None:
-            request.id = str(uuid.uuid4())  # as MLServer: every response carries an id
+            request.id = self._ids.next()  # as MLServer: every response carries an id
         start = time.perf_counter_ns()
         mark_started(start)
         self._in_flight += 1
