@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -108,6 +108,7 @@ class ModelHandle:
         self.reason = broken or ""
         self.stats = InferenceStats()
         self._ids = RequestIds()
+        self._recorder: Callable[[bool, float], None] | None = None
         self._runner: Runner | None = None
         self._batcher: AdaptiveBatcher | PredictiveBatcher | None = None
         self._in_flight = 0
@@ -292,7 +293,10 @@ class ModelHandle:
             elapsed = end - start
             # Queue time: until the runner (or the batcher) took the request up.
             self.stats.record(ok, elapsed, end - (started_at() or start), _rows(request))
-            self.metrics.record_inference(self.name, self.version, ok, elapsed / 1e9)
+            recorder = self._recorder
+            if recorder is None:
+                recorder = self._recorder = self.metrics.inference_recorder(self.name, self.version)
+            recorder(ok, elapsed / 1e9)
             self._in_flight -= 1
             if self._in_flight == 0 and self._idle is not None:
                 self._idle.set()
@@ -341,6 +345,9 @@ class ModelRegistry:
             if handle is None:
                 raise ModelNotFound(f"model {name!r} has no version {version!r}")
             return handle
+        if len(versions) == 1:  # the only version is the default
+            for handle in versions.values():
+                return handle
         marked = [h for h in versions.values() if h.settings.default_version]
         if marked:
             return marked[0]

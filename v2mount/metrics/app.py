@@ -145,9 +145,7 @@ class AppMetrics:
         )
         self.queues = QueueCollector(registry=self.registry)
         self.batching = BatchingCollector(registry=self.registry)
-        # Per-model children (success, duration, failure), resolved on a model's first
-        # inference: prometheus-client's ``labels`` takes a lock and builds a key each time.
-        self._model_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._recorders: dict[tuple[str, str], Callable[[bool, float], None]] = {}
         self._custom: dict[str, tuple[str, tuple[str, ...], Any]] = {}
         self._lock = threading.Lock()
 
@@ -165,20 +163,27 @@ class AppMetrics:
     # -- called by the registry and the REST layer ---------------------------------------
 
     def record_inference(self, model: str, version: str | None, ok: bool, seconds: float) -> None:
+        self.inference_recorder(model, version)(ok, seconds)
+
+    def inference_recorder(self, model: str, version: str | None) -> Callable[[bool, float], None]:
+        """``record(ok, seconds)`` for one model version, its metric children resolved
+        once (``labels`` builds a key, and takes a lock in prometheus-client)."""
         labels = (model, version or "")
-        children = self._model_children.get(labels)
-        if children is None:
-            children = (
-                self.infer_success.labels(*labels),
-                self.infer_duration.labels(*labels),
-                self.infer_failure.labels(*labels),
-            )
-            self._model_children[labels] = children
-        if ok:
-            children[0].inc()
-            children[1].observe(seconds)
-        else:
-            children[2].inc()
+        recorder = self._recorders.get(labels)
+        if recorder is None:
+            success = self.infer_success.labels(*labels)
+            duration = self.infer_duration.labels(*labels)
+            failure = self.infer_failure.labels(*labels)
+
+            def recorder(ok: bool, seconds: float) -> None:
+                if ok:
+                    success.inc()
+                    duration.observe(seconds)
+                else:
+                    failure.inc()
+
+            self._recorders[labels] = recorder
+        return recorder
 
     def observe_batch(
         self, model: str, version: str | None, rows: int, queue_delays: Iterable[float] = ()
