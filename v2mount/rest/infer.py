@@ -70,6 +70,7 @@ class InferEndpoint:
     def __init__(self, app: V2App) -> None:
         self._registry = app.registry
         self._settings = app.settings
+        self._compress = app.settings.compress_responses
         self._limiter = app.codec_limiter
         self._metrics = app.metrics
         self._routes: dict[bool, RouteMetrics] = {}
@@ -163,7 +164,7 @@ class InferEndpoint:
         headers = [_JSON] if binary_header is None else [_BINARY]
         if binary_header is not None:
             headers.append((b"inference-header-content-length", b"%d" % binary_header))
-        if accept is not None and len(content) >= COMPRESS_MIN_BYTES:
+        if accept is not None and len(content) >= COMPRESS_MIN_BYTES and self._compress:
             chosen = response_coding(accept)
             if chosen is not None:
                 if len(content) > THREAD_CODEC_BYTES:
