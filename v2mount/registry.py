@@ -264,7 +264,7 @@ class ModelHandle:
         if request.id is None:
             request.id = self._ids.next()  # as MLServer: every response carries an id
         start = time.perf_counter_ns()
-        mark_started(start)
+        taken: int | None = start  # when the request left its queue (inline: at once)
         self._in_flight += 1
         ok = False
         try:
@@ -275,6 +275,9 @@ class ModelHandle:
                 # the cancel scope (and its timer) this request would pay for nothing.
                 response = await runner.infer(request)
             else:
+                # The runner or the batcher says when it takes the request up.
+                mark_started(start)
+                taken = None
                 with anyio.fail_after(timeout):
                     response = await executor.infer(request)
             response = select_outputs(response, request)
@@ -291,8 +294,9 @@ class ModelHandle:
         finally:
             end = time.perf_counter_ns()
             elapsed = end - start
-            # Queue time: until the runner (or the batcher) took the request up.
-            self.stats.record(ok, elapsed, end - (started_at() or start), _rows(request))
+            if taken is None:
+                taken = started_at() or start
+            self.stats.record(ok, elapsed, end - taken, _rows(request))
             recorder = self._recorder
             if recorder is None:
                 recorder = self._recorder = self.metrics.inference_recorder(self.name, self.version)
