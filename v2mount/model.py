@@ -260,7 +260,7 @@ def build_response(
         if final:
             result.outputs = conform_outputs(settings, result.outputs)
         return result
-    if isinstance(result, Mapping):
+    if type(result) is dict or isinstance(result, Mapping):  # the ABC check costs more
         items = list(result.items())
     elif isinstance(result, (np.ndarray, list, tuple)):
         name = settings.outputs[0].name if len(settings.outputs) == 1 else DEFAULT_OUTPUT_NAME
@@ -276,6 +276,6 @@ def build_response(
         raise
     except (ValueError, TypeError) as exc:
         raise ModelError(f"predict returned data that is not a tensor: {exc}") from None
-    if final:
+    if final and settings.outputs:  # undeclared, these arrays already conform
         outputs = conform_outputs(settings, outputs)
     return InferenceResponse(settings.name, outputs, settings.version, request.id)

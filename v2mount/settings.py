@@ -305,6 +305,16 @@ class Settings(BaseSettings):
     inline_predict_budget: float = Field(default=0.001, ge=0)
     """In-process models: a plain predict averaging under this many seconds runs on the
     event loop, not a worker thread (the hop costs more); 0 always uses the thread."""
+    compress_responses: bool = True
+    """Compress inference answers of 1 KiB or more with gzip or deflate when the request's
+    ``Accept-Encoding`` allows it; false: never (a proxy in front compresses, or CPU
+    matters more than bandwidth). MLServer's ``gzip_enabled``."""
+    gc_freeze: bool | None = None
+    """Once the models have loaded, move every object then alive out of the garbage
+    collector's sight (``gc.freeze()``): a full collection with a framework loaded
+    scans ≈ 10^5 objects (≈ 100 ms with scikit-learn) and stalls every request in
+    flight, and after the freeze it scans only what came later. Unset: on in the
+    standalone server, off mounted in a host (it acts on the whole process)."""
     max_request_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
     """Largest request body accepted; larger ones get 413."""
     max_header_bytes: int = Field(default=64 * 1024, ge=1)
@@ -384,6 +394,7 @@ MLSERVER_SERVER_NAMES = {
     "parallel_workers": "model_parallel_workers",
     "model_repository_root": "model_repository",
     "metrics_endpoint": "metrics_path",
+    "gzip_enabled": "compress_responses",
 }
 #: MLServer ``settings.json`` fields v2mount does not use (``debug`` is read apart).
 MLSERVER_SERVER_FIELDS = frozenset(
@@ -393,7 +404,6 @@ MLSERVER_SERVER_FIELDS = frozenset(
         "cors_settings",
         "environments_dir",
         "extensions",
-        "gzip_enabled",
         "kafka_enabled",
         "kafka_servers",
         "kafka_topic_input",
