@@ -36,6 +36,7 @@ __all__ = [
     "call_predict",
     "call_predict_sync",
     "conform_outputs",
+    "preload_modules",
 ]
 
 DEFAULT_OUTPUT_NAME = "output-0"
@@ -58,6 +59,10 @@ class Model:
     any_input_name: ClassVar[bool] = False
     inputs: ClassVar[list[TensorSpec | dict[str, Any]]] = []
     outputs: ClassVar[list[TensorSpec | dict[str, Any]]] = []
+    #: Modules the pool's template process imports before it forks this model's workers
+    #: (the framework ``load`` imports): a worker, and each replacement, starts with them
+    #: imported and shares their memory. ``preload`` in the settings adds more.
+    preload: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: ModelSettings | Mapping[str, Any] | None = None, **fields: Any):
         given = (
@@ -94,6 +99,11 @@ class Model:
         pool it runs in a worker process. An exception becomes a 500 carrying its message.
         """
         raise NotImplementedError(f"{type(self).__name__}.predict is not implemented")
+
+
+def preload_modules(model: Model) -> tuple[str, ...]:
+    """What a template imports for ``model``: the class's ``preload``, then the settings'."""
+    return tuple(dict.fromkeys((*type(model).preload, *model.settings.preload)))
 
 
 async def _maybe_await(value: Any) -> Any:

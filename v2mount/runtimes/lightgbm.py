@@ -28,6 +28,7 @@ class LightGBMModel(FrameworkModel):
     platform = "lightgbm"
     any_input_name = True
     well_known_files = ("model.txt", "model.bst")
+    preload = ("lightgbm",)
 
     def load(self) -> None:
         lgb = import_extra("lightgbm", "lightgbm")

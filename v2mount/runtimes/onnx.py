@@ -71,6 +71,7 @@ class OnnxModel(FrameworkModel):
 
     platform = "onnxruntime_onnx"
     well_known_files = ("model.onnx",)
+    preload = ("onnxruntime",)
 
     def load(self) -> None:
         ort = import_extra("onnxruntime", "onnx")

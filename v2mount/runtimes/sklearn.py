@@ -59,6 +59,16 @@ class SKLearnModel(FrameworkModel):
     platform = "sklearn"
     any_input_name = True
     well_known_files = ("model.joblib", "model.pickle", "model.pkl")
+    #: joblib and scikit-learn with the modules of the common estimators: what most
+    #: files' unpickling imports (list others in the settings' ``preload``).
+    preload = (
+        "joblib",
+        "sklearn",
+        "sklearn.compose",
+        "sklearn.linear_model",
+        "sklearn.pipeline",
+        "sklearn.preprocessing",
+    )
 
     def load(self) -> None:
         joblib = import_extra("joblib", "sklearn")

@@ -31,6 +31,7 @@ class XGBoostModel(FrameworkModel):
     platform = "xgboost"
     any_input_name = True
     well_known_files = ("model.json", "model.ubj", "model.bst")
+    preload = ("xgboost",)
 
     def load(self) -> None:
         xgb = import_extra("xgboost", "xgboost")
