@@ -9,7 +9,7 @@ a request that names no outputs gets every declared output (the OIP rule), not j
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -61,7 +61,7 @@ class SKLearnModel(FrameworkModel):
     well_known_files = ("model.joblib", "model.pickle", "model.pkl")
     #: joblib and scikit-learn with the modules of the common estimators: what most
     #: files' unpickling imports (list others in the settings' ``preload``).
-    preload = (
+    preload: ClassVar[tuple[str, ...]] = (
         "joblib",
         "sklearn",
         "sklearn.compose",
