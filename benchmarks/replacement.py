@@ -13,7 +13,8 @@ No HTTP: each figure watches ``WorkerPool`` itself.
   imports numpy and the model). The iris cases need ``model.joblib``: ``python
   examples/models/iris/train.py``.
 - ``memory``: proportional set size (PSS) of this process and every process it started,
-  with 3 models (``identity``, ``linear``, ``identity``) in pools of 2 (Linux).
+  with 3 models (``identity``, ``linear``, ``identity``) in pools of 2 (Linux); and with
+  3 copies of ``iris`` and of ``iris-bare`` (when chosen with ``--models``).
 - ``storm``: 16 concurrent callers on a pool of 2 (identity); every 0.5 s for 10 s,
   SIGKILL the worker that answered last (a serving one; no kill when none answered since
   the last kill); then the time from the last kill until the pool is whole again, and
@@ -217,13 +218,11 @@ def tree(root: int) -> set[int]:
     return found
 
 
-async def memory(start: str) -> tuple[float, int]:
-    """PSS (MB) of the whole process tree with 3 pools of 2 started, and its processes."""
+async def memory(start: str, names: tuple[str, ...]) -> tuple[float, int]:
+    """PSS (MB) of the whole process tree with a pool of 2 per model started, and its
+    processes."""
     use_start(start)
-    pools = [
-        WorkerPool(MODELS[name](), PoolConfig(2, 8), metrics_sink=ignore)
-        for name in ("identity", "linear", "identity")
-    ]
+    pools = [WorkerPool(MODELS[name](), PoolConfig(2, 8), metrics_sink=ignore) for name in names]
     try:
         for pool in pools:
             await pool.start()
@@ -258,8 +257,16 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 print(f"         load average {os.getloadavg()[0]:.2f}")
         if "memory" in args.only:
-            total, processes = await memory(start)
-            print(f"memory   3 pools  {start:<8} PSS {total:7.1f} MB in {processes} processes")
+            trios = [("identity", "linear", "identity")]
+            trios += [(name,) * 3 for name in ("iris", "iris-bare") if name in args.models]
+            for names in trios:
+                if names[0].startswith("iris") and not IRIS.is_file():
+                    continue
+                total, processes = await memory(start, names)
+                print(
+                    f"memory   {'3 demo' if len(set(names)) > 1 else '3 ' + names[0]:<16} "
+                    f"{start:<8} PSS {total:7.1f} MB in {processes} processes"
+                )
         if "storm" in args.only:
             result = await storm(start, args.storm_seconds, 0.5, 16)
             print(
