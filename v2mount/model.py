@@ -102,8 +102,17 @@ class Model:
 
 
 def preload_modules(model: Model) -> tuple[str, ...]:
-    """What a template imports for ``model``: the class's ``preload``, then the settings'."""
-    return tuple(dict.fromkeys((*type(model).preload, *model.settings.preload)))
+    """What a template imports for ``model``: the class's ``preload``, then the settings'.
+
+    ``TypeError`` if the class's ``preload`` is not a tuple or list of names (a lone
+    string would be read letter by letter).
+    """
+    declared = type(model).preload
+    if not isinstance(declared, (tuple, list)) or not all(isinstance(n, str) for n in declared):
+        raise TypeError(
+            f"{type(model).__name__}.preload must be a tuple of module names, not {declared!r}"
+        )
+    return tuple(dict.fromkeys((*declared, *model.settings.preload)))
 
 
 async def _maybe_await(value: Any) -> Any:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from v2mount.errors import ModelNotReady
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.pool import PoolConfig, WorkerPool
 from v2mount.pool._shipping import pack_model
@@ -165,6 +166,17 @@ async def test_a_preload_that_starts_a_thread_is_left_out_of_a_new_template(
 def test_the_template_receives_the_class_preloads_then_the_settings_ones() -> None:
     model = models.Probe(preload=["json", models.PROBE, "email.parser"])
     assert pack_model(model).preload == (models.PROBE, "json", "email.parser")
+
+
+class Misdeclared(models.Probe):  # type: ignore[name-defined,misc]
+    preload = "sklearn"  # a string, not a tuple of names
+
+
+async def test_a_class_preload_that_is_not_a_tuple_of_names_fails_the_start_clearly() -> None:
+    pool = WorkerPool(Misdeclared(), PoolConfig(1, 4), metrics_sink=ignore)
+    with pytest.raises(ModelNotReady, match=r"Misdeclared.preload must be a tuple of module"):
+        await pool.start()
+    await pool.stop()
 
 
 @pytest.mark.parametrize("name", ["", "has space", "trailing.", "1st", "a..b", "x/y"])
