@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 
@@ -29,8 +29,10 @@ from v2mount.errors import (
 from v2mount.metadata import select_outputs, validate_request
 from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
-from v2mount.runner import InProcessRunner, Runner, RunnerStatistics
+from v2mount.pipeline import Pipeline
+from v2mount.runner import InProcessRunner, Runner, RunnerStatistics, StagedRunner
 from v2mount.settings import ModelSettings, Settings
+from v2mount.stages import has_stages
 from v2mount.stats import InferenceStats, mark_started, started_at
 from v2mount.types import InferenceRequest, InferenceResponse
 
@@ -109,6 +111,7 @@ class ModelHandle:
         self.stats = InferenceStats()
         self._runner: Runner | None = None
         self._batcher: AdaptiveBatcher | PredictiveBatcher | None = None
+        self._pipeline: Pipeline | None = None
         self._in_flight = 0
         self._idle: anyio.Event | None = None
 
@@ -135,6 +138,8 @@ class ModelHandle:
                 inline_budget=self.server.inline_predict_budget,
             )
         if (settings.pool_backend or self.server.pool_backend) == "ray":
+            if has_stages(self.model):
+                raise SettingsError("stages are not supported with pool_backend ray")
             from v2mount.ray_pool import RayPool
 
             assert settings.inference_timeout is not None
@@ -217,6 +222,15 @@ class ModelHandle:
             )
         elif self.settings.batching is not None:
             logger.warning("model %s: batching is off (max_batch_size <= 1)", self.label)
+        if has_stages(self.model):
+            self._pipeline = Pipeline(
+                self.model,
+                cast(StagedRunner, runner),  # not Ray's: _make_runner refused it
+                self._batcher,
+                lambda stage, seconds: self.metrics.observe_stage(
+                    self.name, self.version, stage, seconds
+                ),
+            )
         self.state = ModelState.READY
         workers = settings.parallel_workers
         assert workers is not None
@@ -235,6 +249,7 @@ class ModelHandle:
                 self._idle = anyio.Event()
                 await self._idle.wait()
             runner, self._runner, self._batcher = self._runner, None, None
+            self._pipeline = None
             if runner is not None:
                 await runner.stop()
                 logger.info("model %s unloaded", self.label)
@@ -252,7 +267,7 @@ class ModelHandle:
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Validate, run (batched or not) under the deadline, and select outputs."""
-        runner, executor = self._runner, self._batcher or self._runner
+        runner, executor = self._runner, self._pipeline or self._batcher or self._runner
         if self.state is not ModelState.READY or runner is None or executor is None:
             raise ModelNotReady(self.not_ready_message())
         if not runner.ready:  # a pool between workers: a replacement is starting

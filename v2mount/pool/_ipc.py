@@ -5,8 +5,9 @@ and each reply is one frame, with no pickle in the common case::
 
     HEADER (struct) | meta | extra | padding to 64 | data
 
-``HEADER`` holds the frame's length, its kind (request, result, error), flags, the
-lengths of ``meta`` and ``extra`` and the request's sequence number. ``meta`` is JSON
+``HEADER`` holds the frame's length, its kind (request, result, error, or a stage call
+and its reply: ``_stage_frames.py``), flags, the lengths of ``meta`` and ``extra`` and
+the request's sequence number. ``meta`` is JSON
 (orjson): the request's or response's id, parameters and requested outputs, and one entry
 per tensor (name, datatype, shape, parameters, numpy dtype, where its bytes are). Tensor
 bytes are raw: in ``data`` when small, in the worker's shared-memory arena
@@ -43,8 +44,13 @@ from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, 
 
 __all__ = [
     "ERROR",
+    "PIPELINE",
+    "POSTPROCESS",
+    "PREPROCESS",
+    "PREPROCESSED",
     "REQUEST",
     "RESULT",
+    "STAGED",
     "Channel",
     "DeclaredSpecs",
     "LoadFailed",
@@ -58,12 +64,17 @@ __all__ = [
     "encode_result",
     "error_from_wire",
     "error_to_wire",
+    "frame_kind",
     "updates_of",
 ]
 
 #: Frame length, kind, flags, (unused), meta length, extra length, sequence number.
 HEADER = struct.Struct("<QBBHIIQ")
 REQUEST, RESULT, ERROR = 1, 2, 3
+#: Stage calls (``_stage_frames.py``): preprocess one request, postprocess one request's
+#: answer, run preprocess → predict → postprocess; and the replies to them.
+PREPROCESS, POSTPROCESS, PIPELINE, PREPROCESSED, STAGED = 4, 5, 6, 7, 8
+_REQUEST_KINDS = frozenset({REQUEST, PREPROCESS, PIPELINE})
 PICKLED_META = 1
 _ALIGN = 64
 _CHUNK = 1 << 16
@@ -312,10 +323,16 @@ def _parse(frame: bytearray) -> _Parsed:
     return _Parsed(kind, seq, meta, extra, _aligned(end + extra_length))
 
 
+def frame_kind(frame: bytearray) -> int:
+    """The kind byte of a frame's header (it follows the frame's length, a ``Q``)."""
+    kind: int = frame[8]
+    return kind
+
+
 def encode_request(
-    request: InferenceRequest, seq: int, arena: Arena | None, threshold: int
+    request: InferenceRequest, seq: int, arena: Arena | None, threshold: int, kind: int = REQUEST
 ) -> bytes:
-    """Called in the parent: the frame of one request."""
+    """Called in the parent: the frame of one request (``kind``: or of a stage call)."""
     parameters = request.parameters
     plain = not parameters or _plain(parameters)
     outputs = None
@@ -323,13 +340,13 @@ def encode_request(
         outputs = [[out.name, out.parameters] for out in request.outputs]
         plain = plain and all(not p or _plain(p) for _, p in outputs)
     head = [request.id, parameters, outputs]
-    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain)
+    return _frame(kind, seq, head, request.inputs, arena, threshold, plain)
 
 
 def decode_request(frame: bytearray, arena: Arena | None) -> tuple[int, InferenceRequest]:
     """Called in the worker: the sequence number and the request of a frame."""
     kind, seq, meta, _, data = _parse(frame)
-    if kind != REQUEST:
+    if kind not in _REQUEST_KINDS:
         raise ValueError(f"expected a request frame, got kind {kind}")
     request_id, parameters, outputs, entries = meta
     inputs = [_tensor_from(entry, frame, data, arena) for entry in entries]

@@ -15,24 +15,34 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import anyio
 import multiprocess
 
 from v2mount.errors import BadRequest, BrokenWorker, InferenceTimeout, ModelNotReady, V2MountError
+from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
-from v2mount.pool._arena import unlink_quietly
+from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._config import PoolConfig
-from v2mount.pool._ipc import decode_reply, encode_request
+from v2mount.pool._ipc import PIPELINE, PREPROCESS, decode_reply, encode_request
+from v2mount.pool._stage_frames import decode_stage_reply, encode_postprocess
 from v2mount.pool._state import NEW, STARTING, STOPPED, STOPPING, PoolState, Ticket, Worker, fire
 from v2mount.pool._supervisor import Supervisor
 from v2mount.pool._waiter import Waiter
 from v2mount.runner import Declared, MetricsSink, RunnerStatistics
+from v2mount.stages import Staged
 from v2mount.stats import mark_started
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = ["PoolConfig", "WorkerPool"]
+
+T = TypeVar("T")
+#: Builds a frame from its sequence number and the worker's arena.
+Encode = Callable[[int, Arena | None], bytes]
+#: Reads a reply frame: (sequence number, outcome or error, custom-metric updates).
+Decode = Callable[[bytearray, Arena | None], tuple[int, T | V2MountError, list[MetricUpdate]]]
 
 
 def _unlink_all(owner: int, paths: Iterable[str]) -> None:
@@ -131,10 +141,56 @@ class WorkerPool:
         predict raised. Cancellation withdraws a queued request; a running one finishes
         in its worker (the supervisor reads and drops its reply).
         """
+        threshold = self._config.shm_threshold
+        return await self._call(
+            lambda seq, arena: encode_request(request, seq, arena, threshold), decode_reply
+        )
+
+    async def preprocess(self, request: InferenceRequest) -> Staged[InferenceRequest]:
+        """Run the model's ``preprocess`` on one request in a worker; errors as ``infer``."""
+        threshold = self._config.shm_threshold
+        staged = await self._call(
+            lambda seq, arena: encode_request(request, seq, arena, threshold, PREPROCESS),
+            decode_stage_reply,
+        )
+        prepared, timings = staged
+        assert isinstance(prepared, InferenceRequest)
+        return prepared, timings
+
+    async def postprocess(
+        self, request: InferenceRequest, response: InferenceResponse
+    ) -> Staged[InferenceResponse]:
+        """Run the model's ``postprocess`` on one request's answer in a worker."""
+        threshold = self._config.shm_threshold
+        staged = await self._call(
+            lambda seq, arena: encode_postprocess(request, response, seq, arena, threshold),
+            decode_stage_reply,
+        )
+        return self._response(staged)
+
+    async def infer_staged(self, request: InferenceRequest) -> Staged[InferenceResponse]:
+        """preprocess → predict → postprocess on one request, in one trip to a worker."""
+        threshold = self._config.shm_threshold
+        staged = await self._call(
+            lambda seq, arena: encode_request(request, seq, arena, threshold, PIPELINE),
+            decode_stage_reply,
+        )
+        return self._response(staged)
+
+    @staticmethod
+    def _response(
+        staged: Staged[InferenceRequest | InferenceResponse],
+    ) -> Staged[InferenceResponse]:
+        response, timings = staged
+        assert isinstance(response, InferenceResponse)
+        return response, timings
+
+    async def _call(self, encode: Encode, decode: Decode[T]) -> T:
+        """One frame to an idle worker and its reply's outcome (see ``infer``)."""
         while True:
             worker = await self._worker()
             try:
-                return await self._exchange(worker, request)
+                return await self._exchange(worker, encode, decode)
             except _Lost:
                 continue  # the worker died before it had the request: try another
 
@@ -153,12 +209,12 @@ class WorkerPool:
         assert got.worker is not None
         return got.worker
 
-    async def _exchange(self, worker: Worker, request: InferenceRequest) -> InferenceResponse:
-        """Send the request to a held worker and read its reply, here, on the event loop."""
+    async def _exchange(self, worker: Worker, encode: Encode, decode: Decode[T]) -> T:
+        """Send a frame to a held worker and read its reply, here, on the event loop."""
         state, seq = self._state, next(self._seq)
         mark_started()  # the request stops waiting in the pool's queue
         try:
-            frame = encode_request(request, seq, worker.process.arena, self._config.shm_threshold)
+            frame = encode(seq, worker.process.arena)
         except Exception as exc:
             state.release(worker, None)
             raise BadRequest(f"the request cannot be sent to a worker: {exc}") from None
@@ -186,7 +242,7 @@ class WorkerPool:
         if reply is None:
             raise await self._broken(worker)
         try:
-            answered, outcome, updates = decode_reply(reply, worker.process.arena)
+            answered, outcome, updates = decode(reply, worker.process.arena)
             if answered != seq:
                 raise ValueError(f"reply to request {answered}, not {seq}")
         except Exception:
@@ -197,9 +253,9 @@ class WorkerPool:
         state.release(worker, self._supervisor.policy.worn_out(worker))
         if updates:
             self._sink(updates)
-        if isinstance(outcome, InferenceResponse):
-            return outcome
-        raise outcome
+        if isinstance(outcome, V2MountError):
+            raise outcome
+        return outcome
 
     async def _broken(self, worker: Worker) -> V2MountError:
         """The error for a request whose worker ended under it (the task lets go of it).

@@ -38,6 +38,7 @@ from v2mount.errors import V2MountError, describe_exception
 from v2mount.model import MethodRunner, Model, build_response
 from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._ipc import (
+    REQUEST,
     Channel,
     DeclaredSpecs,
     LoadFailed,
@@ -46,8 +47,10 @@ from v2mount.pool._ipc import (
     decode_request,
     encode_error,
     encode_result,
+    frame_kind,
 )
 from v2mount.pool._shipping import ModelPackage, unpack_model
+from v2mount.pool._stage_frames import answer_stage
 
 __all__ = [
     "THREAD_VARIABLES",
@@ -170,6 +173,8 @@ def _watch_parent(parent_pid: int, parent_fd: int | None, arena_path: str | None
 
 def _answer(runner: MethodRunner, frame: bytearray, arena: Arena | None, threshold: int) -> bytes:
     """The reply frame to one request frame: its result or its error, with the metrics."""
+    if frame_kind(frame) != REQUEST:
+        return answer_stage(runner, frame, arena, threshold)
     model = runner.model
     seq = -1
     try:
