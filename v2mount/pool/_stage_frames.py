@@ -86,14 +86,15 @@ def encode_postprocess(
     seq: int,
     arena: Arena | None,
     threshold: int,
+    slot: int = 0,
 ) -> bytes:
-    """Called in the parent: the frame of a ``postprocess`` call."""
+    """Called in the parent: the frame of a ``postprocess`` call (to the model of ``slot``)."""
     request_head, plain_request = _request_head(request)
     response_head, plain_response = _response_head(response)
     head = [*request_head, len(request.inputs), *response_head]
     tensors = [*request.inputs, *response.outputs]
     plain = plain_request and plain_response
-    return _frame(POSTPROCESS, seq, head, tensors, arena, threshold, plain)
+    return _frame(POSTPROCESS, seq, head, tensors, arena, threshold, plain, slot=slot)
 
 
 def _decode_postprocess(
