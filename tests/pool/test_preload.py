@@ -9,17 +9,20 @@ are used.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import anyio
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from v2mount import V2App
 from v2mount.errors import ModelNotReady
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.pool import PoolConfig, WorkerPool
@@ -161,6 +164,36 @@ async def test_a_preload_that_starts_a_thread_is_left_out_of_a_new_template(
         "model probe: importing the preloaded module 'v2mount_preload_threaded' started a "
         "thread; starting a template without it" in caplog.text
     )
+
+
+async def test_a_shared_pool_template_preloads_the_modules_of_every_model(
+    serve: Any, modules: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(HERE))  # preload_models importable by name
+    for extra in ("v2mount_preload_of_a", "v2mount_preload_of_b"):
+        (modules / f"{extra}.py").write_text(RECORDS_PID)
+    for folder, extra in (("a", "v2mount_preload_of_a"), ("b", "v2mount_preload_of_b")):
+        document = {
+            "implementation": "preload_models.Probe",
+            "preload": [extra],
+            "pool": "shared",
+            "parallel_workers": 1,
+        }
+        (modules / "repo" / folder).mkdir(parents=True)
+        (modules / "repo" / folder / "model-settings.json").write_text(json.dumps(document))
+    app = V2App(repository=modules / "repo")
+    async with serve(app) as client:
+        answers = {}
+        for model in ("a", "b"):
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [0]}]}
+            response = await client.post(f"/v2/models/{model}/infer", json=body)
+            assert response.status_code == 200, response.text
+            answers[model] = {o["name"]: o["data"] for o in response.json()["outputs"]}
+        template = answers["a"]["ppid"][0]
+        assert name_of(template) == TEMPLATE_NAME
+    # One worker, forked from one template, which imported both models' modules.
+    assert answers["b"]["ppid"] == [template] and answers["a"]["pid"] == answers["b"]["pid"]
+    assert answers["a"]["imported_in"] == answers["b"]["imported_in"] == [template, template]
 
 
 def test_the_template_receives_the_class_preloads_then_the_settings_ones() -> None:
