@@ -181,6 +181,9 @@ class ModelSettings(BaseModel):
     """Requests that may wait for this model before 503; unset: server default."""
     threads_per_worker: int | None = Field(default=None, ge=1)
     """Native thread pools (BLAS, OpenMP, ONNX Runtime) per worker; unset: default."""
+    preload: list[str] = Field(default_factory=list)
+    """Modules (dotted names) the pool's template imports before forking workers, on top
+    of those the model class declares; what ``load`` imports, so replacements start fast."""
     max_requests_per_worker: int | None = Field(default=None, ge=0)
     """Recycle a worker after this many requests (0: never); unset: server default."""
     max_worker_memory_mb: float | None = Field(default=None, ge=0)
@@ -203,6 +206,14 @@ class ModelSettings(BaseModel):
     def _safe_name(cls, value: str) -> str:
         if "/" in value or value in (".", ".."):
             raise ValueError(f"model name {value!r} must not contain '/' or be '.' or '..'")
+        return value
+
+    @field_validator("preload")
+    @classmethod
+    def _module_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"preload: {name!r} is not a module name (such as 'sklearn.svm')")
         return value
 
     @model_validator(mode="before")
