@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import TYPE_CHECKING, cast
@@ -31,6 +30,7 @@ from v2mount.metadata import select_outputs, validate_request
 from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
 from v2mount.pipeline import Pipeline
+from v2mount.request_ids import RequestIds
 from v2mount.runner import InProcessRunner, MetricsSink, Runner, RunnerStatistics, StagedRunner
 from v2mount.settings import ModelSettings, Settings
 from v2mount.stages import has_stages
@@ -161,6 +161,8 @@ class ModelHandle:
         self.state = ModelState.UNAVAILABLE
         self.reason = broken or ""
         self.stats = InferenceStats()
+        self._ids = RequestIds()
+        self._recorder: Callable[[bool, float], None] | None = None
         self._pools = pools if pools is not None else SharedPools(metrics.apply_custom)
         #: A runner made ahead of ``load`` (``prepare``).
         self._prepared: Runner | None = None
@@ -371,9 +373,9 @@ class ModelHandle:
         timeout = self.settings.inference_timeout
         assert timeout is not None
         if request.id is None:
-            request.id = str(uuid.uuid4())  # as MLServer: every response carries an id
+            request.id = self._ids.next()  # as MLServer: every response carries an id
         start = time.perf_counter_ns()
-        mark_started(start)
+        taken: int | None = start  # when the request left its queue (inline: at once)
         self._in_flight += 1
         ok = False
         try:
@@ -384,6 +386,9 @@ class ModelHandle:
                 # the cancel scope (and its timer) this request would pay for nothing.
                 response = await runner.infer(request)
             else:
+                # The runner or the batcher says when it takes the request up.
+                mark_started(start)
+                taken = None
                 with anyio.fail_after(timeout):
                     response = await executor.infer(request)
             response = select_outputs(response, request)
@@ -400,9 +405,13 @@ class ModelHandle:
         finally:
             end = time.perf_counter_ns()
             elapsed = end - start
-            # Queue time: until the runner (or the batcher) took the request up.
-            self.stats.record(ok, elapsed, end - (started_at() or start), _rows(request))
-            self.metrics.record_inference(self.name, self.version, ok, elapsed / 1e9)
+            if taken is None:
+                taken = started_at() or start
+            self.stats.record(ok, elapsed, end - taken, _rows(request))
+            recorder = self._recorder
+            if recorder is None:
+                recorder = self._recorder = self.metrics.inference_recorder(self.name, self.version)
+            recorder(ok, elapsed / 1e9)
             self._in_flight -= 1
             if self._in_flight == 0 and self._idle is not None:
                 self._idle.set()
@@ -453,6 +462,9 @@ class ModelRegistry:
             if handle is None:
                 raise ModelNotFound(f"model {name!r} has no version {version!r}")
             return handle
+        if len(versions) == 1:  # the only version is the default
+            for handle in versions.values():
+                return handle
         marked = [h for h in versions.values() if h.settings.default_version]
         if marked:
             return marked[0]

@@ -233,6 +233,9 @@ class InProcessRunner:
         self._async = inspect.iscoroutinefunction(model.predict)
         self._policy = _InlinePolicy(inline_budget)
         self._pending = 0
+        # Requests holding or waiting for the limiter (a plain count: reading the
+        # limiter's ``borrowed_tokens`` twice per request costs more).
+        self._limited = 0
         self._ready = False
 
     @property
@@ -247,7 +250,7 @@ class InProcessRunner:
     def inline(self) -> bool:
         """Whether the next ``infer`` runs a plain predict on the event loop, awaiting
         nothing on the way (see ``_InlinePolicy``)."""
-        return not self._async and self._policy.inline and self._limiter.borrowed_tokens == 0
+        return not self._async and self._policy.inline and self._limited == 0
 
     async def start(self) -> None:
         try:
@@ -273,18 +276,22 @@ class InProcessRunner:
         try:
             if self._async:
                 return await call_predict(self._model, request)
-            if self._policy.inline:
-                if self._limiter.borrowed_tokens == 0:
-                    return self._predict_inline(request)
-                # A threaded call is still running: wait for it, in line (the limiter
-                # is first come, first served), then predict here. Sending this
-                # request to the thread instead would keep the model there for as long
-                # as requests keep queueing.
-                async with self._limiter:
-                    return self._predict_inline(request)
-            response, seconds = await anyio.to_thread.run_sync(
-                _timed_predict, self._model, request, limiter=self._limiter
-            )
+            if self._policy.inline and self._limited == 0:
+                return self._predict_inline(request)
+            self._limited += 1
+            try:
+                if self._policy.inline:
+                    # A threaded call is still running: wait for it, in line (the
+                    # limiter is first come, first served), then predict here. Sending
+                    # this request to the thread instead would keep the model there
+                    # for as long as requests keep queueing.
+                    async with self._limiter:
+                        return self._predict_inline(request)
+                response, seconds = await anyio.to_thread.run_sync(
+                    _timed_predict, self._model, request, limiter=self._limiter
+                )
+            finally:
+                self._limited -= 1
             self._policy.threaded(seconds)
             return response
         except V2MountError:
