@@ -422,8 +422,9 @@ async def test_a_request_that_times_out_waiting_for_a_worker_leaves_its_call(
     assert timed_out.status_code == waited.status_code == 504
     assert waited.json() == {"error": "model staged did not answer within 1 s"}
     assert [outputs(answers[v])["y"] for v in (1, 2, 3, 4)] == [[11], [21], [31], [41]]
-    # 99's answer, with its timing, was dropped; 5 never ran.
-    assert stage_count(figures, "preprocess") == 4
+    # 5 never ran. 99's call outlives its request (it answers when the gate opens, or
+    # its reply is dropped): its timing may or may not have been recorded.
+    assert stage_count(figures, "preprocess") in (4, 5)
 
 
 async def test_with_the_plain_window_a_call_runs_the_whole_chain_of_what_it_gathered(
