@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         PredictiveBatcher,
         PredictiveStatistics,
     )
+    from v2mount.batching._tensors import BatchAnswer
     from v2mount.pool import PoolMember, SharedPool
 
 __all__ = [
@@ -167,7 +168,7 @@ class ModelHandle:
         self._prepared: Runner | None = None
         self._runner: Runner | None = None
         self._batcher: AdaptiveBatcher | PredictiveBatcher | None = None
-        self._pipeline: Pipeline | None = None
+        self._pipeline: Pipeline[AdaptiveBatcher | PredictiveBatcher] | None = None
         self._in_flight = 0
         self._idle: anyio.Event | None = None
 
@@ -178,6 +179,11 @@ class ModelHandle:
     @property
     def version(self) -> str | None:
         return self.settings.version
+
+    @property
+    def in_flight(self) -> int:
+        """Requests this handle is answering now (from ``infer``'s first line)."""
+        return self._in_flight
 
     @property
     def ready(self) -> bool:
@@ -286,32 +292,42 @@ class ModelHandle:
         self._runner = runner
         settings = self.settings
         batch_size = settings.max_batch_size
-        assert batch_size is not None and settings.max_batch_time is not None
-        assert settings.max_queue_size is not None
+        batch_time, queue_size = settings.max_batch_time, settings.max_queue_size
+        assert batch_size is not None and batch_time is not None and queue_size is not None
+        batching: Callable[[BatchAnswer | None], AdaptiveBatcher | PredictiveBatcher] | None = None
         if batch_size > 1:
             from v2mount.batching import batcher_for
 
-            self._batcher = batcher_for(
-                runner,
-                self.settings.batching,
-                max_batch_size=batch_size,
-                max_batch_time=settings.max_batch_time,
-                max_queue_size=settings.max_queue_size,
-                on_batch=lambda rows, delays: self.metrics.observe_batch(
-                    self.name, self.version, rows, delays
-                ),
-            )
+            def make(answer: BatchAnswer | None) -> AdaptiveBatcher | PredictiveBatcher:
+                return batcher_for(
+                    runner,
+                    settings.batching,
+                    max_batch_size=batch_size,
+                    max_batch_time=batch_time,
+                    max_queue_size=queue_size,
+                    on_batch=lambda rows, delays: self.metrics.observe_batch(
+                        self.name, self.version, rows, delays
+                    ),
+                    answer=answer,
+                )
+
+            batching = make
         elif self.settings.batching is not None:
             logger.warning("model %s: batching is off (max_batch_size <= 1)", self.label)
         if has_stages(self.model):
             self._pipeline = Pipeline(
                 self.model,
                 cast(StagedRunner, runner),  # not Ray's: _make_runner refused it
-                self._batcher,
+                batching,
                 lambda stage, seconds: self.metrics.observe_stage(
                     self.name, self.version, stage, seconds
                 ),
+                group_size=batch_size,
+                whole=settings.batching is None,
             )
+            self._batcher = self._pipeline.batcher
+        elif batching is not None:
+            self._batcher = batching(None)
         self.state = ModelState.READY
         workers = runner.statistics().workers
         where = (
