@@ -315,6 +315,13 @@ class ModelHandle:
         elif self.settings.batching is not None:
             logger.warning("model %s: batching is off (max_batch_size <= 1)", self.label)
         if has_stages(self.model):
+            if batching is not None and settings.batching is None and batch_time > 0:
+                logger.warning(
+                    "model %s: max_batch_time is unused: a model with stages gathers the "
+                    "requests that wait for a busy worker (up to max_batch_size) and runs "
+                    "their whole chain in one trip; add a batching block to batch by time",
+                    self.label,
+                )
             self._pipeline = Pipeline(
                 self.model,
                 cast(StagedRunner, runner),  # not Ray's: _make_runner refused it

@@ -501,3 +501,24 @@ async def test_a_model_with_only_postprocess_postprocesses_where_it_predicted(
     }
     labels = frozenset({"model": "post", "version": "", "stage": "postprocess"}.items())
     assert figures[("model_infer_stage_duration_seconds_count", labels)] == 3
+
+
+async def test_an_unused_max_batch_time_is_said_at_load(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="v2mount.registry")
+    async with serve(V2App([Staged(parallel_workers=0, **BATCHED)])) as client:
+        assert outputs(await client.post(INFER, json=body(2)))["y"] == [21.0]
+    warned = [
+        r.getMessage() for r in caplog.records if "max_batch_time is unused" in r.getMessage()
+    ]
+    assert warned == [
+        "model staged: max_batch_time is unused: a model with stages gathers the requests "
+        "that wait for a busy worker (up to max_batch_size) and runs their whole chain in "
+        "one trip; add a batching block to batch by time"
+    ]
+    caplog.clear()
+    windowed = Staged(parallel_workers=0, **BATCHED | {"batching": {}})
+    async with serve(V2App([windowed])) as client:
+        assert outputs(await client.post(INFER, json=body(2)))["y"] == [21.0]
+    assert not [r for r in caplog.records if "max_batch_time is unused" in r.getMessage()]
