@@ -379,14 +379,31 @@ def encode_request(
     request: InferenceRequest, seq: int, arena: Arena | None, threshold: int, slot: int = 0
 ) -> bytes:
     """Called in the parent: the frame of one request for the model of ``slot``."""
+    head, plain = request_head(request)
+    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain, slot=slot)
+
+
+def request_head(request: InferenceRequest) -> tuple[list[Any], bool]:
+    """A request's meta entry (id, parameters, requested outputs; not its tensors) and
+    whether JSON can carry it."""
     parameters = request.parameters
     plain = not parameters or _plain(parameters)
     outputs = None
     if request.outputs is not None:
         outputs = [[out.name, out.parameters] for out in request.outputs]
         plain = plain and all(not p or _plain(p) for _, p in outputs)
-    head = [request.id, parameters, outputs]
-    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain, slot=slot)
+    return [request.id, parameters, outputs], plain
+
+
+def pack_updates(updates: list[MetricUpdate] | None) -> bytes:
+    """A reply's custom-metric updates, for its ``extra`` section."""
+    return pickle.dumps(updates, protocol=5) if updates else b""
+
+
+def unpack_updates(extra: bytes) -> list[MetricUpdate]:
+    """The updates ``pack_updates`` wrote (from a worker, which the parent trusts)."""
+    updates: list[MetricUpdate] = pickle.loads(extra) if extra else []
+    return updates
 
 
 def decode_request(frame: bytearray, arena: Arena | None) -> tuple[int, InferenceRequest]:
@@ -411,7 +428,7 @@ def encode_result(
     parameters = response.parameters
     plain = not parameters or _plain(parameters)
     head = [response.model_name, response.model_version, response.id, parameters]
-    extra = pickle.dumps(updates, protocol=5) if updates else b""
+    extra = pack_updates(updates)
     return _frame(RESULT, seq, head, response.outputs, arena, threshold, plain, extra)
 
 
@@ -439,7 +456,7 @@ def decode_reply(frame: bytearray, arena: Arena | None) -> Reply:
     model_name, model_version, response_id, parameters, entries = meta
     outputs = [_tensor_from(entry, frame, data, arena) for entry in entries]
     response = InferenceResponse(model_name, outputs, model_version, response_id, parameters)
-    return Reply(seq, response, pickle.loads(extra) if extra else [])
+    return Reply(seq, response, unpack_updates(extra))
 
 
 def updates_of(frame: bytearray) -> list[MetricUpdate]:
@@ -447,7 +464,7 @@ def updates_of(frame: bytearray) -> list[MetricUpdate]:
     kind, _, meta, extra, _ = _parse(frame)
     if kind == ERROR:
         return list(meta[1])
-    return pickle.loads(extra) if extra else []
+    return unpack_updates(extra)
 
 
 # -- the request channel's ends ---------------------------------------------------------

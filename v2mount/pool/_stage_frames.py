@@ -21,7 +21,6 @@ reads them from any reply.
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
@@ -43,6 +42,9 @@ from v2mount.pool._ipc import (
     error_from_wire,
     error_to_wire,
     frame_kind,
+    pack_updates,
+    request_head,
+    unpack_updates,
 )
 from v2mount.stages import (
     Gathered,
@@ -71,13 +73,8 @@ StageReply = tuple[int, tuple[list[Item], Timings] | V2MountError, list[MetricUp
 def _head(item: Item) -> tuple[list[Any], bool]:
     """An item's meta entry (without its tensors' entries) and whether JSON carries it."""
     if isinstance(item, InferenceRequest):
-        parameters = item.parameters
-        plain = not parameters or _plain(parameters)
-        outputs = None
-        if item.outputs is not None:
-            outputs = [[out.name, out.parameters] for out in item.outputs]
-            plain = plain and all(not p or _plain(p) for _, p in outputs)
-        return ["q", item.id, parameters, outputs, len(item.inputs)], plain
+        head, plain = request_head(item)
+        return ["q", *head, len(item.inputs)], plain
     if isinstance(item, InferenceResponse):
         parameters = item.parameters
         plain = not parameters or _plain(parameters)
@@ -108,7 +105,7 @@ def _encode(
             tensors.extend(item.inputs)
         elif isinstance(item, InferenceResponse):
             tensors.extend(item.outputs)
-    extra = pickle.dumps(updates, protocol=5) if updates else b""
+    extra = pack_updates(updates)
     meta = [timings or [], heads, max_rows]
     return _frame(kind, seq, meta, tensors, arena, threshold, plain, extra, slot)
 
@@ -184,7 +181,7 @@ def decode_stage_reply(frame: bytearray, arena: Arena | None) -> StageReply:
     if kind != ANSWERS:
         raise ValueError(f"expected a stage reply frame, got kind {kind}")
     decoded = _decode(frame, arena)
-    updates = pickle.loads(decoded.extra) if decoded.extra else []
+    updates = unpack_updates(decoded.extra)
     return decoded.seq, (decoded.items, decoded.timings), updates
 
 
