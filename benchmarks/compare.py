@@ -279,7 +279,10 @@ def run_setup(ctx: Context, setup: Setup) -> None:
             servers["v2mount"] = start_v2mount(
                 repos["v2mount"],
                 log=logs / f"{setup.key}-v2mount.log",
-                env={"V2MOUNT_MODEL_PARALLEL_WORKERS": str(setup.parallel_workers)},
+                env={
+                    "V2MOUNT_MODEL_PARALLEL_WORKERS": str(setup.parallel_workers),
+                    **dict(setup.v2mount_env),
+                },
             )
         if "mlserver" in ctx.args.servers:
             assert ctx.mlserver_bin is not None

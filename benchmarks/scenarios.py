@@ -77,6 +77,8 @@ class Setup:
     models: tuple[ModelSpec, ...]
     cases: tuple[Case, ...] = ()
     measure_memory: bool = False
+    #: Extra environment of the v2mount server (``V2MOUNT_*`` settings).
+    v2mount_env: tuple[tuple[str, str], ...] = ()
 
 
 def all_setups() -> list[Setup]:
@@ -159,6 +161,17 @@ def all_setups() -> list[Setup]:
                 measure_memory=True,
             )
         )
+    # MLServer's workers load every model (one inference pool); v2mount's do in a shared pool.
+    setups.append(
+        Setup(
+            "memory-shared-pw2",
+            "3 tiny models, one shared pool of 2",
+            2,
+            models,
+            measure_memory=True,
+            v2mount_env=(("V2MOUNT_DEFAULT_POOL", "shared"),),
+        )
+    )
     return setups
 
 

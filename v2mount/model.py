@@ -4,7 +4,9 @@ A model overrides ``load`` and ``predict``; each may be plain or ``async``. ``pr
 receives the decoded ``InferenceRequest`` (a mapping of input name → numpy array, with
 ``id``, ``parameters`` and requested ``outputs`` on it) and returns a mapping of output
 name → array-like, a single array (for a model with one output), or a full
-``InferenceResponse`` when it needs per-output parameters.
+``InferenceResponse`` when it needs per-output parameters. A model may also override
+``preprocess`` and ``postprocess``, the stages that run per request around a batched
+``predict`` (``v2mount.stages``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "call_predict",
     "call_predict_sync",
     "conform_outputs",
+    "has_postprocess",
 ]
 
 DEFAULT_OUTPUT_NAME = "output-0"
@@ -94,6 +97,27 @@ class Model:
         pool it runs in a worker process. An exception becomes a 500 carrying its message.
         """
         raise NotImplementedError(f"{type(self).__name__}.predict is not implemented")
+
+    def preprocess(self, payload: InferenceRequest) -> Any:
+        """Turn one client request into what ``predict`` takes (override to use it).
+
+        May be ``async``. Returns a mapping of input name → array-like, or an
+        ``InferenceRequest``; runs per request, where ``predict`` runs (a worker process
+        of the pool, or this process), before the adaptive batcher, which merges the
+        preprocessed requests. An exception answers this request alone with a 500 naming
+        the stage; a ``V2MountError`` keeps its status.
+        """
+        return payload
+
+    def postprocess(self, payload: InferenceRequest, response: InferenceResponse) -> Any:
+        """Turn ``predict``'s answer for one request into the client's (override to use it).
+
+        May be ``async``. ``payload`` is the request as the client sent it (before
+        ``preprocess``); ``response`` holds this request's rows of ``predict``'s outputs,
+        unchecked. Returns what ``predict`` may return; that is checked against the
+        declared outputs. Runs per request, where ``preprocess`` does.
+        """
+        return response
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -211,19 +235,30 @@ def _tensor(name: str, value: Any) -> Tensor:
     return Tensor(name, array_to_datatype(array), tuple(array.shape), array)
 
 
-def build_response(model: Model, request: InferenceRequest, result: Any) -> InferenceResponse:
-    """Normalise what ``predict`` returned into an ``InferenceResponse``.
+def has_postprocess(model: Model) -> bool:
+    """Whether the model overrides ``Model.postprocess``."""
+    return type(model).postprocess is not Model.postprocess
 
-    Its outputs are checked against the declared ones (``conform_outputs``), and it
-    carries the request's ``id``.
+
+def build_response(
+    model: Model, request: InferenceRequest, result: Any, *, final: bool | None = None
+) -> InferenceResponse:
+    """Normalise what ``predict`` (or ``postprocess``) returned into an ``InferenceResponse``.
+
+    When ``final`` (by default: unless a ``postprocess`` stage follows), its outputs are
+    checked against the declared ones (``conform_outputs``); it carries the request's
+    ``id``.
     """
     settings = model.settings
+    if final is None:
+        final = not has_postprocess(model)
     if isinstance(result, InferenceResponse):
         result.model_name = settings.name
         result.model_version = settings.version
         if result.id is None:
             result.id = request.id
-        result.outputs = conform_outputs(settings, result.outputs)
+        if final:
+            result.outputs = conform_outputs(settings, result.outputs)
         return result
     if isinstance(result, Mapping):
         items = list(result.items())
@@ -241,5 +276,6 @@ def build_response(model: Model, request: InferenceRequest, result: Any) -> Infe
         raise
     except (ValueError, TypeError) as exc:
         raise ModelError(f"predict returned data that is not a tensor: {exc}") from None
-    outputs = conform_outputs(settings, outputs)
+    if final:
+        outputs = conform_outputs(settings, outputs)
     return InferenceResponse(settings.name, outputs, settings.version, request.id)

@@ -1,8 +1,9 @@
 """The models an app serves, keyed by (name, version), and the way of one inference.
 
-``ModelHandle`` owns one model version: its state, its runner (in-process or a worker
-pool), its optional batcher and its statistics. ``ModelRegistry`` finds handles and
-picks the default version of a name.
+``ModelHandle`` owns one model version: its state, its runner (in-process, a worker
+pool, or its place in a shared pool), its optional batcher and its statistics.
+``ModelRegistry`` finds handles and picks the default version of a name; its
+``SharedPools`` hold the app's shared pools by name.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 
@@ -29,8 +30,10 @@ from v2mount.errors import (
 from v2mount.metadata import select_outputs, validate_request
 from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
-from v2mount.runner import InProcessRunner, Runner, RunnerStatistics
+from v2mount.pipeline import Pipeline
+from v2mount.runner import InProcessRunner, MetricsSink, Runner, RunnerStatistics, StagedRunner
 from v2mount.settings import ModelSettings, Settings
+from v2mount.stages import has_stages
 from v2mount.stats import InferenceStats, mark_started, started_at
 from v2mount.types import InferenceRequest, InferenceResponse
 
@@ -41,8 +44,16 @@ if TYPE_CHECKING:
         PredictiveBatcher,
         PredictiveStatistics,
     )
+    from v2mount.pool import PoolMember, SharedPool
 
-__all__ = ["ModelHandle", "ModelRegistry", "ModelState", "effective_settings", "version_key"]
+__all__ = [
+    "ModelHandle",
+    "ModelRegistry",
+    "ModelState",
+    "SharedPools",
+    "effective_settings",
+    "version_key",
+]
 
 logger = logging.getLogger("v2mount.registry")
 
@@ -64,8 +75,12 @@ def version_key(version: str | None) -> tuple[int, int, str]:
 
 
 def effective_settings(settings: ModelSettings, server: Settings) -> ModelSettings:
-    """A copy of a model's settings with every field it left unset taken from the server."""
-    defaults = {
+    """A copy of a model's settings with every field it left unset taken from the server.
+
+    ``pool`` takes the server's ``default_pool`` only where the model leaves it out (an
+    explicit ``null`` keeps a pool of its own) and runs worker processes of its own kind.
+    """
+    defaults: dict[str, object] = {
         "parallel_workers": server.default_workers(),
         "max_batch_size": server.model_max_batch_size,
         "max_batch_time": server.model_max_batch_time,
@@ -76,7 +91,39 @@ def effective_settings(settings: ModelSettings, server: Settings) -> ModelSettin
         "max_worker_memory_mb": server.model_max_worker_memory_mb,
     }
     unset = {name: value for name, value in defaults.items() if getattr(settings, name) is None}
+    workers = unset.get("parallel_workers", settings.parallel_workers)
+    backend = settings.pool_backend or server.pool_backend
+    if "pool" not in settings.model_fields_set and workers and backend == "process":
+        unset["pool"] = server.default_pool
     return settings.model_copy(update=unset)
+
+
+class SharedPools:
+    """An app's shared pools by name: models naming the same pool share its workers.
+
+    A pool whose last model left is stopped; a model naming it later gets a new one.
+    Called from the event loop.
+    """
+
+    def __init__(self, metrics_sink: MetricsSink) -> None:
+        self._sink = metrics_sink
+        self._pools: dict[str, SharedPool] = {}
+
+    def member(
+        self, name: str, model: Model, settings: ModelSettings, server: Settings
+    ) -> PoolMember:
+        """``model``'s place in pool ``name`` (``settings``: its effective settings)."""
+        from v2mount.pool import PoolConfig, SharedPool
+
+        config = PoolConfig.from_settings(settings, server)
+        pool = self._pools.get(name)
+        if pool is None or pool.closed:
+            pool = self._pools[name] = SharedPool(name, config, metrics_sink=self._sink)
+        return pool.member(model, config)
+
+    def get(self, name: str) -> SharedPool | None:
+        """The pool of that name, if any model named it (it may be stopped)."""
+        return self._pools.get(name)
 
 
 def _rows(request: InferenceRequest) -> int:
@@ -92,7 +139,13 @@ class ModelHandle:
     """
 
     def __init__(
-        self, model: Model, server: Settings, metrics: AppMetrics, *, broken: str | None = None
+        self,
+        model: Model,
+        server: Settings,
+        metrics: AppMetrics,
+        *,
+        broken: str | None = None,
+        pools: SharedPools | None = None,
     ) -> None:
         self.model = model
         #: The model's settings with the server's defaults filled in, made once; the model
@@ -107,8 +160,12 @@ class ModelHandle:
         self.state = ModelState.UNAVAILABLE
         self.reason = broken or ""
         self.stats = InferenceStats()
+        self._pools = pools if pools is not None else SharedPools(metrics.apply_custom)
+        #: A runner made ahead of ``load`` (``prepare``).
+        self._prepared: Runner | None = None
         self._runner: Runner | None = None
         self._batcher: AdaptiveBatcher | PredictiveBatcher | None = None
+        self._pipeline: Pipeline | None = None
         self._in_flight = 0
         self._idle: anyio.Event | None = None
 
@@ -124,9 +181,34 @@ class ModelHandle:
     def ready(self) -> bool:
         return self.state is ModelState.READY and self._runner is not None and self._runner.ready
 
+    def prepare(self) -> None:
+        """Take the model's place in its shared pool now, if it names one.
+
+        An app calls it for every model it is about to load, so that a shared pool starts
+        with all of them, each worker loading them before it serves.
+        """
+        if self.broken is None and self._prepared is None and self.settings.pool is not None:
+            try:
+                self._prepared = self._make_runner()
+            except SettingsError:
+                pass  # ``load`` raises it again, with the model's reason
+
     def _make_runner(self) -> Runner:
         settings = self.settings
         assert settings.parallel_workers is not None and settings.max_queue_size is not None
+        backend = settings.pool_backend or self.server.pool_backend
+        if settings.pool is not None:
+            if settings.parallel_workers == 0:
+                raise SettingsError(
+                    f"pool {settings.pool!r} runs worker processes, and parallel_workers "
+                    "is 0 (in the server process): set one of them only"
+                )
+            if backend == "ray":
+                raise SettingsError(
+                    f"pool {settings.pool!r}: shared pools run local processes, "
+                    'not pool_backend "ray"'
+                )
+            return self._pools.member(settings.pool, self.model, settings, self.server)
         if settings.parallel_workers == 0:
             return InProcessRunner(
                 self.model,
@@ -134,7 +216,9 @@ class ModelHandle:
                 self.metrics.apply_custom,
                 inline_budget=self.server.inline_predict_budget,
             )
-        if (settings.pool_backend or self.server.pool_backend) == "ray":
+        if backend == "ray":
+            if has_stages(self.model):
+                raise SettingsError("stages are not supported with pool_backend ray")
             from v2mount.ray_pool import RayPool
 
             assert settings.inference_timeout is not None
@@ -169,7 +253,7 @@ class ModelHandle:
         runner: Runner | None = None
         started = time.perf_counter()
         try:
-            runner = self._make_runner()
+            runner, self._prepared = self._prepared or self._make_runner(), None
             declared = await runner.start()
         except Exception as exc:
             if runner is not None:
@@ -217,14 +301,24 @@ class ModelHandle:
             )
         elif self.settings.batching is not None:
             logger.warning("model %s: batching is off (max_batch_size <= 1)", self.label)
+        if has_stages(self.model):
+            self._pipeline = Pipeline(
+                self.model,
+                cast(StagedRunner, runner),  # not Ray's: _make_runner refused it
+                self._batcher,
+                lambda stage, seconds: self.metrics.observe_stage(
+                    self.name, self.version, stage, seconds
+                ),
+            )
         self.state = ModelState.READY
-        workers = settings.parallel_workers
-        assert workers is not None
+        workers = runner.statistics().workers
+        where = (
+            f"{workers} worker process{'es' if workers != 1 else ''}" if workers else "in-process"
+        )
+        if settings.pool is not None:
+            where += f" of pool {settings.pool!r}"
         logger.info(
-            "model %s loaded: %s, in %.2f s",
-            self.label,
-            f"{workers} worker process{'es' if workers != 1 else ''}" if workers else "in-process",
-            time.perf_counter() - started,
+            "model %s loaded: %s, in %.2f s", self.label, where, time.perf_counter() - started
         )
 
     async def unload(self) -> None:
@@ -235,6 +329,7 @@ class ModelHandle:
                 self._idle = anyio.Event()
                 await self._idle.wait()
             runner, self._runner, self._batcher = self._runner, None, None
+            self._pipeline = None
             if runner is not None:
                 await runner.stop()
                 logger.info("model %s unloaded", self.label)
@@ -252,7 +347,7 @@ class ModelHandle:
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Validate, run (batched or not) under the deadline, and select outputs."""
-        runner, executor = self._runner, self._batcher or self._runner
+        runner, executor = self._runner, self._pipeline or self._batcher or self._runner
         if self.state is not ModelState.READY or runner is None or executor is None:
             raise ModelNotReady(self.not_ready_message())
         if not runner.ready:  # a pool between workers: a replacement is starting
@@ -308,8 +403,10 @@ class ModelHandle:
 class ModelRegistry:
     """Handles by name and version; the unversioned name resolves to the default."""
 
-    def __init__(self) -> None:
+    def __init__(self, pools: SharedPools | None = None) -> None:
         self._models: dict[str, dict[str | None, ModelHandle]] = {}
+        #: The app's shared pools (``ModelHandle``s it makes take their places in them).
+        self.pools = pools
 
     def add(self, handle: ModelHandle) -> None:
         versions = self._models.setdefault(handle.name, {})

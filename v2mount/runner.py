@@ -10,14 +10,16 @@ pool is not drained) — unless it has proved faster than the thread hop itself,
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 
 from v2mount.errors import (
@@ -30,6 +32,7 @@ from v2mount.errors import (
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model, call_load, call_predict, call_predict_sync
 from v2mount.settings import TensorSpec
+from v2mount.stages import Staged, Timings, run_pipeline, run_postprocess, run_preprocess
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = [
@@ -38,10 +41,12 @@ __all__ = [
     "MetricsSink",
     "Runner",
     "RunnerStatistics",
+    "StagedRunner",
     "apply_metrics",
 ]
 
 logger = logging.getLogger("v2mount.runner")
+T = TypeVar("T")
 
 #: Receives the custom-metric updates a model recorded (applied by the app's metrics).
 MetricsSink = Callable[[list[MetricUpdate]], None]
@@ -111,6 +116,35 @@ class Runner(Protocol):
     async def stop(self) -> None: ...
 
     def statistics(self) -> RunnerStatistics: ...
+
+
+class StagedRunner(Runner, Protocol):
+    """A runner that also runs a model's stages (``v2mount.stages``), one request each.
+
+    ``infer`` runs ``predict`` alone (on a batch of preprocessed requests);
+    ``infer_staged`` runs preprocess → predict → postprocess in one trip. Each returns
+    its result with the time its stages took; errors and cancellation as ``infer``.
+    """
+
+    async def preprocess(self, request: InferenceRequest) -> Staged[InferenceRequest]: ...
+
+    async def postprocess(
+        self, request: InferenceRequest, response: InferenceResponse
+    ) -> Staged[InferenceResponse]: ...
+
+    async def infer_staged(self, request: InferenceRequest) -> Staged[InferenceResponse]: ...
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _call_from_thread(method: Callable[..., Any], *args: Any) -> Any:
+    """Run a model method from a worker thread; an ``async`` one on the event loop."""
+    result = method(*args)
+    if inspect.isawaitable(result):
+        return anyio.from_thread.run(_awaited, result)
+    return result
 
 
 class _InlinePolicy:
@@ -209,7 +243,8 @@ class InProcessRunner:
             self._sink(self._model.metrics.drain())
         self._ready = True
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    def _admit(self) -> None:
+        """Count a call in, or refuse it (not loaded, or ``max_queue_size`` waiting)."""
         if not self._ready:
             raise ModelNotReady(f"model {self._model.settings.name!r} is not loaded")
         if self._pending >= self._max_queue_size:
@@ -217,6 +252,9 @@ class InProcessRunner:
                 f"model {self._model.settings.name!r} has {self._pending} requests queued"
             )
         self._pending += 1
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        self._admit()
         try:
             if self._async:
                 return await call_predict(self._model, request)
@@ -241,6 +279,36 @@ class InProcessRunner:
             name, request_id = self._model.settings.name, request.id
             logger.error("model %r: predict raised (request id %s)", name, request_id, exc_info=exc)
             raise ModelError(describe_exception(exc)) from exc
+        finally:
+            self._pending -= 1
+            self._sink(self._model.metrics.drain())
+
+    async def preprocess(self, request: InferenceRequest) -> Staged[InferenceRequest]:
+        timings: Timings = []
+        run = functools.partial(run_preprocess, self._model, _call_from_thread, request, timings)
+        return await self._run_stage(run), timings
+
+    async def postprocess(
+        self, request: InferenceRequest, response: InferenceResponse
+    ) -> Staged[InferenceResponse]:
+        timings: Timings = []
+        model = self._model
+        run = functools.partial(
+            run_postprocess, model, _call_from_thread, request, response, timings
+        )
+        return await self._run_stage(run), timings
+
+    async def infer_staged(self, request: InferenceRequest) -> Staged[InferenceResponse]:
+        timings: Timings = []
+        run = functools.partial(run_pipeline, self._model, _call_from_thread, request, timings)
+        return await self._run_stage(run), timings
+
+    async def _run_stage(self, run: Callable[[], T]) -> T:
+        """Run stages in the model's worker thread (one model call at a time, as in a
+        worker process); ``async`` methods among them run on the event loop."""
+        self._admit()
+        try:
+            return await anyio.to_thread.run_sync(run, limiter=self._limiter)
         finally:
             self._pending -= 1
             self._sink(self._model.metrics.drain())

@@ -185,6 +185,10 @@ class ModelSettings(BaseModel):
     """Recycle a worker after this many requests (0: never); unset: server default."""
     max_worker_memory_mb: float | None = Field(default=None, ge=0)
     """Recycle a worker whose RSS passes this many MB (0: never); unset: server default."""
+    pool: str | None = Field(default=None, min_length=1)
+    """Shared pool: models naming the same pool share one set of worker processes, each
+    worker loading every model of the pool (MLServer's ``parameters.inference_pool_gid``
+    means the same); unset: the server's ``default_pool``; ``null``: a pool of its own."""
     pool_backend: Literal["process", "ray"] | None = None
     """What runs the ``parallel_workers``: local processes or Ray actors; unset: default."""
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
@@ -200,6 +204,17 @@ class ModelSettings(BaseModel):
         if "/" in value or value in (".", ".."):
             raise ValueError(f"model name {value!r} must not contain '/' or be '.' or '..'")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inference_pool_gid(cls, data: Any) -> Any:
+        """MLServer's ``parameters.inference_pool_gid`` names the shared pool (``pool`` wins)."""
+        if isinstance(data, dict):
+            parameters = data.get("parameters")
+            gid = parameters.get("inference_pool_gid") if isinstance(parameters, dict) else None
+            if gid is not None and "pool" not in data:
+                data = {**data, "pool": gid}
+        return data
 
     @model_validator(mode="after")
     def _batching_needs_batches(self) -> ModelSettings:
@@ -280,6 +295,10 @@ class Settings(BaseSettings):
     """Default RSS in MB above which a worker is replaced after its request (0: never)."""
     pool_backend: Literal["process", "ray"] = "process"
     """Default worker pool of models: local processes, or Ray actors (extra ``v2mount[ray]``)."""
+    default_pool: str | None = Field(default=None, min_length=1)
+    """Shared pool of every model with worker processes that names none (``pool``): one
+    set of workers loads them all, as MLServer's default inference pool; unset: a pool
+    per model. Not with ``pool_backend: "ray"``."""
     ray_address: str | None = None
     """Ray cluster the ``ray`` pools join (``auto``, ``ray://host:10001``); unset: a local
     Ray is started, unless the host process already initialised Ray."""
@@ -331,6 +350,14 @@ class Settings(BaseSettings):
         if value not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
         return value
+
+    @model_validator(mode="after")
+    def _default_pool_needs_processes(self) -> Settings:
+        if self.default_pool is not None and self.pool_backend == "ray":
+            raise ValueError(
+                'default_pool: shared pools run local processes, not pool_backend "ray"'
+            )
+        return self
 
     def default_workers(self) -> int:
         """Worker processes for a model that sets none: the default, at most the cores."""

@@ -25,6 +25,7 @@ from v2mount.pool._ipc import (
     encode_result,
     error_from_wire,
     error_to_wire,
+    frame_route,
     updates_of,
 )
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
@@ -89,6 +90,14 @@ def test_without_an_arena_everything_travels_in_the_frame() -> None:
     assert len(frame) > big.nbytes
     seq, request = decode_request(bytearray(frame), None)
     assert seq == 1 and np.array_equal(request["x"], big) and request["x"].flags.writeable
+
+
+def test_a_request_frame_names_its_model_slot_in_the_header() -> None:
+    """A shared pool's worker runs the model of the frame's slot (16 bits of the header)."""
+    for slot in (0, 7, (1 << 16) - 1):
+        frame = encode_request(one("x", np.zeros(2, np.float32)), 3, None, THRESHOLD, slot=slot)
+        assert frame_route(bytearray(frame)) == (slot, 3)
+        assert decode_request(bytearray(frame), None)[0] == 3
 
 
 def test_an_arena_that_cannot_grow_falls_back_to_the_frame(arena: Arena) -> None:

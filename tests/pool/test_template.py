@@ -136,19 +136,20 @@ def template_of(pool: WorkerPool) -> int:
 
 def test_a_forked_worker_can_be_watched_killed_and_reaped() -> None:
     logs: list[tuple[int, str]] = []
-    package = pack_model(draws.Draw())
+    packages = {0: pack_model(draws.Draw())}
     template = Template(
-        multiprocess.get_context("spawn"), package, 1, "draw", lambda *entry: logs.append(entry)
+        multiprocess.get_context("spawn"), packages, 1, "draw", lambda *entry: logs.append(entry)
     )
     template.start()
     try:
-        spec = WorkerSpec(1, os.getpid(), None, 1 << 16, 1, logging.WARNING)
-        worker = template.fork_worker(spec, "v2mount-draw-1", lambda *entry: logs.append(entry))
+        spec = WorkerSpec(1, (0,), os.getpid(), None, 1 << 16, 1, logging.WARNING)
+        log = lambda *entry: logs.append(entry)  # noqa: E731
+        worker = template.fork_worker(spec, packages, "v2mount-draw-1", log)
         assert template.pid is not None and parent_of(worker.pid) == template.pid
         # What the model's module printed on import, in the template, reached the log.
         assert (logging.INFO, "template: template_models imported") in logs
         assert worker.events.poll(60)
-        assert isinstance(worker.events.recv(), Ready)
+        assert worker.events.recv() == Ready(0, [], None)
         assert name_of(worker.pid) == WORKER_NAME and name_of(template.pid) == TEMPLATE_NAME
         resident = worker.resident_mb()
         assert resident is not None and resident > 0

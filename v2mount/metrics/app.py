@@ -9,7 +9,8 @@ Seed metrics carry MLServer's names: ``model_infer_request_success`` / ``_failur
 ``grpc_server_handling_seconds`` (labels ``grpc_type``, ``grpc_service``,
 ``grpc_method``, and ``grpc_code`` when handled), plus the inference latency and the
 adaptive batcher's batch sizes, queue delays, dispatch reasons, refusals, SLO misses and
-fitted cost. Models add their own through
+fitted cost, and the duration of a model's per-request stages
+(``model_infer_stage_duration_seconds``, label ``stage``). Models add their own through
 ``apply_custom``.
 
 Prometheus multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before anything imports
@@ -137,6 +138,13 @@ class AppMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
+        self.stage_duration = Histogram(
+            "model_infer_stage_duration_seconds",
+            "Time a model's preprocess or postprocess stage took for one request",
+            (*_MODEL_LABELS, "stage"),
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=self.registry,
+        )
         self.queues = QueueCollector(registry=self.registry)
         self.batching = BatchingCollector(registry=self.registry)
         # Per-model children (success, duration, failure), resolved on a model's first
@@ -170,6 +178,9 @@ class AppMetrics:
         delay = self.batch_queue_delay.labels(model, version or "")
         for seconds in queue_delays:
             delay.observe(seconds)
+
+    def observe_stage(self, model: str, version: str | None, stage: str, seconds: float) -> None:
+        self.stage_duration.labels(model, version or "", stage).observe(seconds)
 
     def track_queues(self, sources: Callable[[], Iterable[QueueSource]]) -> None:
         """Report the queues of whatever ``sources()`` returns at each scrape."""

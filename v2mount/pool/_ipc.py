@@ -5,8 +5,10 @@ and each reply is one frame, with no pickle in the common case::
 
     HEADER (struct) | meta | extra | padding to 64 | data
 
-``HEADER`` holds the frame's length, its kind (request, result, error), flags, the
-lengths of ``meta`` and ``extra`` and the request's sequence number. ``meta`` is JSON
+``HEADER`` holds the frame's length, its kind (request, result, error, or a stage call
+and its reply: ``_stage_frames.py``), flags, the model's slot (which model of a shared
+pool a call is for), the lengths of ``meta`` and ``extra`` and the request's sequence
+number. ``meta`` is JSON
 (orjson): the request's or response's id, parameters and requested outputs, and one entry
 per tensor (name, datatype, shape, parameters, numpy dtype, where its bytes are). Tensor
 bytes are raw: in ``data`` when small, in the worker's shared-memory arena
@@ -15,8 +17,10 @@ travel as length-prefixed elements. pickle is used only for what is genuinely ar
 ``meta`` whose parameters are not plain JSON values (flag ``PICKLED_META``), tensors numpy
 cannot describe by a dtype, the custom-metric updates in ``extra``, and errors.
 
-**Control pipe** (worker to parent, read by the pool's supervisor): the typed messages
-``Ready``, ``LoadFailed`` and ``Log``, pickled (a few per worker life, never per request).
+**Control pipe** (both ways, only the pool's supervisor on the parent's end): from the
+worker the typed messages ``Ready``, ``LoadFailed``, ``Serving``, ``Unloaded`` and
+``Log``; to it ``Load`` and ``Unload`` (a model joining or leaving a running shared
+pool). Pickled: a few per model and worker, never per request.
 
 Receivers never alias shared memory: a tensor from the arena is copied out; one from
 ``data`` is a view of the frame, a private ``bytearray``.
@@ -38,19 +42,29 @@ from v2mount import errors
 from v2mount.errors import ModelError, V2MountError, describe_exception
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.pool._arena import Arena
+from v2mount.pool._shipping import ModelPackage
 from v2mount.settings import ModelSettings
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 __all__ = [
     "ERROR",
+    "PIPELINE",
+    "POSTPROCESS",
+    "PREPROCESS",
+    "PREPROCESSED",
     "REQUEST",
     "RESULT",
+    "STAGED",
     "Channel",
     "DeclaredSpecs",
+    "Load",
     "LoadFailed",
     "Log",
     "Ready",
     "Reply",
+    "Serving",
+    "Unload",
+    "Unloaded",
     "decode_reply",
     "decode_request",
     "encode_error",
@@ -58,12 +72,18 @@ __all__ = [
     "encode_result",
     "error_from_wire",
     "error_to_wire",
+    "frame_kind",
+    "frame_route",
     "updates_of",
 ]
 
-#: Frame length, kind, flags, (unused), meta length, extra length, sequence number.
+#: Frame length, kind, flags, model slot, meta length, extra length, sequence number.
 HEADER = struct.Struct("<QBBHIIQ")
 REQUEST, RESULT, ERROR = 1, 2, 3
+#: Stage calls (``_stage_frames.py``): preprocess one request, postprocess one request's
+#: answer, run preprocess → predict → postprocess; and the replies to them.
+PREPROCESS, POSTPROCESS, PIPELINE, PREPROCESSED, STAGED = 4, 5, 6, 7, 8
+_REQUEST_KINDS = frozenset({REQUEST, PREPROCESS, PIPELINE})
 PICKLED_META = 1
 _ALIGN = 64
 _CHUNK = 1 << 16
@@ -94,18 +114,49 @@ class DeclaredSpecs(NamedTuple):
 
 
 class Ready(NamedTuple):
-    """The worker loaded the model and serves; ``declared`` when load changed the metadata."""
+    """The worker loaded the model of ``slot``; ``declared`` when load changed its metadata."""
 
+    slot: int
     updates: list[MetricUpdate]
     declared: DeclaredSpecs | None
-    has_arena: bool
 
 
 class LoadFailed(NamedTuple):
+    slot: int
     text: str
     updates: list[MetricUpdate]
     #: The load's traceback, formatted in the worker (logged by the parent, once).
     traceback: str = ""
+
+
+class Serving(NamedTuple):
+    """The worker loaded (or failed) every model it started with, and serves those it has.
+
+    Never sent by a worker that loaded none: it exits instead.
+    """
+
+    has_arena: bool
+
+
+class Unloaded(NamedTuple):
+    """The worker dropped the model of ``slot``; ``freed``: the model object is gone
+    (a weak reference died after a collection), ``None`` if that cannot be told."""
+
+    slot: int
+    freed: bool | None
+
+
+class Load(NamedTuple):
+    """Parent to worker: load a model that joined the running pool, as ``slot``."""
+
+    slot: int
+    package: ModelPackage
+
+
+class Unload(NamedTuple):
+    """Parent to worker: drop the model of ``slot`` and release its memory."""
+
+    slot: int
 
 
 class Log(NamedTuple):
@@ -186,6 +237,7 @@ def _frame(
     threshold: int,
     plain: bool,
     extra: bytes = b"",
+    slot: int = 0,
 ) -> bytes:
     """One frame: ``head`` and the tensors' entries as meta, their bytes inline or shared.
 
@@ -255,7 +307,7 @@ def _frame(
         meta, flags = pickle.dumps(meta_object, protocol=5), PICKLED_META
     start = HEADER.size + len(meta) + len(extra)
     padding = (_aligned(start) - start) if offset else 0
-    header = HEADER.pack(start + padding + offset, kind, flags, 0, len(meta), len(extra), seq)
+    header = HEADER.pack(start + padding + offset, kind, flags, slot, len(meta), len(extra), seq)
     return b"".join([header, meta, extra, bytes(padding), *inline])
 
 
@@ -312,10 +364,28 @@ def _parse(frame: bytearray) -> _Parsed:
     return _Parsed(kind, seq, meta, extra, _aligned(end + extra_length))
 
 
+def frame_kind(frame: bytearray) -> int:
+    """The kind byte of a frame's header (it follows the frame's length, a ``Q``)."""
+    kind: int = frame[8]
+    return kind
+
+
+def frame_route(frame: bytearray) -> tuple[int, int]:
+    """A frame's model slot and sequence number, from its header alone."""
+    _, _, _, slot, _, _, seq = HEADER.unpack_from(frame)
+    return slot, seq
+
+
 def encode_request(
-    request: InferenceRequest, seq: int, arena: Arena | None, threshold: int
+    request: InferenceRequest,
+    seq: int,
+    arena: Arena | None,
+    threshold: int,
+    kind: int = REQUEST,
+    slot: int = 0,
 ) -> bytes:
-    """Called in the parent: the frame of one request."""
+    """Called in the parent: the frame of one request (``kind``: or of a stage call) for
+    the model of ``slot``."""
     parameters = request.parameters
     plain = not parameters or _plain(parameters)
     outputs = None
@@ -323,13 +393,13 @@ def encode_request(
         outputs = [[out.name, out.parameters] for out in request.outputs]
         plain = plain and all(not p or _plain(p) for _, p in outputs)
     head = [request.id, parameters, outputs]
-    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain)
+    return _frame(kind, seq, head, request.inputs, arena, threshold, plain, slot=slot)
 
 
 def decode_request(frame: bytearray, arena: Arena | None) -> tuple[int, InferenceRequest]:
     """Called in the worker: the sequence number and the request of a frame."""
     kind, seq, meta, _, data = _parse(frame)
-    if kind != REQUEST:
+    if kind not in _REQUEST_KINDS:
         raise ValueError(f"expected a request frame, got kind {kind}")
     request_id, parameters, outputs, entries = meta
     inputs = [_tensor_from(entry, frame, data, arena) for entry in entries]

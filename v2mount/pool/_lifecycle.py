@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from v2mount.pool._state import Worker
 
-__all__ = ["Phase", "Policy", "move"]
+__all__ = ["Phase", "Policy", "from_outside", "move"]
 
 _MAX_BACKOFF = 60.0
 #: Loading workers killed from outside in a row (no load in between) before such kills
@@ -70,6 +70,11 @@ def move(worker: Worker, phase: Phase) -> None:
     worker.phase = phase
 
 
+def from_outside(exitcode: int | None) -> bool:
+    """Whether a signal from outside the model ended the process (not its own doing)."""
+    return exitcode is not None and exitcode < 0 and -exitcode in _OUTSIDE_SIGNALS
+
+
 class Policy:
     """When to replace a worker, how long to back off, and when to recycle one.
 
@@ -97,7 +102,7 @@ class Policy:
         may load fine. Unless that happens to every load (``_KILLS_BEFORE_BACKOFF`` in a
         row, no load in between: an OOM killer, say), which then backs off too.
         """
-        if exitcode is not None and exitcode < 0 and -exitcode in _OUTSIDE_SIGNALS:
+        if from_outside(exitcode):
             self._outside_kills += 1
             return self._outside_kills > _KILLS_BEFORE_BACKOFF
         return True

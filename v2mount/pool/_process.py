@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from multiprocess.connection import Connection
@@ -135,10 +135,12 @@ class WorkerProcess:
         log: LogSink,
     ) -> None:
         self.id = spec.worker_id
+        #: The models (slots) it loads before it serves.
+        self.slots = spec.slots
         #: Where the worker makes its arena, and the arena once the worker reports it made it.
         self.arena_path = spec.arena_path
         self.arena: Arena | None = None
-        #: The request channel (a socket pair) and the control pipe (worker to parent).
+        #: The request channel and the control pipe (both ways), socket pairs both.
         self.conn = conn
         self.events = events
         self._handle = handle
@@ -166,7 +168,7 @@ class WorkerProcess:
         returns the started process's handle; whatever it raises is raised here.
         """
         conn, child_conn = context.Pipe(duplex=True)
-        events, events_write = context.Pipe(duplex=False)
+        events, events_write = context.Pipe(duplex=True)
         out_read, out_write = context.Pipe(duplex=False)
         err_read, err_write = context.Pipe(duplex=False)
         try:
@@ -185,18 +187,19 @@ class WorkerProcess:
         cls,
         context: SpawnContext,
         spec: WorkerSpec,
-        package: ModelPackage,
+        packages: Mapping[int, ModelPackage],
         name: str,
         log: LogSink,
     ) -> WorkerProcess:
         """Start a worker in a fresh interpreter (what a pool without template does)."""
+        packages = {slot: packages[slot] for slot in spec.slots}
 
         def launch(
             conn: Connection, events: Connection, stdout: Connection, stderr: Connection
         ) -> Handle:
             process = context.Process(
                 target=worker_main,
-                args=(conn, events, stdout, stderr, package, spec),
+                args=(conn, events, stdout, stderr, packages, spec),
                 name=name,
                 daemon=True,
             )

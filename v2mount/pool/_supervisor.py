@@ -1,9 +1,11 @@
 """The supervisor: the one thread of a pool that owns its processes' lives.
 
-It starts the workers, reads their control pipes (``Ready``, ``LoadFailed``, ``Log``)
-and their output, notices a death at once (pidfd, or the process sentinel) and replaces
-the dead, kills a worker stuck past ``hard_timeout``, finishes the exchange of a request
-whose task was cancelled, recycles worn-out workers, and runs the shutdown. It is never
+It starts the workers, reads their control pipes (``Ready``, ``LoadFailed``,
+``Serving``, ``Unloaded``, ``Log``) and their output, notices a death at once (pidfd, or
+the process sentinel) and replaces the dead, kills a worker stuck past ``hard_timeout``,
+finishes the exchange of a request whose task was cancelled, recycles worn-out workers,
+has every worker load a model that joins a shared pool and drop one that leaves
+(``Load``, ``Unload``), and runs the shutdown. It is never
 on the request path: request tasks write requests and read replies themselves
 (``_pool.py``). It talks to them only through ``PoolState`` and their waiters; what to do
 about a worker is ``Policy``'s call (``_lifecycle.py``).
@@ -24,13 +26,35 @@ from multiprocess.context import SpawnContext
 
 from v2mount.errors import ModelNotReady
 from v2mount.metrics.custom import MetricUpdate
-from v2mount.model import Model
 from v2mount.pool._arena import Arena, arena_path, unlink_quietly
-from v2mount.pool._ipc import DeclaredSpecs, LoadFailed, Log, Ready, updates_of
-from v2mount.pool._lifecycle import Phase, Policy
+from v2mount.pool._ipc import (
+    DeclaredSpecs,
+    Load,
+    LoadFailed,
+    Log,
+    Ready,
+    Serving,
+    Unload,
+    Unloaded,
+    updates_of,
+)
+from v2mount.pool._lifecycle import Phase, Policy, from_outside
 from v2mount.pool._process import WorkerProcess
 from v2mount.pool._shipping import ModelPackage, pack_model
-from v2mount.pool._state import RUNNING, STARTING, STOPPED, STOPPING, PoolState, Worker, fire
+from v2mount.pool._state import (
+    GONE,
+    JOINING,
+    LEAVING,
+    RUNNING,
+    SERVING,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    Member,
+    PoolState,
+    Worker,
+    fire,
+)
 from v2mount.pool._template import Template
 from v2mount.pool._waiter import Waiter
 from v2mount.pool._worker import WorkerSpec
@@ -54,18 +78,18 @@ class Supervisor:
     def __init__(
         self,
         state: PoolState,
-        model: Model,
         *,
         context: SpawnContext,
         metrics_sink: MetricsSink,
         arena_paths: set[str],
+        file_name: str,
     ) -> None:
         self._state = state
         self._config = state.config
         self._name = state.name
-        #: The model's name as it may appear in a file name (arenas are named after it).
-        self._file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", state.name)[:40]
-        self._model = model
+        self._label = state.label
+        #: The pool's name as it may appear in a file name (arenas are named after it).
+        self._file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", file_name)[:48]
         self._context = context
         self._sink = metrics_sink
         self.policy = Policy(
@@ -74,13 +98,15 @@ class Supervisor:
         #: Arenas that exist now; the pool's finalizer removes them if the process exits.
         self._arena_paths = arena_paths
         self._selector = selectors.DefaultSelector()
-        self._package: ModelPackage | None = None
+        #: The members every new worker loads (joined or joining, not leaving), by slot.
+        self._packages: dict[int, ModelPackage] = {}
         self._template: Template | None = None
         self._worker_ids = itertools.count(1)
         self._loading_initial: set[int] = set()
-        # Sibling workers fail to load the same way: one traceback and one warning for a
-        # run of failures, until a worker loads again.
-        self._failing = self._warned = False
+        # Sibling workers fail to load the same way: one traceback per member and one
+        # warning for a run of failures, until a worker loads again.
+        self._failing: set[int] = set()
+        self._warned = False
         self._respawns: list[float] = []
         self._drain_deadline: float | None = None
 
@@ -91,20 +117,19 @@ class Supervisor:
         selector = self._selector
         selector.register(self._state.wake_read, selectors.EVENT_READ, (_WAKE, None))
         try:
-            try:
-                self._package = pack_model(self._model)
-            except Exception as exc:
-                with self._state.lock:
-                    self._state.reason = (
-                        f"model {self._name!r} cannot be sent to worker processes: {exc}"
-                    )
-            else:
+            self._pack(self._take_new())
+            if self._packages:
                 log = functools.partial(self._log, 0)
                 threads = self._config.threads_per_worker
-                self._template = Template(self._context, self._package, threads, self._name, log)
+                self._template = Template(self._context, self._packages, threads, self._name, log)
                 self._template.start()
                 for _ in range(self._config.workers):
                     self._spawn(initial=True)
+            else:
+                with self._state.lock:
+                    failures = [m.failure for m in self._state.members.values() if m.failure]
+                    self._state.reason = failures[0] if failures else self._state.reason
+            self._settle_members()
             self._settle_start()
             while not (self._state.phase == STOPPING and not self._state.workers):
                 for key, events in selector.select(self._timeout()):
@@ -152,8 +177,14 @@ class Supervisor:
             pass
         with self._state.lock:
             handed_back, self._state.handed_back = self._state.handed_back, []
+            leaving, self._state.leaving = self._state.leaving, []
         for worker in handed_back:
             self._take_back(worker)
+        if self._state.phase in (STARTING, RUNNING):
+            self._join(self._take_new())
+        for member in leaving:
+            self._leave(member)
+        self._settle_members()
 
     def _take_back(self, worker: Worker) -> None:
         """A worker a request task let go of, for the supervisor to act on."""
@@ -175,7 +206,8 @@ class Supervisor:
     def _log(self, worker_id: int, level: int, text: str) -> None:
         worker_logger.log(
             level,
-            "[model %s, worker %d] %s",
+            "[%s %s, worker %d] %s",
+            "pool" if self._state.shared else "model",
             self._name,
             worker_id,
             text,
@@ -184,6 +216,92 @@ class Supervisor:
 
     def _apply_metrics(self, updates: list[MetricUpdate]) -> None:
         apply_metrics(self._sink, updates, self._name, logger)
+
+    # -- members joining and leaving -------------------------------------------------------
+
+    def _take_new(self) -> list[Member]:
+        """Members registered since last time, now taken up."""
+        with self._state.lock:
+            new = [m for m in self._state.members.values() if not m.sent]
+            for member in new:
+                member.sent = True
+        return new
+
+    def _pack(self, members: list[Member]) -> list[Member]:
+        """Pickle each member for its workers; those that cannot be fail at once."""
+        packed = []
+        for member in members:
+            if member.phase is not JOINING:
+                continue  # left before it joined
+            try:
+                self._packages[member.slot] = pack_model(member.model)
+            except Exception as exc:
+                member.failure = f"model {member.name!r} cannot be sent to worker processes: {exc}"
+            else:
+                packed.append(member)
+        return packed
+
+    def _join(self, members: list[Member]) -> None:
+        """Have every worker load the members that joined the running pool."""
+        for member in self._pack(members):
+            package = self._packages[member.slot]
+            for worker in list(self._state.workers.values()):
+                if worker.phase is not Phase.RETIRING:
+                    self._command(worker, Load(member.slot, package))
+                    worker.loading.append(member.slot)
+
+    def _leave(self, member: Member) -> None:
+        """Have every worker drop a member that leaves the pool."""
+        self._packages.pop(member.slot, None)
+        for worker in list(self._state.workers.values()):
+            if member.slot in worker.slots or member.slot in worker.loading:
+                with self._state.lock:
+                    self._state.drop_slot(worker, member.slot)
+                self._command(worker, Unload(member.slot))
+                worker.unloading.add(member.slot)
+
+    def _command(self, worker: Worker, command: Load | Unload) -> None:
+        try:
+            worker.process.events.send(command)
+        except OSError:
+            pass  # it is dying: its exit fd fires
+
+    def _settle_members(self) -> None:
+        """Answer the members that have joined (or failed to) or left, every worker told."""
+        state = self._state
+        waiting = [w for w in state.workers.values() if w.phase is not Phase.DEAD]
+        fired: list[Waiter] = []
+        with state.lock:
+            for member in list(state.members.values()):
+                slot = member.slot
+                if member.phase is JOINING and member.sent:
+                    # Loaded counts once the worker serves (its first models all loaded).
+                    if any(
+                        slot in w.loading or (w.phase is Phase.LOADING and slot in w.slots)
+                        for w in waiting
+                    ):
+                        continue
+                    if member.loaded:
+                        member.phase, member.reason = SERVING, ""
+                    elif member.failure is None and self._respawns and state.phase == RUNNING:
+                        continue  # its workers were killed: their replacements load it
+                    else:
+                        member.phase = GONE
+                        member.reason = member.failure or state.reason
+                        self._packages.pop(slot, None)
+                        del state.members[slot]
+                elif member.phase is LEAVING:
+                    if any(slot in w.unloading for w in waiting):
+                        continue
+                    member.phase = GONE
+                    del state.members[slot]
+                else:
+                    continue
+                fired += member.waiters
+                member.waiters = []
+        fire(fired)
+
+    # -- workers' messages -----------------------------------------------------------------
 
     def _on_message(self, worker: Worker) -> bool:
         """Handle one control message; ``False`` at EOF (its exit fd will fire)."""
@@ -196,33 +314,87 @@ class Supervisor:
         if isinstance(message, Log):
             self._log(worker.id, message.level, f"{message.name}: {message.text}")
         elif isinstance(message, Ready):
-            self._on_ready(worker, message)
+            self._on_loaded(worker, message)
         elif isinstance(message, LoadFailed):
-            self._apply_metrics(message.updates)
-            worker.load_error = f"model {self._name!r} failed to load: {message.text}"
-            if message.traceback and not self._failing:
-                text = f"loading the model failed\n{message.traceback.rstrip()}"
-                self._log(worker.id, logging.ERROR, text)
-                self._failing = True
+            self._on_load_failed(worker, message)
+        elif isinstance(message, Serving):
+            self._on_serving(worker, message)
+        elif isinstance(message, Unloaded):
+            self._on_unloaded(worker, message)
         else:
             raise TypeError(f"unexpected message {type(message).__name__}")
         return True
 
-    def _on_ready(self, worker: Worker, ready: Ready) -> None:
-        self._failing = self._warned = False
+    def _answered(self, worker: Worker, slot: int) -> None:
+        if slot in worker.loading:
+            worker.loading.remove(slot)
+
+    def _on_loaded(self, worker: Worker, ready: Ready) -> None:
+        self._apply_metrics(ready.updates)
+        self._answered(worker, ready.slot)
+        self._failing.discard(ready.slot)
+        woken: Waiter | None = None
+        with self._state.lock:
+            member = self._state.members.get(ready.slot)
+            if member is None or member.phase in (LEAVING, GONE):
+                return  # it left meanwhile: the worker drops it too (``_leave``)
+            self._state.add_slot(worker, ready.slot)
+            member.loaded = True
+            if ready.declared is not None and member.declared is None:
+                member.declared = DeclaredSpecs(*ready.declared)
+            woken = self._state.rematch(worker)
+        if woken is not None:
+            woken.fire()
+        self._settle_members()
+
+    def _on_load_failed(self, worker: Worker, failed: LoadFailed) -> None:
+        self._apply_metrics(failed.updates)
+        self._answered(worker, failed.slot)
+        member = self._state.members.get(failed.slot)
+        name = member.name if member is not None else self._name
+        worker.load_error = f"model {name!r} failed to load: {failed.text}"
+        if member is not None:
+            self._failed(member, worker.load_error)
+        if failed.traceback and failed.slot not in self._failing:
+            what = f"model {name!r}" if self._state.shared else "the model"
+            text = f"loading {what} failed\n{failed.traceback.rstrip()}"
+            self._log(worker.id, logging.ERROR, text)
+            self._failing.add(failed.slot)
+        if worker.loaded:
+            logger.warning("%s: %s", worker.where, worker.load_error)
+        self._settle_members()
+
+    def _failed(self, member: Member, reason: str) -> None:
+        """A load of ``member`` failed; one that never loaded goes to no new worker."""
+        if member.failure is None:
+            member.failure = reason
+        if member.phase is JOINING and not member.loaded:
+            self._packages.pop(member.slot, None)
+
+    def _on_unloaded(self, worker: Worker, unloaded: Unloaded) -> None:
+        worker.unloading.discard(unloaded.slot)
+        member = self._state.members.get(unloaded.slot)
+        if unloaded.freed is False and member is not None:
+            logger.warning(
+                "%s: model %r is still referenced after it was unloaded: its memory is "
+                "not released (a module-level reference to the model?)",
+                worker.where,
+                member.name,
+            )
+        self._settle_members()
+
+    def _on_serving(self, worker: Worker, ready: Serving) -> None:
+        self._warned = False
         process = worker.process
         if ready.has_arena and process.arena_path is not None:
             process.arena = Arena.attach(process.arena_path)
             # Both ends hold it open now: without a name, no crash can leak it.
             unlink_quietly(process.arena_path)
-        self._apply_metrics(ready.updates)
         self.policy.loaded()
         self._loading_initial.discard(worker.id)
         worker.loaded = True
         woken: Waiter | None = None
         with self._state.lock:
-            if ready.declared is not None and self._state.declared is None:
-                self._state.declared = DeclaredSpecs(*ready.declared)
             self._state.start_ok = True
             if worker.phase is Phase.LOADING:
                 woken = self._state.offer(worker)
@@ -233,6 +405,7 @@ class Supervisor:
             self._retire(predecessor)
         if worker.phase is Phase.IDLE and self._state.phase == STOPPING:
             self._retire(worker)
+        self._settle_members()
         self._settle_start()
 
     # -- starting, retiring and disposing of workers -----------------------------------------
@@ -242,15 +415,20 @@ class Supervisor:
         assert self._template is not None
         return self._template.fork_worker(
             spec,
+            self._packages,
             f"v2mount-{self._name}-{spec.worker_id}",
             functools.partial(self._log, spec.worker_id),
         )
 
     def _spawn(self, *, initial: bool = False) -> Worker | None:
+        if not self._packages:
+            self._load_failed(f"{self._label} has no model to load")
+            return None
         worker_id = next(self._worker_ids)
         path = arena_path(f"v2mount-{os.getpid()}-{self._file_name}-{worker_id}")
         spec = WorkerSpec(
             worker_id=worker_id,
+            slots=tuple(self._packages),
             parent_pid=os.getpid(),
             arena_path=path,
             shm_threshold=self._config.shm_threshold,
@@ -266,7 +444,12 @@ class Supervisor:
                 self._arena_paths.discard(path)
             self._load_failed(f"model {self._name!r}: cannot start a worker process: {exc}")
             return None
-        worker = Worker(process, self._name)
+        worker = Worker(process, self._label)
+        # Those the template does not hold, it loads once it serves the others.
+        for slot in spec.slots:
+            if slot not in process.slots:
+                self._command(worker, Load(slot, self._packages[slot]))
+                worker.loading.append(slot)
         register = self._selector.register
         register(process.events.fileno(), selectors.EVENT_READ, (_EVENTS, worker))
         register(process.exit_fd, selectors.EVENT_READ, (_EXIT, worker))
@@ -370,6 +553,11 @@ class Supervisor:
         process.reap(EXIT_GRACE)
         how = process.describe_exit()
         stopping = self._state.phase == STOPPING
+        if worker.loading and not from_outside(process.exit_code):
+            # It died loading this one (they load in order): that load failed.
+            culprit = self._state.members.get(worker.loading[0])
+            if culprit is not None:
+                self._failed(culprit, f"model {culprit.name!r} failed to load: its worker {how}")
         with self._state.lock:
             self._state.workers.pop(worker.id, None)
             worker.exit = how
@@ -377,7 +565,7 @@ class Supervisor:
             waiters, worker.death_waiters = worker.death_waiters, []
             if worker.loaded and self._state.live == 0 and not stopping:
                 self._state.reason = (
-                    f"model {self._name!r} has no live worker: worker {worker.id} {how}; "
+                    f"{self._label} has no live worker: worker {worker.id} {how}; "
                     "a replacement is starting"
                 )
         fire(waiters)
@@ -407,25 +595,26 @@ class Supervisor:
             if failed:
                 reason = worker.load_error
                 if reason is None:
-                    reason = f"model {self._name!r} failed to load: its worker process {how}"
+                    reason = f"{self._label} failed to load: its worker process {how}"
                 self._load_failed(reason)
             elif not stopping:
                 logger.warning("%s %s while loading; replacing it", worker.where, how)
                 with self._state.lock:
                     if self._state.live == 0:
                         self._state.reason = (
-                            f"model {self._name!r} has no live worker: worker {worker.id} "
+                            f"{self._label} has no live worker: worker {worker.id} "
                             f"{how} while loading; a replacement is starting"
                         )
             if replace:
                 self._respawns.append(self.policy.respawn_at(worker_loaded=not failed))
         self._loading_initial.discard(worker.id)
+        self._settle_members()
         self._settle_start()
 
     def _load_failed(self, reason: str) -> None:
         if not self._warned:
             logger.warning("%s", reason)
-        self._failing = self._warned = True
+        self._warned = True
         self.policy.load_failed()
         with self._state.lock:
             if self._state.live == 0:
@@ -443,17 +632,16 @@ class Supervisor:
                 dropped: list[Waiter] = []
             else:
                 dropped = self._state.begin_stop(self._state.reason)
-            waiter, self._state.start_waiter = self._state.start_waiter, None
         fire(dropped)
-        if waiter is not None:
-            waiter.fire()
 
     # -- timers ------------------------------------------------------------------------------
 
     def _timeout(self) -> float | None:
         deadlines = list(self._respawns)
         workers = list(self._state.workers.values())
-        hard = self._config.hard_timeout
+        with self._state.lock:
+            timeouts = [m.config.hard_timeout for m in self._state.members.values()]
+        hard = min((t for t in timeouts if t is not None), default=None)
         if hard is not None and workers:
             # Tasks start requests without telling this thread: look at them regularly.
             deadlines.append(time.monotonic() + hard / 4)
@@ -466,9 +654,10 @@ class Supervisor:
 
     def _on_timers(self) -> None:
         now = time.monotonic()
-        hard = self._config.hard_timeout
         for worker in list(self._state.workers.values()):
             since = worker.busy_since
+            member = self._state.members.get(worker.slot)
+            hard = member.config.hard_timeout if member is not None else None
             if hard is not None and since and not worker.timed_out and now - since >= hard:
                 worker.timed_out = True
                 worker.process.kill()
@@ -533,14 +722,20 @@ class Supervisor:
             self._state.workers.clear()
             self._state.phase = STOPPED
             if self._state.start_ok:
-                self._state.reason = f"model {self._name!r} is stopped"
+                self._state.reason = f"{self._label} is stopped"
             waiters += self._state.stop_waiters
             self._state.stop_waiters = []
-            if self._state.start_waiter is not None:
-                waiters.append(self._state.start_waiter)
-                self._state.start_waiter = None
+            for member in self._state.members.values():
+                if member.phase is JOINING:
+                    member.reason = member.failure or self._state.reason
+                elif member.phase is not GONE:
+                    member.reason = self._state.reason
+                member.phase = GONE
+                waiters += member.waiters
+                member.waiters = []
+            self._state.members.clear()
             self._state.close_wake_pipe()
-            waiters += self._state.take_queue(ModelNotReady(f"model {self._name!r} is stopped"))
+            waiters += self._state.take_queue(ModelNotReady(f"{self._label} is stopped"))
             handed_back, self._state.handed_back = self._state.handed_back, []
         for worker in workers:
             if worker.held:

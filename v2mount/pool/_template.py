@@ -5,8 +5,9 @@ before its ``load`` even starts (about a second); a worker forked from a process
 did all that costs a few milliseconds. The pool's own process must not fork (it runs
 threads and an event loop), so each pool spawns a *template* process that:
 
-- limits native thread pools as its workers will, unpickles the model (importing its
-  module) without loading it, and checks that no Python thread was started meanwhile
+- limits native thread pools as its workers will, unpickles the pool's models (one, or
+  each model of a shared pool: importing their modules) without loading them, and
+  checks that no Python thread was started meanwhile
   (a fork keeps only the forking thread; native pools such as OpenBLAS's handle fork
   themselves, and the template never runs model code that would start an OpenMP team);
 - forks a worker when the parent asks over a Unix socket. The parent makes the worker's
@@ -20,10 +21,12 @@ A forked worker ends with ``os._exit`` (as ``multiprocessing``'s fork start meth
 so ``atexit`` handlers do not run in it. It reseeds numpy's global random generator
 unless the model's module seeded it, so workers do not share one random stream.
 
-Where no template can serve (not Linux 5.3+, a module that started a thread, a model
+Where no template can serve (not Linux 5.3+, a module that started a thread, models
 the template cannot unpickle, a template that keeps dying while it starts), workers are
-spawned as before. A template that dies is started again; until it is ready, workers
-are spawned.
+spawned as before. A model the template does not hold (it joined a running shared pool,
+or the template could not unpickle it) is loaded by a forked worker after it serves
+(``Load``); a worker that would hold none of its models is spawned. A template that
+dies is started again; until it is ready, workers are spawned.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
@@ -98,12 +101,16 @@ class _Session:
     """One template process as the parent sees it."""
 
     def __init__(
-        self, context: SpawnContext, package: ModelPackage, threads: int | None, name: str
+        self,
+        context: SpawnContext,
+        packages: Mapping[int, ModelPackage],
+        threads: int | None,
+        name: str,
     ) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.process: BaseProcess = context.Process(
             target=template_main,
-            args=(theirs, package, os.getpid(), threads),
+            args=(theirs, dict(packages), os.getpid(), threads),
             name=name,
             daemon=True,
         )
@@ -126,6 +133,8 @@ class _Session:
         self.hopeless = False
         #: What the template printed while importing, (stdout, stderr), until logged.
         self.output: tuple[str, str] | None = None
+        #: The slots of the models it holds (once ready).
+        self.held: frozenset[int] = frozenset()
         self._codes: dict[int, int] = {}
         self._forked: tuple[int, int] | str | None = None
 
@@ -154,6 +163,7 @@ class _Session:
             self._forked = message[1]
         elif kind == "ready":
             self.state, self.was_ready, self.output = _READY, True, tuple(message[1])
+            self.held = frozenset(message[2])
         elif kind == "unusable":
             self.hopeless, self.output = True, tuple(message[2])
             self.close(message[1])
@@ -248,13 +258,13 @@ class Template:
     def __init__(
         self,
         context: SpawnContext,
-        package: ModelPackage,
+        packages: Mapping[int, ModelPackage],
         threads: int | None,
         name: str,
         log: LogSink,
     ) -> None:
         self._context = context
-        self._package = package
+        self._packages = dict(packages)
         self._threads = threads
         self._name = name
         self._log = log
@@ -276,21 +286,32 @@ class Template:
         if self.disabled is not None or self._session is not None:
             return
         try:
-            self._session = _Session(self._context, self._package, self._threads, self._name)
+            self._session = _Session(self._context, self._packages, self._threads, self._name)
         except Exception as exc:
             self._disable(f"the template process cannot start: {exc}")
 
-    def fork_worker(self, spec: WorkerSpec, name: str, log: LogSink) -> WorkerProcess:
-        """Start one worker: forked from the template if it is ready, else spawned.
+    def fork_worker(
+        self,
+        spec: WorkerSpec,
+        packages: Mapping[int, ModelPackage],
+        name: str,
+        log: LogSink,
+    ) -> WorkerProcess:
+        """Start one worker for the models of ``spec.slots`` (``packages`` has them all):
+        forked from the template if it is ready and holds some of them, else spawned.
 
-        Raises what ``WorkerProcess.spawn`` raises when no process can be started.
+        A forked worker starts with the models the template holds (its ``slots``); the
+        caller sends it the others. Raises what ``WorkerProcess.spawn`` raises when no
+        process can be started.
         """
         session = self._ready_session()
         if session is not None:
-            worker = self._fork(session, spec, name, log)
-            if worker is not None:
-                return worker
-        return WorkerProcess.spawn(self._context, spec, self._package, name, log)
+            held = tuple(slot for slot in spec.slots if slot in session.held)
+            if held:
+                worker = self._fork(session, dataclasses.replace(spec, slots=held), name, log)
+                if worker is not None:
+                    return worker
+        return WorkerProcess.spawn(self._context, spec, packages, name, log)
 
     def stop(self) -> None:
         """Stop the template process (the pool stops its workers itself)."""
@@ -362,7 +383,10 @@ class Template:
 
 
 def template_main(
-    control: socket.socket, package: ModelPackage, parent_pid: int, threads: int | None
+    control: socket.socket,
+    packages: dict[int, ModelPackage],
+    parent_pid: int,
+    threads: int | None,
 ) -> None:
     """Entry point of the template process (called in the child)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -372,20 +396,25 @@ def template_main(
         return  # the parent died already
     limit_threads(threads)
     seeded = _numpy_random_state()
-    model: Model | None = None
+    models: dict[int, Model] = {}
     why = None
     with _captured_output() as output:
-        try:
-            model = unpack_model(package)
-        except BaseException:
-            traceback.print_exc()
-            why = "the template cannot unpickle the model"
-    if model is not None and threading.active_count() > 1:
+        for slot, package in packages.items():
+            try:
+                models[slot] = unpack_model(package)
+            except BaseException:
+                traceback.print_exc()
+    if not models:
+        why = "the template cannot unpickle the model"
+    elif threading.active_count() > 1:
         why = "importing the model's module started a thread"
-    reply = ("ready", tuple(output)) if why is None else ("unusable", why, tuple(output))
+    if why is None:
+        reply: tuple[Any, ...] = ("ready", tuple(output), sorted(models))
+    else:
+        reply = ("unusable", why, tuple(output))
     _send(control, reply)
-    if why is None and model is not None:
-        _serve(control, parent_fd, model, reseed=_numpy_random_state() == seeded)
+    if why is None:
+        _serve(control, parent_fd, models, reseed=_numpy_random_state() == seeded)
 
 
 def _numpy_random_state() -> bytes:
@@ -424,7 +453,9 @@ def _send(control: socket.socket, message: tuple[Any, ...], fds: tuple[int, ...]
     socket.send_fds(control, [json.dumps(message).encode()], list(fds))
 
 
-def _serve(control: socket.socket, parent_fd: int, model: Model, *, reseed: bool) -> None:
+def _serve(
+    control: socket.socket, parent_fd: int, models: dict[int, Model], *, reseed: bool
+) -> None:
     """Fork workers on request and report their exits, until the parent goes."""
     children: dict[int, int] = {}  # pidfd -> pid
     with selectors.DefaultSelector() as selector:
@@ -448,7 +479,7 @@ def _serve(control: socket.socket, parent_fd: int, model: Model, *, reseed: bool
                 if not data:
                     return
                 fields, name = json.loads(data)
-                spec = WorkerSpec(**fields)
+                spec = WorkerSpec(**{**fields, "slots": tuple(fields["slots"])})
                 sys.stdout.flush()
                 sys.stderr.flush()
                 try:
@@ -463,7 +494,7 @@ def _serve(control: socket.socket, parent_fd: int, model: Model, *, reseed: bool
                     control.close()
                     for fd in children:
                         os.close(fd)
-                    _run_worker(fds, model, spec, name, parent_fd, reseed)
+                    _run_worker(fds, models, spec, name, parent_fd, reseed)
                 for fd in fds:
                     os.close(fd)
                 pidfd = os.pidfd_open(pid)
@@ -473,7 +504,12 @@ def _serve(control: socket.socket, parent_fd: int, model: Model, *, reseed: bool
 
 
 def _run_worker(
-    fds: list[int], model: Model, spec: WorkerSpec, name: str, parent_fd: int, reseed: bool
+    fds: list[int],
+    models: dict[int, Model],
+    spec: WorkerSpec,
+    name: str,
+    parent_fd: int,
+    reseed: bool,
 ) -> NoReturn:
     """The forked child's whole life: be a worker, then exit (never return to the loop)."""
     code = 1
@@ -483,10 +519,10 @@ def _run_worker(
         conn, events, stdout, stderr = fds
         forked_worker_main(
             Connection(conn),
-            Connection(events, readable=False),
+            Connection(events),
             stdout,
             stderr,
-            model,
+            models,
             spec,
             name,
             parent_fd,

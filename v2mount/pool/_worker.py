@@ -1,12 +1,15 @@
 """The worker process: everything here is called in the child.
 
-A worker limits native thread pools, unpickles the model (dill bytes made by the parent),
-loads it once, creates its shared-memory arena, then answers one framed request at a time
-until its request channel reaches EOF (the pool closed it, or the parent died). Its
-stdout and stderr are the pool's pipes; its log records, and its ``Ready`` or
-``LoadFailed``, travel on the control pipe. It
-removes its arena when it exits, and exits by itself when orphaned, so even a SIGKILLed
-parent leaves no process and no shared memory behind.
+A worker limits native thread pools, unpickles its models (dill bytes made by the
+parent; one model, or every model of a shared pool, each in its own *slot*), loads each
+once, creates its shared-memory arena, then answers one framed request at a time (for the
+model of the frame's slot) until its request channel reaches EOF (the pool closed it, or
+the parent died). Its stdout and stderr are the pool's pipes; its log records, a
+``Ready`` or ``LoadFailed`` per model, then ``Serving``, travel on the control pipe. A
+worker none of whose models loaded exits. Models that join or leave a running shared
+pool are loaded and dropped by a control thread (``Load``, ``Unload``) while the main
+thread serves the others. It removes its arena when it exits, and exits by itself when
+orphaned, so even a SIGKILLed parent leaves no process and no shared memory behind.
 
 A worker starts one of two ways: spawned (``worker_main``: a fresh interpreter that
 unpickles the model itself), or forked from the pool's template process
@@ -19,35 +22,46 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import functools
+import gc
 import io
 import logging
 import os
+import queue
 import select
 import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import multiprocess
 from multiprocess.connection import Connection
 
-from v2mount.errors import V2MountError, describe_exception
+from v2mount.errors import ModelNotReady, V2MountError, describe_exception
 from v2mount.model import MethodRunner, Model, build_response
 from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._ipc import (
+    REQUEST,
     Channel,
     DeclaredSpecs,
+    Load,
     LoadFailed,
     Log,
     Ready,
+    Serving,
+    Unload,
+    Unloaded,
     decode_request,
     encode_error,
     encode_result,
+    frame_kind,
+    frame_route,
 )
 from v2mount.pool._shipping import ModelPackage, unpack_model
+from v2mount.pool._stage_frames import answer_stage
 
 __all__ = [
     "THREAD_VARIABLES",
@@ -73,10 +87,12 @@ logger = logging.getLogger("v2mount.worker")
 class WorkerSpec:
     """What a worker needs besides its pipes and the model bytes.
 
-    Sent to the template as JSON (``dataclasses.asdict``): plain fields only.
+    ``slots``: the models it loads before it serves. Sent to the template as JSON
+    (``dataclasses.asdict``): plain fields only.
     """
 
     worker_id: int
+    slots: tuple[int, ...]
     parent_pid: int
     arena_path: str | None
     shm_threshold: int
@@ -91,7 +107,7 @@ class _Events:
         self.conn = conn
         self._lock = threading.Lock()
 
-    def send(self, message: Ready | LoadFailed | Log) -> None:
+    def send(self, message: Ready | LoadFailed | Serving | Unloaded | Log) -> None:
         with self._lock:
             self.conn.send(message)
 
@@ -168,7 +184,32 @@ def _watch_parent(parent_pid: int, parent_fd: int | None, arena_path: str | None
     os._exit(0)
 
 
-def _answer(runner: MethodRunner, frame: bytearray, arena: Arena | None, threshold: int) -> bytes:
+class _Loaded:
+    """A model this worker serves; ``lock`` is held while it runs (an unload waits)."""
+
+    __slots__ = ("lock", "runner")
+
+    def __init__(self, runner: MethodRunner) -> None:
+        self.runner = runner
+        self.lock = threading.Lock()
+
+
+def _answer(
+    models: Mapping[int, _Loaded], frame: bytearray, arena: Arena | None, threshold: int
+) -> bytes:
+    """The reply frame to one call frame, by the model of its slot (which an unload waits
+    for): its result or its error, with the metrics."""
+    slot, seq = frame_route(frame)
+    loaded = models.get(slot)
+    if loaded is None:
+        return encode_error(ModelNotReady(f"model slot {slot} is not loaded here"), seq, [])
+    with loaded.lock:
+        if frame_kind(frame) != REQUEST:
+            return answer_stage(loaded.runner, frame, arena, threshold)
+        return _predict(loaded.runner, frame, arena, threshold)
+
+
+def _predict(runner: MethodRunner, frame: bytearray, arena: Arena | None, threshold: int) -> bytes:
     """The reply frame to one request frame: its result or its error, with the metrics."""
     model = runner.model
     seq = -1
@@ -183,7 +224,9 @@ def _answer(runner: MethodRunner, frame: bytearray, arena: Arena | None, thresho
         return encode_error(exc, seq, model.metrics.drain())
 
 
-def _serve(channel: Channel, runner: MethodRunner, arena: Arena | None, threshold: int) -> None:
+def _serve(
+    channel: Channel, models: Mapping[int, _Loaded], arena: Arena | None, threshold: int
+) -> None:
     """Answer requests one at a time until the channel reaches EOF.
 
     Each frame is dropped as soon as it is used, so an idle worker holds no tensor.
@@ -193,7 +236,7 @@ def _serve(channel: Channel, runner: MethodRunner, arena: Arena | None, threshol
             frame = channel.receive()
         except (EOFError, OSError):
             return
-        reply = _answer(runner, frame, arena, threshold)
+        reply = _answer(models, frame, arena, threshold)
         del frame
         try:
             channel.send(reply)
@@ -202,26 +245,101 @@ def _serve(channel: Channel, runner: MethodRunner, arena: Arena | None, threshol
         del reply
 
 
+def _load(
+    slot: int, obtain: Callable[[], Model], control: _Events, models: dict[int, _Loaded]
+) -> bool:
+    """Load one model into ``slot`` and report how it went; ``True`` if it serves now."""
+    runner: MethodRunner | None = None
+    try:
+        model = obtain()
+        runner = MethodRunner(model)
+        declared = DeclaredSpecs.of(model.settings)
+        runner.run(model.load)
+    except Exception as exc:
+        drained = runner.model.metrics.drain() if runner is not None else []
+        if runner is not None:
+            runner.close()
+        failed = LoadFailed(slot, describe_exception(exc), drained, traceback.format_exc())
+        with contextlib.suppress(OSError):
+            control.send(failed)
+        return False
+    models[slot] = _Loaded(runner)
+    # What load declared (an ONNX graph's inputs, say) is metadata the parent serves.
+    changed = DeclaredSpecs.of(model.settings)
+    with contextlib.suppress(OSError):
+        control.send(Ready(slot, model.metrics.drain(), changed if changed != declared else None))
+    return True
+
+
+def _unload(slot: int, models: dict[int, _Loaded]) -> bool | None:
+    """Drop the model of ``slot`` (after its running request, if any); whether it is freed."""
+    loaded = models.pop(slot, None)
+    if loaded is None:
+        return True
+    with loaded.lock:
+        loaded.runner.close()
+    try:
+        gone = weakref.ref(loaded.runner.model)
+    except TypeError:  # a model class with __slots__ and no __weakref__
+        gone = None
+    del loaded
+    gc.collect()
+    return None if gone is None else gone() is None
+
+
+def _follow(
+    events: Connection, control: _Events, models: dict[int, _Loaded], serving: threading.Event
+) -> None:
+    """The control thread: once the worker serves, load and drop the models the parent
+    sends, in order, until the pipe ends.
+
+    A reader thread takes commands off the pipe at once, so the parent never waits on
+    a worker that is still loading its first models.
+    """
+    commands: queue.SimpleQueue[Load | Unload | None] = queue.SimpleQueue()
+
+    def read() -> None:
+        while True:
+            try:
+                commands.put(events.recv())
+            except (EOFError, OSError):
+                commands.put(None)
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    serving.wait()
+    while (command := commands.get()) is not None:
+        if isinstance(command, Load):
+            package = command.package
+            _load(command.slot, functools.partial(unpack_model, package), control, models)
+        else:
+            freed = _unload(command.slot, models)
+            with contextlib.suppress(OSError):
+                control.send(Unloaded(command.slot, freed))
+
+
 def worker_main(
     conn: Connection,
     events: Connection,
     stdout: Connection,
     stderr: Connection,
-    package: ModelPackage,
+    packages: Mapping[int, ModelPackage],
     spec: WorkerSpec,
 ) -> None:
     """Entry point of a spawned worker process (called in the child).
 
-    ``conn``: the request channel (frames of ``_ipc``); ``events``: the control pipe.
+    ``conn``: the request channel (frames of ``_ipc``); ``events``: the control pipe;
+    ``packages``: the models of ``spec.slots``.
     """
     _redirect_output(stdout.fileno(), stderr.fileno())
     stdout.close()
     stderr.close()
     name_process(WORKER_NAME)
     limit_threads(spec.threads)
-    _run(
-        conn, events, functools.partial(unpack_model, package), spec, parent_pidfd(spec.parent_pid)
-    )
+    initial: dict[int, Callable[[], Model]] = {
+        slot: functools.partial(unpack_model, packages[slot]) for slot in spec.slots
+    }
+    _run(conn, events, initial, spec, parent_pidfd(spec.parent_pid))
 
 
 def forked_worker_main(
@@ -229,23 +347,32 @@ def forked_worker_main(
     events: Connection,
     stdout: int,
     stderr: int,
-    model: Model,
+    models: dict[int, Model],
     spec: WorkerSpec,
     name: str,
     parent_fd: int,
 ) -> None:
     """Entry point of a worker forked from the template (called in the child).
 
-    ``model`` is the template's unloaded copy, ``parent_fd`` a pidfd of the pool's
-    process (``spec.parent_pid``; the template is only the direct parent). Native
-    threads were limited in the template, whose environment and pools it inherits.
+    ``models`` are the template's unloaded copies (of ``spec.slots`` and maybe more),
+    ``parent_fd`` a pidfd of the pool's process (``spec.parent_pid``; the template is
+    only the direct parent). Native threads were limited in the template, whose
+    environment and pools it inherits.
     """
     _redirect_output(stdout, stderr)
     os.close(stdout)
     os.close(stderr)
     name_process(WORKER_NAME)
     multiprocess.current_process().name = name
-    _run(conn, events, lambda: model, spec, parent_fd)
+    # Taken out of the template's dict, the rest dropped: an unloaded model must leave
+    # no reference behind (its memory is then released).
+    initial = {slot: _given(models.pop(slot)) for slot in spec.slots}
+    models.clear()
+    _run(conn, events, initial, spec, parent_fd)
+
+
+def _given(model: Model) -> Callable[[], Model]:
+    return lambda: model
 
 
 def _redirect_output(stdout: int, stderr: int) -> None:
@@ -258,11 +385,11 @@ def _redirect_output(stdout: int, stderr: int) -> None:
 def _run(
     conn: Connection,
     events: Connection,
-    obtain: Callable[[], Model],
+    initial: dict[int, Callable[[], Model]],
     spec: WorkerSpec,
     parent_fd: int | None,
 ) -> None:
-    """Load the model and serve; the part both kinds of worker share."""
+    """Load the models and serve; the part both kinds of worker share."""
     faulthandler.enable()
     # The parent decides when workers stop: Ctrl-C reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -278,35 +405,26 @@ def _run(
         target=_watch_parent, args=(spec.parent_pid, parent_fd, spec.arena_path), daemon=True
     ).start()
 
-    runner: MethodRunner | None = None
+    models: dict[int, _Loaded] = {}
+    serving = threading.Event()
+    threading.Thread(target=_follow, args=(events, control, models, serving), daemon=True).start()
     arena: Arena | None = None
     try:
-        try:
-            model = obtain()
-            runner = MethodRunner(model)
-            declared = DeclaredSpecs.of(model.settings)
-            runner.run(model.load)
-        except Exception as exc:
-            drained = runner.model.metrics.drain() if runner is not None else []
-            failed = LoadFailed(describe_exception(exc), drained, traceback.format_exc())
-            with contextlib.suppress(OSError):
-                control.send(failed)
+        for slot in list(initial):
+            _load(slot, initial.pop(slot), control, models)
+        if not models:
             return
         if spec.arena_path is not None:
             arena = Arena.create(spec.arena_path)
-        # What load declared (an ONNX graph's inputs, say) is metadata the parent serves.
-        changed = DeclaredSpecs.of(model.settings)
-        ready = Ready(
-            model.metrics.drain(), changed if changed != declared else None, arena is not None
-        )
         try:
-            control.send(ready)
+            control.send(Serving(arena is not None))
         except OSError:
             return  # stopped while loading
-        _serve(Channel(conn.fileno()), runner, arena, spec.shm_threshold)
+        serving.set()
+        _serve(Channel(conn.fileno()), models, arena, spec.shm_threshold)
     finally:
-        if runner is not None:
-            runner.close()
+        for loaded in list(models.values()):
+            loaded.runner.close()
         if arena is not None:
             # The parent unlinks it too; doing it here covers a parent that died.
             arena.close()

@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from v2mount.errors import BadRequest, HeadersTooLarge, ModelNotFound, SettingsError
 from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
-from v2mount.registry import ModelHandle, ModelRegistry, ModelState, version_key
+from v2mount.registry import ModelHandle, ModelRegistry, ModelState, SharedPools, version_key
 from v2mount.repository import BrokenModel, ModelRepository, instantiate
 from v2mount.rest.dataplane import dataplane_routes
 from v2mount.rest.docs import docs_routes
@@ -60,7 +60,7 @@ class V2App:
         root = Path(repository) if repository is not None else self.settings.model_repository
         self.repository = ModelRepository(root) if root is not None else None
         self.metrics = AppMetrics()
-        self.registry = ModelRegistry()
+        self.registry = ModelRegistry(SharedPools(self.metrics.apply_custom))
         self.codec_limiter = anyio.CapacityLimiter(2)
         for item in models:
             self._add(item if isinstance(item, Model) else instantiate(item))
@@ -95,7 +95,7 @@ class V2App:
             broken = model.placeholder()
             handle = ModelHandle(broken, self.settings, self.metrics, broken=model.reason)
         else:
-            handle = ModelHandle(model, self.settings, self.metrics)
+            handle = ModelHandle(model, self.settings, self.metrics, pools=self.registry.pools)
         self.registry.add(handle)
         return handle
 
@@ -149,8 +149,11 @@ class V2App:
         try:
             if self.grpc is not None:  # first: a port it cannot bind fails before any load
                 await self.grpc.start()
+            handles = list(self.registry.handles())
+            for handle in handles:
+                handle.prepare()  # a shared pool starts with every model it will serve
             async with anyio.create_task_group() as tg:
-                for handle in self.registry.handles():
+                for handle in handles:
                     tg.start_soon(handle.load)
             self._started = True
         finally:
@@ -240,6 +243,8 @@ class V2App:
             for handle in old:
                 await handle.unload()
             handles = old
+        for handle in handles:
+            handle.prepare()
         async with anyio.create_task_group() as tg:
             for handle in handles:
                 tg.start_soon(handle.load)
