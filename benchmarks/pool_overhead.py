@@ -9,7 +9,8 @@ No HTTP: each figure times the runner call alone, so it shows the pool's own cos
   and in the worker, separately (the worker's includes the predict, which moved there).
 - ``4 MB``: one FP32[1048576] identity round trip through a one-worker pool, through
   shared memory and (threshold raised above the tensor) through the pipe alone.
-  MB/s counts the tensor's 4 MiB once per round trip.
+  MB/s counts the tensor's 4 MiB once per round trip; the CPU per call of the parent
+  and of the worker follows.
 - ``scaling``: a CPU-bound predict (about 10 ms of single-threaded numpy), 8 concurrent
   callers, throughput with 1 and with 2 workers (and the CPU the workers got).
 - ``wake-up``: how long a plain thread takes to wake a task waiting on an event loop,
@@ -155,16 +156,27 @@ async def cpu(calls: int) -> None:
 
 
 async def big_tensor(calls: int) -> None:
+    """p50 and p99 of a round trip, and the CPU it costs each side (which, unlike the
+    wall time, does not grow while other processes keep the cores busy)."""
     request = fp32(1 << 20)
     mebibytes = request.inputs[0].data.nbytes / (1 << 20)
-    print(f"4 MiB FP32 identity round trip, {calls} calls     p50 ms  p99 ms    MB/s")
+    print(
+        f"4 MiB FP32 identity round trip, {calls} calls     p50 ms  p99 ms    MB/s"
+        "   CPU ms: parent  worker"
+    )
     for label, threshold in (("shared memory", 64 * 1024), ("pipe only", 1 << 62)):
         pool = await pool_of(Identity(), 1, shm_threshold=threshold)
         try:
             p50, p99 = percentiles(await timed_calls(pool, request, calls))
+            worker_before = cpu_seconds(pool.pids())
+            parent = await cpu_per_call(pool, request, calls)
+            worker = (cpu_seconds(pool.pids()) - worker_before) / calls
         finally:
             await pool.stop()
-        print(f"  {label:<40} {p50:7.2f} {p99:7.2f} {mebibytes / p50 * 1e3:7.0f}")
+        print(
+            f"  {label:<40} {p50:7.2f} {p99:7.2f} {mebibytes / p50 * 1e3:7.0f}"
+            f"           {parent * 1e3:6.2f}  {worker * 1e3:6.2f}"
+        )
 
 
 async def closed_loop(pool: WorkerPool, request: InferenceRequest, calls: int) -> float:

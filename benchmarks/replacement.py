@@ -4,11 +4,17 @@ No HTTP: each figure watches ``WorkerPool`` itself.
 
 - ``replace``: a pool of 2 serving one caller; SIGKILL one of its loaded workers and time
   until the pool has 2 loaded workers again (the victim gone); median, min and max over
-  ``--kills`` kills. For the demo ``identity`` and ``linear`` models (``linear`` loads
-  its weights from an ``.npz``), with workers forked from the pool's template and with
-  workers spawned (the fallback: a fresh interpreter that imports numpy and the model).
+  ``--kills`` kills, and how long ``start()`` took (until both workers had loaded). For
+  the demo ``identity`` and ``linear`` models (``linear`` loads its weights from an
+  ``.npz``), and the scikit-learn runtime serving ``examples/models/iris`` (``iris``,
+  whose template preloads scikit-learn, and ``iris-bare``, the same model with nothing
+  preloaded: its workers import scikit-learn in ``load``), with workers forked from the
+  pool's template and with workers spawned (the fallback: a fresh interpreter that
+  imports numpy and the model). The iris cases need ``model.joblib``: ``python
+  examples/models/iris/train.py``.
 - ``memory``: proportional set size (PSS) of this process and every process it started,
-  with 3 models (``identity``, ``linear``, ``identity``) in pools of 2 (Linux).
+  with 3 models (``identity``, ``linear``, ``identity``) in pools of 2 (Linux); and with
+  3 copies of ``iris`` and of ``iris-bare`` (when chosen with ``--models``).
 - ``storm``: 16 concurrent callers on a pool of 2 (identity); every 0.5 s for 10 s,
   SIGKILL the worker that answered last (a serving one; no kill when none answered since
   the last kill); then the time from the last kill until the pool is whole again, and
@@ -19,6 +25,7 @@ Run from the repository root:
     python -m benchmarks.replacement                  # both figures, template and spawn
     python -m benchmarks.replacement --kills 20
     python -m benchmarks.replacement --only storm --start template
+    python -m benchmarks.replacement --only replace --models iris iris-bare
 
 On a shared machine, a spawned replacement waits for a core as long as the rest of the
 machine is busy: the load average is printed with the figures.
@@ -49,11 +56,13 @@ from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
 from v2mount.pool import PoolConfig, WorkerPool
 from v2mount.pool import _template as template_module
+from v2mount.runtimes import SKLearnModel
 from v2mount.types import InferenceRequest, Tensor
 
 STARTS = ("template", "spawn")
 SUPPORTED = template_module.template_supported
 LINEAR_WEIGHTS = Path(v2mount.demo.__file__).parent / "linear" / "1" / "weights.npz"
+IRIS = Path(__file__).resolve().parent.parent / "examples" / "models" / "iris" / "model.joblib"
 
 
 class PidIdentity(Identity):
@@ -63,6 +72,12 @@ class PidIdentity(Identity):
         return {**super().predict(payload), "pid": np.array([os.getpid()])}
 
 
+class BareSKLearnModel(SKLearnModel):
+    """The scikit-learn runtime with nothing preloaded: its ``load`` imports it all."""
+
+    preload = ()
+
+
 def ignore(updates: list[MetricUpdate]) -> None:
     """The metrics sink: these models record none."""
 
@@ -70,6 +85,8 @@ def ignore(updates: list[MetricUpdate]) -> None:
 MODELS: dict[str, Callable[[], Model]] = {
     "identity": lambda: PidIdentity(name="identity"),
     "linear": lambda: LinearClassifier(name="linear", parameters={"uri": str(LINEAR_WEIGHTS)}),
+    "iris": lambda: SKLearnModel(name="iris", parameters={"uri": str(IRIS)}),
+    "iris-bare": lambda: BareSKLearnModel(name="iris", parameters={"uri": str(IRIS)}),
 }
 
 
@@ -99,11 +116,14 @@ async def wait_for(condition: Callable[[], bool], within: float = 120.0) -> floa
     return time.perf_counter() - start
 
 
-async def replace(model: str, start: str, kills: int) -> list[float]:
-    """Seconds from SIGKILL of a loaded worker to a whole pool again, once per kill."""
+async def replace(model: str, start: str, kills: int) -> tuple[float, list[float]]:
+    """Seconds ``start()`` took, and from SIGKILL of a loaded worker to a whole pool
+    again, once per kill."""
     use_start(start)
     pool = WorkerPool(MODELS[model](), PoolConfig(2, 64), metrics_sink=ignore)
+    began = time.perf_counter()
     await pool.start()
+    started = time.perf_counter() - began
     samples: list[float] = []
     done = anyio.Event()
 
@@ -126,7 +146,7 @@ async def replace(model: str, start: str, kills: int) -> list[float]:
             done.set()
     finally:
         await pool.stop()
-    return samples
+    return started, samples
 
 
 async def storm(start: str, seconds: float, every: float, concurrency: int) -> dict[str, Any]:
@@ -198,13 +218,11 @@ def tree(root: int) -> set[int]:
     return found
 
 
-async def memory(start: str) -> tuple[float, int]:
-    """PSS (MB) of the whole process tree with 3 pools of 2 started, and its processes."""
+async def memory(start: str, names: tuple[str, ...]) -> tuple[float, int]:
+    """PSS (MB) of the whole process tree with a pool of 2 per model started, and its
+    processes."""
     use_start(start)
-    pools = [
-        WorkerPool(MODELS[name](), PoolConfig(2, 8), metrics_sink=ignore)
-        for name in ("identity", "linear", "identity")
-    ]
+    pools = [WorkerPool(MODELS[name](), PoolConfig(2, 8), metrics_sink=ignore) for name in names]
     try:
         for pool in pools:
             await pool.start()
@@ -228,13 +246,27 @@ async def main(args: argparse.Namespace) -> None:
     print(f"{platform.python_version()} on {platform.system()}, {os.cpu_count()} cores")
     for start in args.start:
         if "replace" in args.only:
-            for model in ("identity", "linear"):
-                samples = await replace(model, start, args.kills)
-                print(f"replace  {model:<8} {start:<8} {describe(samples)}")
+            for model in args.models:
+                if model.startswith("iris") and not IRIS.is_file():
+                    print(f"replace  {model}: no {IRIS}; python examples/models/iris/train.py")
+                    continue
+                started, samples = await replace(model, start, args.kills)
+                print(
+                    f"replace  {model:<9} {start:<8} {describe(samples)}"
+                    f"  start {started * 1e3:,.0f} ms"
+                )
                 print(f"         load average {os.getloadavg()[0]:.2f}")
         if "memory" in args.only:
-            total, processes = await memory(start)
-            print(f"memory   3 pools  {start:<8} PSS {total:7.1f} MB in {processes} processes")
+            trios = [("identity", "linear", "identity")]
+            trios += [(name,) * 3 for name in ("iris", "iris-bare") if name in args.models]
+            for names in trios:
+                if names[0].startswith("iris") and not IRIS.is_file():
+                    continue
+                total, processes = await memory(start, names)
+                print(
+                    f"memory   {'3 demo' if len(set(names)) > 1 else '3 ' + names[0]:<16} "
+                    f"{start:<8} PSS {total:7.1f} MB in {processes} processes"
+                )
         if "storm" in args.only:
             result = await storm(start, args.storm_seconds, 0.5, 16)
             print(
@@ -255,4 +287,5 @@ if __name__ == "__main__":
         default=["replace", "memory", "storm"],
     )
     parser.add_argument("--start", nargs="+", choices=STARTS, default=list(STARTS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     anyio.run(main, parser.parse_args())

@@ -6,8 +6,9 @@ hardly grows with the batch, then a softmax. Setups, all on a pool of ``--worker
 worker processes (one BLAS thread each):
 
 - ``stages``: preprocess and postprocess per request in the workers, ``predict`` on
-  adaptive batches of preprocessed tensors (``max_batch_size`` 8, ``max_batch_time``
-  ``--batch-time``);
+  batches (``max_batch_size`` 8, ``max_batch_time`` ``--batch-time``): a batch's worth
+  of requests that waited together for a worker in one trip, the others preprocessed
+  then merged by the adaptive batcher;
 - ``predict``: everything in ``predict``, same batching (a batch's preprocessing then
   runs row after row in one worker);
 - ``predict-unbatched``: everything in ``predict``, batching off (the reference most
@@ -16,7 +17,8 @@ worker processes (one BLAS thread each):
 
 ``--concurrency`` closed-loop clients call ``ModelHandle.infer`` directly (no HTTP), the
 way a request goes after decoding; each setup runs ``--repeat`` times, the rounds
-interleaved, and the report gives medians of throughput and latency, and ratios.
+interleaved, and the report gives medians of throughput and latency, the mean rows per
+``predict`` call, and ratios. ``--blur-passes`` makes the preprocessing heavier.
 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.stages
     python -m benchmarks.stages --duration 3 --repeat 1     # a quick look
@@ -53,7 +55,7 @@ class Figure:
     batch: float  # mean requests per predict call
 
 
-def model_for(setup: str, workers: int, batch_time: float) -> Model:
+def model_for(setup: str, workers: int, batch_time: float, blur_passes: int = 1) -> Model:
     batched = not setup.endswith("unbatched")
     settings: dict[str, Any] = {
         "parallel_workers": workers,
@@ -62,7 +64,16 @@ def model_for(setup: str, workers: int, batch_time: float) -> Model:
         "max_batch_time": batch_time,
         "inference_timeout": 120,
     }
-    return (Staged if setup.startswith("stages") else Monolith)(**settings)
+    model = (Staged if setup.startswith("stages") else Monolith)(**settings)
+    model.blur_passes = blur_passes
+    return model
+
+
+def predict_calls(app: V2App) -> tuple[float, float]:
+    """``predict`` calls and their rows so far (the models count them as custom metrics)."""
+    registry = app.metrics.registry
+    calls = registry.get_sample_value("bench_predict_calls_total") or 0.0
+    return calls, registry.get_sample_value("bench_predict_rows_total") or 0.0
 
 
 async def closed_loop(
@@ -81,19 +92,16 @@ async def closed_loop(
             if record:
                 latencies.append(time.perf_counter() - started)
 
-    elapsed = cpu = 0.0
-    batches = requests = 0
+    elapsed = cpu = calls = rows = 0.0
     for record, seconds in ((False, min(1.0, duration)), (True, duration)):
         started, cpu = time.perf_counter(), time.process_time()
-        before = handle.batcher_statistics()
+        before = predict_calls(app)
         async with anyio.create_task_group() as group:
             for image in images:
                 group.start_soon(client, image, started + seconds, record)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-        after = handle.batcher_statistics()
-        if before is not None and after is not None:
-            batches = after.batches - before.batches
-            requests = after.batched_requests - before.batched_requests
+        after = predict_calls(app)
+        calls, rows = after[0] - before[0], after[1] - before[1]
     milliseconds = np.asarray(latencies) * 1000
     return Figure(
         setup=setup,
@@ -102,7 +110,7 @@ async def closed_loop(
         p50_ms=float(np.percentile(milliseconds, 50)),
         p99_ms=float(np.percentile(milliseconds, 99)),
         cpu_us=cpu / len(latencies) * 1e6,
-        batch=requests / batches if batches else 1.0,
+        batch=rows / calls if calls else 1.0,
     )
 
 
@@ -110,7 +118,7 @@ async def run(arguments: argparse.Namespace) -> dict[str, list[Figure]]:
     figures: dict[str, list[Figure]] = {setup: [] for setup in arguments.setups}
     for _ in range(arguments.repeat):
         for setup in arguments.setups:
-            model = model_for(setup, arguments.workers, arguments.batch_time)
+            model = model_for(setup, arguments.workers, arguments.batch_time, arguments.blur_passes)
             app = V2App([model])
             async with app.lifespan():
                 figure = await closed_loop(
@@ -137,7 +145,7 @@ def report(figures: dict[str, list[Figure]], arguments: argparse.Namespace) -> s
     lines = [
         f"pool of {arguments.workers} workers, {arguments.concurrency} clients, "
         f"{arguments.duration:g} s x {arguments.repeat} per setup (medians), "
-        f"max_batch_time {arguments.batch_time:g} s; "
+        f"max_batch_time {arguments.batch_time:g} s, {arguments.blur_passes} blur pass(es); "
         f"{platform.python_version()}, {platform.machine()}",
         "",
         "| setup | req/s | p50 ms | p99 ms | web CPU µs/req | mean batch "
@@ -160,6 +168,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch-time", type=float, default=0.005)
+    parser.add_argument(
+        "--blur-passes", type=int, default=1, help="heavier preprocessing: more passes"
+    )
     parser.add_argument("--setups", type=lambda text: text.split(","), default=list(SETUPS))
     arguments = parser.parse_args()
     figures = anyio.run(run, arguments)

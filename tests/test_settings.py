@@ -167,14 +167,14 @@ def test_mlserver_server_settings_mean_what_they_mean_there(
     assert settings.model_parallel_workers == 2
     assert (settings.http_port, settings.host, settings.log_level) == (8080, "0.0.0.0", "debug")
     assert (settings.metrics_path, settings.server_name) == ("/prometheus", "mlserver")
+    assert settings.compress_responses is False  # MLServer's gzip_enabled
     messages = [r.getMessage() for r in caplog.records]
     file = tmp_path / "settings.json"
     assert messages == [
         "environment: unknown variable 'V2MOUNT_MODEL_MAX_BATCH_SISE' "
         "(did you mean 'V2MOUNT_MODEL_MAX_BATCH_SIZE'?)",
         f"{file}: unknown field 'model_paralel_workers' (did you mean 'model_parallel_workers'?)",
-        f"{file}: MLServer fields v2mount does not use, ignored: "
-        "gzip_enabled, load_models_at_startup",
+        f"{file}: MLServer fields v2mount does not use, ignored: load_models_at_startup",
     ]
     # v2mount's own name wins over MLServer's when a file has both.
     (tmp_path / "settings.json").write_text(

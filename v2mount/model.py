@@ -39,6 +39,7 @@ __all__ = [
     "call_predict_sync",
     "conform_outputs",
     "has_postprocess",
+    "preload_modules",
 ]
 
 DEFAULT_OUTPUT_NAME = "output-0"
@@ -61,6 +62,10 @@ class Model:
     any_input_name: ClassVar[bool] = False
     inputs: ClassVar[list[TensorSpec | dict[str, Any]]] = []
     outputs: ClassVar[list[TensorSpec | dict[str, Any]]] = []
+    #: Modules the pool's template process imports before it forks this model's workers
+    #: (the framework ``load`` imports): a worker, and each replacement, starts with them
+    #: imported and shares their memory. ``preload`` in the settings adds more.
+    preload: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: ModelSettings | Mapping[str, Any] | None = None, **fields: Any):
         given = (
@@ -118,6 +123,20 @@ class Model:
         declared outputs. Runs per request, where ``preprocess`` does.
         """
         return response
+
+
+def preload_modules(model: Model) -> tuple[str, ...]:
+    """What a template imports for ``model``: the class's ``preload``, then the settings'.
+
+    ``TypeError`` if the class's ``preload`` is not a tuple or list of names (a lone
+    string would be read letter by letter).
+    """
+    declared = type(model).preload
+    if not isinstance(declared, (tuple, list)) or not all(isinstance(n, str) for n in declared):
+        raise TypeError(
+            f"{type(model).__name__}.preload must be a tuple of module names, not {declared!r}"
+        )
+    return tuple(dict.fromkeys((*declared, *model.settings.preload)))
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -260,7 +279,7 @@ def build_response(
         if final:
             result.outputs = conform_outputs(settings, result.outputs)
         return result
-    if isinstance(result, Mapping):
+    if type(result) is dict or isinstance(result, Mapping):  # the ABC check costs more
         items = list(result.items())
     elif isinstance(result, (np.ndarray, list, tuple)):
         name = settings.outputs[0].name if len(settings.outputs) == 1 else DEFAULT_OUTPUT_NAME
@@ -276,6 +295,6 @@ def build_response(
         raise
     except (ValueError, TypeError) as exc:
         raise ModelError(f"predict returned data that is not a tensor: {exc}") from None
-    if final:
+    if final and settings.outputs:  # undeclared, these arrays already conform
         outputs = conform_outputs(settings, outputs)
     return InferenceResponse(settings.name, outputs, settings.version, request.id)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import TYPE_CHECKING, cast
 
@@ -31,6 +30,7 @@ from v2mount.metadata import select_outputs, validate_request
 from v2mount.metrics.app import AppMetrics
 from v2mount.model import Model
 from v2mount.pipeline import Pipeline
+from v2mount.request_ids import RequestIds
 from v2mount.runner import InProcessRunner, MetricsSink, Runner, RunnerStatistics, StagedRunner
 from v2mount.settings import ModelSettings, Settings
 from v2mount.stages import has_stages
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         PredictiveBatcher,
         PredictiveStatistics,
     )
+    from v2mount.batching._tensors import BatchAnswer
     from v2mount.pool import PoolMember, SharedPool
 
 __all__ = [
@@ -160,12 +161,14 @@ class ModelHandle:
         self.state = ModelState.UNAVAILABLE
         self.reason = broken or ""
         self.stats = InferenceStats()
+        self._ids = RequestIds()
+        self._recorder: Callable[[bool, float], None] | None = None
         self._pools = pools if pools is not None else SharedPools(metrics.apply_custom)
         #: A runner made ahead of ``load`` (``prepare``).
         self._prepared: Runner | None = None
         self._runner: Runner | None = None
         self._batcher: AdaptiveBatcher | PredictiveBatcher | None = None
-        self._pipeline: Pipeline | None = None
+        self._pipeline: Pipeline[AdaptiveBatcher | PredictiveBatcher] | None = None
         self._in_flight = 0
         self._idle: anyio.Event | None = None
 
@@ -176,6 +179,11 @@ class ModelHandle:
     @property
     def version(self) -> str | None:
         return self.settings.version
+
+    @property
+    def in_flight(self) -> int:
+        """Requests this handle is answering now (from ``infer``'s first line)."""
+        return self._in_flight
 
     @property
     def ready(self) -> bool:
@@ -284,32 +292,42 @@ class ModelHandle:
         self._runner = runner
         settings = self.settings
         batch_size = settings.max_batch_size
-        assert batch_size is not None and settings.max_batch_time is not None
-        assert settings.max_queue_size is not None
+        batch_time, queue_size = settings.max_batch_time, settings.max_queue_size
+        assert batch_size is not None and batch_time is not None and queue_size is not None
+        batching: Callable[[BatchAnswer | None], AdaptiveBatcher | PredictiveBatcher] | None = None
         if batch_size > 1:
             from v2mount.batching import batcher_for
 
-            self._batcher = batcher_for(
-                runner,
-                self.settings.batching,
-                max_batch_size=batch_size,
-                max_batch_time=settings.max_batch_time,
-                max_queue_size=settings.max_queue_size,
-                on_batch=lambda rows, delays: self.metrics.observe_batch(
-                    self.name, self.version, rows, delays
-                ),
-            )
+            def make(answer: BatchAnswer | None) -> AdaptiveBatcher | PredictiveBatcher:
+                return batcher_for(
+                    runner,
+                    settings.batching,
+                    max_batch_size=batch_size,
+                    max_batch_time=batch_time,
+                    max_queue_size=queue_size,
+                    on_batch=lambda rows, delays: self.metrics.observe_batch(
+                        self.name, self.version, rows, delays
+                    ),
+                    answer=answer,
+                )
+
+            batching = make
         elif self.settings.batching is not None:
             logger.warning("model %s: batching is off (max_batch_size <= 1)", self.label)
         if has_stages(self.model):
             self._pipeline = Pipeline(
                 self.model,
                 cast(StagedRunner, runner),  # not Ray's: _make_runner refused it
-                self._batcher,
+                batching,
                 lambda stage, seconds: self.metrics.observe_stage(
                     self.name, self.version, stage, seconds
                 ),
+                group_size=batch_size,
+                whole=settings.batching is None,
             )
+            self._batcher = self._pipeline.batcher
+        elif batching is not None:
+            self._batcher = batching(None)
         self.state = ModelState.READY
         workers = runner.statistics().workers
         where = (
@@ -355,9 +373,9 @@ class ModelHandle:
         timeout = self.settings.inference_timeout
         assert timeout is not None
         if request.id is None:
-            request.id = str(uuid.uuid4())  # as MLServer: every response carries an id
+            request.id = self._ids.next()  # as MLServer: every response carries an id
         start = time.perf_counter_ns()
-        mark_started(start)
+        taken: int | None = start  # when the request left its queue (inline: at once)
         self._in_flight += 1
         ok = False
         try:
@@ -368,6 +386,9 @@ class ModelHandle:
                 # the cancel scope (and its timer) this request would pay for nothing.
                 response = await runner.infer(request)
             else:
+                # The runner or the batcher says when it takes the request up.
+                mark_started(start)
+                taken = None
                 with anyio.fail_after(timeout):
                     response = await executor.infer(request)
             response = select_outputs(response, request)
@@ -384,9 +405,13 @@ class ModelHandle:
         finally:
             end = time.perf_counter_ns()
             elapsed = end - start
-            # Queue time: until the runner (or the batcher) took the request up.
-            self.stats.record(ok, elapsed, end - (started_at() or start), _rows(request))
-            self.metrics.record_inference(self.name, self.version, ok, elapsed / 1e9)
+            if taken is None:
+                taken = started_at() or start
+            self.stats.record(ok, elapsed, end - taken, _rows(request))
+            recorder = self._recorder
+            if recorder is None:
+                recorder = self._recorder = self.metrics.inference_recorder(self.name, self.version)
+            recorder(ok, elapsed / 1e9)
             self._in_flight -= 1
             if self._in_flight == 0 and self._idle is not None:
                 self._idle.set()
@@ -437,6 +462,9 @@ class ModelRegistry:
             if handle is None:
                 raise ModelNotFound(f"model {name!r} has no version {version!r}")
             return handle
+        if len(versions) == 1:  # the only version is the default
+            for handle in versions.values():
+                return handle
         marked = [h for h in versions.values() if h.settings.default_version]
         if marked:
             return marked[0]

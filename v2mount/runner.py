@@ -14,7 +14,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -32,7 +32,16 @@ from v2mount.errors import (
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model, call_load, call_predict, call_predict_sync
 from v2mount.settings import TensorSpec
-from v2mount.stages import Staged, Timings, run_pipeline, run_postprocess, run_preprocess
+from v2mount.stages import (
+    Answered,
+    Gathered,
+    Item,
+    Staged,
+    Timings,
+    run_pipeline,
+    run_predict_postprocess,
+    run_preprocess_each,
+)
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = [
@@ -119,18 +128,24 @@ class Runner(Protocol):
 
 
 class StagedRunner(Runner, Protocol):
-    """A runner that also runs a model's stages (``v2mount.stages``), one request each.
+    """A runner that also runs a model's stages (``v2mount.stages``), several requests a call.
 
-    ``infer`` runs ``predict`` alone (on a batch of preprocessed requests);
-    ``infer_staged`` runs preprocess → predict → postprocess in one trip. Each returns
-    its result with the time its stages took; errors and cancellation as ``infer``.
+    ``infer`` runs ``predict`` alone (on a batch of preprocessed requests, for a model
+    without ``postprocess``). ``run_gathered`` runs the stages of the requests that
+    ``take()`` returns — called on the event loop when the call starts, or again with
+    the same result if it must start over: their ``preprocess``, or their whole chain
+    (``v2mount.stages.run_pipeline``). ``predict_postprocess`` runs ``predict`` on a
+    batch and ``postprocess`` on each of its requests. Each answers per request (a
+    result or that request's error), with the time its stages took; ``infer_staged``
+    runs the whole chain of one request and raises its error. Errors of the whole call
+    and cancellation as ``infer``.
     """
 
-    async def preprocess(self, request: InferenceRequest) -> Staged[InferenceRequest]: ...
+    async def run_gathered(self, take: Callable[[], Gathered]) -> Staged[list[Item]]: ...
 
-    async def postprocess(
-        self, request: InferenceRequest, response: InferenceResponse
-    ) -> Staged[InferenceResponse]: ...
+    async def predict_postprocess(
+        self, prepared: Sequence[InferenceRequest], originals: Sequence[InferenceRequest]
+    ) -> Staged[list[Answered]]: ...
 
     async def infer_staged(self, request: InferenceRequest) -> Staged[InferenceResponse]: ...
 
@@ -218,6 +233,9 @@ class InProcessRunner:
         self._async = inspect.iscoroutinefunction(model.predict)
         self._policy = _InlinePolicy(inline_budget)
         self._pending = 0
+        # Requests holding or waiting for the limiter (a plain count: reading the
+        # limiter's ``borrowed_tokens`` twice per request costs more).
+        self._limited = 0
         self._ready = False
 
     @property
@@ -232,7 +250,7 @@ class InProcessRunner:
     def inline(self) -> bool:
         """Whether the next ``infer`` runs a plain predict on the event loop, awaiting
         nothing on the way (see ``_InlinePolicy``)."""
-        return not self._async and self._policy.inline and self._limiter.borrowed_tokens == 0
+        return not self._async and self._policy.inline and self._limited == 0
 
     async def start(self) -> None:
         try:
@@ -258,18 +276,22 @@ class InProcessRunner:
         try:
             if self._async:
                 return await call_predict(self._model, request)
-            if self._policy.inline:
-                if self._limiter.borrowed_tokens == 0:
-                    return self._predict_inline(request)
-                # A threaded call is still running: wait for it, in line (the limiter
-                # is first come, first served), then predict here. Sending this
-                # request to the thread instead would keep the model there for as long
-                # as requests keep queueing.
-                async with self._limiter:
-                    return self._predict_inline(request)
-            response, seconds = await anyio.to_thread.run_sync(
-                _timed_predict, self._model, request, limiter=self._limiter
-            )
+            if self._policy.inline and self._limited == 0:
+                return self._predict_inline(request)
+            self._limited += 1
+            try:
+                if self._policy.inline:
+                    # A threaded call is still running: wait for it, in line (the
+                    # limiter is first come, first served), then predict here. Sending
+                    # this request to the thread instead would keep the model there
+                    # for as long as requests keep queueing.
+                    async with self._limiter:
+                        return self._predict_inline(request)
+                response, seconds = await anyio.to_thread.run_sync(
+                    _timed_predict, self._model, request, limiter=self._limiter
+                )
+            finally:
+                self._limited -= 1
             self._policy.threaded(seconds)
             return response
         except V2MountError:
@@ -283,25 +305,36 @@ class InProcessRunner:
             self._pending -= 1
             self._sink(self._model.metrics.drain())
 
-    async def preprocess(self, request: InferenceRequest) -> Staged[InferenceRequest]:
+    async def run_gathered(self, take: Callable[[], Gathered]) -> Staged[list[Item]]:
         timings: Timings = []
-        run = functools.partial(run_preprocess, self._model, _call_from_thread, request, timings)
-        return await self._run_stage(run), timings
+        requests, whole, max_rows = take()
+        model, call = self._model, _call_from_thread
+        if whole:
+            answers = await self._run_stage(
+                functools.partial(run_pipeline, model, call, requests, max_rows, timings)
+            )
+            return list[Item](answers), timings
+        prepared = await self._run_stage(
+            functools.partial(run_preprocess_each, model, call, requests, timings)
+        )
+        return list[Item](prepared), timings
 
-    async def postprocess(
-        self, request: InferenceRequest, response: InferenceResponse
-    ) -> Staged[InferenceResponse]:
+    async def predict_postprocess(
+        self, prepared: Sequence[InferenceRequest], originals: Sequence[InferenceRequest]
+    ) -> Staged[list[Answered]]:
         timings: Timings = []
-        model = self._model
         run = functools.partial(
-            run_postprocess, model, _call_from_thread, request, response, timings
+            run_predict_postprocess, self._model, _call_from_thread, prepared, originals, timings
         )
         return await self._run_stage(run), timings
 
     async def infer_staged(self, request: InferenceRequest) -> Staged[InferenceResponse]:
         timings: Timings = []
-        run = functools.partial(run_pipeline, self._model, _call_from_thread, request, timings)
-        return await self._run_stage(run), timings
+        run = functools.partial(run_pipeline, self._model, _call_from_thread, [request], 1, timings)
+        (answer,) = await self._run_stage(run)
+        if isinstance(answer, V2MountError):
+            raise answer
+        return answer, timings
 
     async def _run_stage(self, run: Callable[[], T]) -> T:
         """Run stages in the model's worker thread (one model call at a time, as in a

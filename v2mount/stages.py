@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 from v2mount.codecs.tensor import array_to_datatype, to_output_array
 from v2mount.errors import ModelError, V2MountError, describe_exception
@@ -28,7 +28,11 @@ from v2mount.types import InferenceRequest, InferenceResponse, Tensor
 
 __all__ = [
     "STAGES",
+    "Answered",
     "Call",
+    "Gathered",
+    "Item",
+    "Prepared",
     "Stage",
     "Staged",
     "Timings",
@@ -38,7 +42,9 @@ __all__ = [
     "naming",
     "run_pipeline",
     "run_postprocess",
+    "run_predict_postprocess",
     "run_preprocess",
+    "run_preprocess_each",
 ]
 
 logger = logging.getLogger("v2mount.stages")
@@ -53,6 +59,24 @@ Call = Callable[..., Any]
 T = TypeVar("T")
 #: A stage's result and the timings of the stages that made it.
 Staged = tuple[T, Timings]
+#: What ``preprocess`` made of one request of a call, or that request's error.
+Prepared = InferenceRequest | V2MountError
+#: One request's answer from a call that answered several, or its error.
+Answered = InferenceResponse | V2MountError
+
+
+#: What a call answers per request: ``preprocess``'s result, a response, or its error.
+Item = InferenceRequest | InferenceResponse | V2MountError
+
+
+class Gathered(NamedTuple):
+    """Requests gathered for one call, and whether the call runs their whole chain
+    (``run_pipeline``, with at most ``max_rows`` rows a batch) rather than their
+    ``preprocess`` alone."""
+
+    requests: Sequence[InferenceRequest]
+    whole: bool = False
+    max_rows: int = 1
 
 
 def has_preprocess(model: Model) -> bool:
@@ -123,6 +147,19 @@ def run_preprocess(
     return prepared
 
 
+def run_preprocess_each(
+    model: Model, call: Call, requests: Sequence[InferenceRequest], timings: Timings
+) -> list[Prepared]:
+    """``preprocess`` several requests in one call, each apart: an error is its own."""
+    results: list[Prepared] = []
+    for request in requests:
+        try:
+            results.append(run_preprocess(model, call, request, timings))
+        except V2MountError as exc:
+            results.append(exc)
+    return results
+
+
 def run_postprocess(
     model: Model,
     call: Call,
@@ -139,14 +176,95 @@ def run_postprocess(
     return result
 
 
-def run_pipeline(
-    model: Model, call: Call, request: InferenceRequest, timings: Timings
-) -> InferenceResponse:
-    """preprocess → predict → postprocess for one request (batching off): one trip."""
-    prepared = run_preprocess(model, call, request, timings) if has_preprocess(model) else request
+def run_predict_postprocess(
+    model: Model,
+    call: Call,
+    prepared: Sequence[InferenceRequest],
+    originals: Sequence[InferenceRequest],
+    timings: Timings,
+) -> list[Answered]:
+    """``predict`` on a batch of preprocessed requests merged, then ``postprocess`` on
+    each request's rows (with its original request), all in one call.
+
+    An error in ``predict`` raises (it answers the whole batch, named ``predict``); one
+    in a ``postprocess`` answers its request alone.
+    """
+    # Here, not at the top: v2mount.batching imports the runner, which imports this.
+    from v2mount.batching._tensors import batch_rows, merge_requests, split_response
+
     with naming(model, "predict"):
-        response = build_response(model, prepared, call(model.predict, prepared))
+        if len(prepared) == 1:
+            merged = prepared[0]
+            responses = [build_response(model, merged, call(model.predict, merged))]
+        else:
+            merged = merge_requests(prepared)
+            response = build_response(model, merged, call(model.predict, merged))
+            rows = [batch_rows(request) or 0 for request in prepared]
+            responses = split_response(response, prepared, rows)
+    del merged
+    if not has_postprocess(model):
+        return list(responses)
+    results: list[Answered] = []
+    for original, part in zip(originals, responses, strict=True):
+        try:
+            results.append(run_postprocess(model, call, original, part, timings))
+        except V2MountError as exc:
+            results.append(exc)
+    return results
+
+
+def run_pipeline(
+    model: Model,
+    call: Call,
+    requests: Sequence[InferenceRequest],
+    max_rows: int,
+    timings: Timings,
+) -> list[Answered]:
+    """preprocess → predict → postprocess for several requests in one call.
+
+    Each request is preprocessed apart; those that succeeded are merged into batches of
+    requests that may share a ``predict`` call (at most ``max_rows`` rows; a request
+    that cannot be merged goes alone), each batch is predicted once, and each request
+    postprocessed apart. An error answers its request, or, in ``predict``, its batch.
+    """
+    # Here, not at the top: v2mount.batching imports the runner, which imports this.
+    from v2mount.batching._tensors import batch_rows, compatibility_key
+
+    answers: list[Answered | None] = [None] * len(requests)
+    prepared: list[Prepared] = list(requests)
+    if has_preprocess(model):
+        prepared = run_preprocess_each(model, call, requests, timings)
+    batches: dict[Hashable, list[tuple[int, InferenceRequest, int]]] = {}
+    alone = []
+    for index, item in enumerate(prepared):
+        if isinstance(item, V2MountError):
+            answers[index] = item
+            continue
+        rows = batch_rows(item)
+        key = compatibility_key(item) if rows is not None and 0 < rows < max_rows else None
+        if key is None:
+            alone.append([(index, item, 0)])
+        else:
+            batches.setdefault(key, []).append((index, item, rows or 0))
     del prepared
-    if has_postprocess(model):
-        response = run_postprocess(model, call, request, response, timings)
-    return response
+    groups = alone
+    for members in batches.values():
+        group: list[tuple[int, InferenceRequest, int]] = []
+        for member in members:
+            if group and sum(rows for _, _, rows in group) + member[2] > max_rows:
+                groups.append(group)
+                group = []
+            group.append(member)
+        groups.append(group)
+    for group in groups:
+        indices = [index for index, _, _ in group]
+        try:
+            results = run_predict_postprocess(
+                model, call, [item for _, item, _ in group], [requests[i] for i in indices], timings
+            )
+        except V2MountError as exc:
+            results = [exc] * len(group)
+        for index, result in zip(indices, results, strict=True):
+            answers[index] = result
+    assert all(answer is not None for answer in answers)
+    return cast(list[Answered], answers)

@@ -15,7 +15,7 @@ from v2mount.logs import configure_logging
 from v2mount.rest.app import V2App
 from v2mount.settings import Settings, load_settings
 
-__all__ = ["DEMO_REPOSITORY", "build_app", "create_app", "standalone_app"]
+__all__ = ["DEMO_REPOSITORY", "build_app", "create_app", "standalone_app", "standalone_settings"]
 
 #: Served when no repository is configured: small numpy models shipped in the package.
 DEMO_REPOSITORY = Path(__file__).parent / "demo"
@@ -49,6 +49,14 @@ def create_app(**overrides: Any) -> ASGIApp:
     return build_app(**overrides)[0]
 
 
+def standalone_settings(**overrides: Any) -> Settings:
+    """``load_settings``, with ``gc_freeze`` on unless set: this server owns its process."""
+    settings = load_settings(**overrides)
+    if settings.gc_freeze is None:
+        settings = settings.model_copy(update={"gc_freeze": True})
+    return settings
+
+
 def standalone_app(**overrides: Any) -> ASGIApp:
     """``create_app`` with v2mount's logging set up: ``uvicorn v2mount:app``.
 
@@ -57,7 +65,7 @@ def standalone_app(**overrides: Any) -> ASGIApp:
     """
     configure_logging("info")  # until the settings say otherwise
     try:
-        app, v2app = build_app(**overrides)
+        app, v2app = build_app(standalone_settings(**overrides))
     except SettingsError as exc:
         print(f"v2mount: {exc.message}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -21,7 +21,6 @@ __all__ = ["SIDE", "Monolith", "Staged"]
 
 SIDE = 256
 CLASSES = 128
-BLUR_PASSES = 1
 
 Array = np.ndarray[Any, Any]
 _INPUTS = [{"name": "image", "datatype": "UINT8", "shape": [-1, SIDE, SIDE, 3]}]
@@ -37,10 +36,11 @@ def _weights() -> Array:
     return rng.standard_normal((features, CLASSES), dtype=np.float32) / np.float32(features)
 
 
-def prepare(image: Array) -> Array:
-    """One ``[256, 256, 3]`` uint8 picture → ``[3, 128, 128]`` float32, blurred, normalised."""
+def prepare(image: Array, passes: int) -> Array:
+    """One ``[256, 256, 3]`` uint8 picture → ``[3, 128, 128]`` float32, blurred ``passes``
+    times, normalised."""
     pixels = image.astype(np.float32) / 255
-    for _ in range(BLUR_PASSES):
+    for _ in range(passes):
         padded = np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge")
         pixels = (padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]) / 4
     half = pixels[::2, ::2]
@@ -58,18 +58,28 @@ def finish(logits: Array) -> dict[str, Array]:
     return {"label": best, "probability": probabilities[np.arange(len(best)), best]}
 
 
+def count_call(model: Model, rows: int) -> None:
+    """Count a ``predict`` call and its rows (custom metrics: the benchmark's mean batch)."""
+    model.metrics.counter("bench_predict_calls")
+    model.metrics.counter("bench_predict_rows", rows)
+
+
 class Staged(Model):
     name = "staged"
     inputs = _INPUTS
     outputs = _OUTPUTS
+    #: Blur passes per picture: how heavy the preparation is (set on an instance).
+    blur_passes = 1
 
     def load(self) -> None:
         self.weights = _weights()
 
     def preprocess(self, payload: InferenceRequest) -> Any:
-        return {"pixels": np.stack([prepare(image) for image in payload["image"]])}
+        passes = self.blur_passes
+        return {"pixels": np.stack([prepare(image, passes) for image in payload["image"]])}
 
     def predict(self, payload: InferenceRequest) -> Any:
+        count_call(self, len(payload["pixels"]))
         return {"logits": score(payload["pixels"], self.weights)}
 
     def postprocess(self, payload: InferenceRequest, response: InferenceResponse) -> Any:
@@ -80,10 +90,13 @@ class Monolith(Model):
     name = "monolith"
     inputs = _INPUTS
     outputs = _OUTPUTS
+    blur_passes = 1
 
     def load(self) -> None:
         self.weights = _weights()
 
     def predict(self, payload: InferenceRequest) -> Any:
-        pixels = np.stack([prepare(image) for image in payload["image"]])
+        passes = self.blur_passes
+        count_call(self, len(payload["image"]))
+        pixels = np.stack([prepare(image, passes) for image in payload["image"]])
         return finish(score(pixels, self.weights))

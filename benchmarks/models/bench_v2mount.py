@@ -12,6 +12,10 @@ __all__ = ["EchoModel", "HeavyModel", "TinyModel", "VectorModel"]
 
 
 class TinyModel(v2mount.Model):
+    #: What ``bench_core.Tiny`` imports to unpickle its LogisticRegression: a pool's
+    #: template imports it once, its workers share it.
+    preload = ("joblib", "sklearn.linear_model")
+
     def load(self) -> None:
         self.core = bench_core.Tiny(str(self.settings.resolve_uri()))
 

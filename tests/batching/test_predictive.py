@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from v2mount.batching import Policy, PredictiveBatcher
 from v2mount.errors import ModelError, Overloaded
 from v2mount.runner import RunnerStatistics
+from v2mount.stats import mark_started, started_at
 from v2mount.types import InferenceRequest, InferenceResponse, Tensor
 
 pytestmark = pytest.mark.anyio
@@ -405,3 +406,42 @@ def test_poisson_load_on_trios_virtual_clock_keeps_p99_within_the_slo() -> None:
     assert stats.batched_requests == len(latencies)
     assert stats.batched_requests / stats.batches > 8
     assert not math.isnan(stats.guard or 0.0)
+
+
+class SharedWorkerRunner(CostRunner):
+    """A pool whose one worker also runs calls the batcher does not see (a model's
+    stages): each batch first waits ``queue`` seconds for it, and says when the worker
+    took it up, as ``WorkerPool`` does."""
+
+    queue = 100.0
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        assert self.clock is not None
+        sent = started_at() or time.perf_counter_ns()  # the batcher marks it
+        self.clock.offset += self.queue
+        mark_started(sent + int(self.queue * 1e9))
+        return await super().infer(request)
+
+
+async def test_a_batch_waiting_for_a_busy_worker_is_not_counted_as_its_cost() -> None:
+    clock = FakeClock()
+    runner = SharedWorkerRunner(10, 1, clock=clock)
+    policy = Policy(max_batch_size=32, slo=150, max_wait=0)
+    batcher = PredictiveBatcher(runner, policy, clock=clock, min_samples=2)
+    await batcher.infer(request([[1]]))
+    await batcher.infer(request([[1], [2]]))
+    stats = batcher.statistics()
+    assert (stats.intercept, stats.per_row) == (10, 1)  # not 110 s: the wait is left out
+    runner.gate = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(batcher.infer, request([[3]]))
+            await until(lambda: runner.entered == 3)
+            # Predicted at about 23 s (a cost of 110 s would say 232 s, past the SLO):
+            # it waits, and is answered.
+            group.start_soon(batcher.infer, request([[4]]))
+            await until(lambda: batcher.statistics().queued_requests == 1)
+            runner.gate.set()
+    stats = batcher.statistics()
+    assert (stats.refused, stats.batches, stats.queued_requests) == (0, 4, 0)
+    assert runner.calls == [1, 2, 1, 1]

@@ -13,36 +13,49 @@ from v2mount.errors import BadRequest, ModelError
 from v2mount.model import MethodRunner, Model
 from v2mount.pool._arena import Arena
 from v2mount.pool._ipc import (
+    ANSWERS,
+    ERROR,
     PIPELINE,
+    PREDICT_POSTPROCESS,
     PREPROCESS,
-    PREPROCESSED,
-    STAGED,
     encode_request,
     frame_kind,
     updates_of,
 )
-from v2mount.pool._stage_frames import answer_stage, decode_stage_reply, encode_postprocess
+from v2mount.pool._stage_frames import (
+    answer_stage,
+    decode_stage_reply,
+    encode_gathered,
+    encode_predict_postprocess,
+)
+from v2mount.stages import Gathered, Item, Timings
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 THRESHOLD = 1024
 
 
 class Tripler(Model):
-    """preprocess: ``x`` → ``wide`` (x twice); predict: sum; postprocess: times three."""
+    """preprocess: ``x`` → ``wide`` (x twice, times ``scale``); predict: sums and the batch's
+    rows; postprocess: the sums times three."""
 
     def preprocess(self, payload: InferenceRequest) -> Any:
         if payload.parameters.get("refuse"):
             raise BadRequest("refused")
         self.metrics.counter("preprocessed")
-        return {"wide": np.hstack([payload["x"], payload["x"]])}
+        scale = payload.parameters.get("scale", 1)
+        return {"wide": scale * np.hstack([payload["x"], payload["x"]])}
 
     def predict(self, payload: InferenceRequest) -> Any:
-        return {"sum": payload["wide"].sum(axis=1)}
+        if payload.parameters.get("fail"):
+            raise RuntimeError("no batch today")
+        wide = payload["wide"]
+        return {"sum": wide.sum(axis=1), "batch": np.full(len(wide), len(wide))}
 
     def postprocess(self, payload: InferenceRequest, response: InferenceResponse) -> Any:
         if payload.parameters.get("explode"):
             raise ZeroDivisionError("division by zero")
-        return {"tripled": response.output("sum").data * 3, "rows": len(payload["x"])}
+        sums = response.output("sum").data
+        return {"tripled": sums * 3, "batch": response.output("batch").data}
 
 
 @pytest.fixture
@@ -60,48 +73,77 @@ def request(**parameters: Any) -> InferenceRequest:
     return InferenceRequest([Tensor("x", "FP64", x.shape, x)], "r1", parameters, outputs)
 
 
-def test_preprocess_comes_back_as_a_request_with_its_timing(arena: Arena) -> None:
+def answered(reply: bytes, arena: Arena, seq: int) -> tuple[list[Item], Timings]:
+    got, outcome, _ = decode_stage_reply(bytearray(reply), arena)
+    assert got == seq
+    assert not isinstance(outcome, Exception), outcome
+    return outcome
+
+
+def test_preprocess_answers_each_request_of_a_call_apart(arena: Arena) -> None:
     runner = MethodRunner(Tripler())
-    frame = encode_request(request(), 7, arena, THRESHOLD, PREPROCESS)
+    requests = [request(), request(refuse=True), request(scale=2)]
+    frame = encode_gathered(Gathered(requests), 7, arena, THRESHOLD)
     assert frame_kind(bytearray(frame)) == PREPROCESS
     reply = answer_stage(runner, bytearray(frame), arena, THRESHOLD)
-    assert frame_kind(bytearray(reply)) == PREPROCESSED
-    assert [u.name for u in updates_of(bytearray(reply))] == ["preprocessed"]
-    seq, outcome, updates = decode_stage_reply(bytearray(reply), arena)
-    assert seq == 7 and [u.name for u in updates] == ["preprocessed"]
-    assert not isinstance(outcome, Exception)
-    prepared, timings = outcome
-    assert isinstance(prepared, InferenceRequest)
-    assert (prepared.id, prepared.requested_output_names) == ("r1", ["tripled"])
-    assert prepared["wide"].shape == (2, 2000)
-    assert np.array_equal(prepared["wide"][:, 1000:], request()["x"])
-    assert [stage for stage, _ in timings] == ["preprocess"] and timings[0][1] >= 0
+    assert frame_kind(bytearray(reply)) == ANSWERS
+    assert [u.name for u in updates_of(bytearray(reply))] == ["preprocessed"] * 2
+    (first, refused, third), timings = answered(reply, arena, 7)
+    assert isinstance(first, InferenceRequest) and isinstance(third, InferenceRequest)
+    assert (first.id, first.requested_output_names) == ("r1", ["tripled"])
+    assert first["wide"].shape == (2, 2000)
+    assert np.array_equal(first["wide"][:, 1000:], request()["x"])
+    assert np.array_equal(third["wide"], 2 * first["wide"])
+    assert type(refused) is BadRequest and str(refused) == "preprocess: refused"
+    assert [stage for stage, _ in timings] == ["preprocess"] * 2
+    assert all(seconds >= 0 for _, seconds in timings)
 
 
-def test_postprocess_gets_the_request_and_its_answer_in_one_frame(arena: Arena) -> None:
+def test_a_batch_is_predicted_once_and_postprocessed_per_request(arena: Arena) -> None:
     runner = MethodRunner(Tripler())
-    sums = np.array([10.0, 20.0])
-    response = InferenceResponse("tripler", [Tensor("sum", "FP64", (2,), sums)], None, "r1")
-    frame = encode_postprocess(request(), response, 3, arena, THRESHOLD)
+    originals = [request(), request(explode=True), request(scale=3)]
+    prepared = [
+        InferenceRequest([Tensor("wide", "FP64", (rows, 2), np.full((rows, 2), value))])
+        for rows, value in ((2, 1.0), (1, 5.0), (3, 2.0))
+    ]
+    frame = encode_predict_postprocess(prepared, originals, 3, arena, THRESHOLD)
+    assert frame_kind(bytearray(frame)) == PREDICT_POSTPROCESS
     reply = answer_stage(runner, bytearray(frame), arena, THRESHOLD)
-    assert frame_kind(bytearray(reply)) == STAGED
+    (first, exploded, third), timings = answered(reply, arena, 3)
+    assert isinstance(first, InferenceResponse) and isinstance(third, InferenceResponse)
+    # Each request gets its own rows of the batch's sums, tripled.
+    assert first.output("tripled").data.tolist() == [6.0, 6.0]
+    assert third.output("tripled").data.tolist() == [12.0, 12.0, 12.0]
+    assert first.output("batch").data.tolist() == [6, 6]  # predict saw all six rows
+    assert first.id == "r1"
+    assert type(exploded) is ModelError
+    assert str(exploded) == "postprocess failed: ZeroDivisionError: division by zero"
+    assert [stage for stage, _ in timings] == ["postprocess"] * 2
+
+
+def test_a_failing_predict_answers_the_whole_batch(arena: Arena) -> None:
+    runner = MethodRunner(Tripler())
+    originals = [request(), request()]
+    wide = np.zeros((1, 2))
+    prepared = [
+        InferenceRequest([Tensor("wide", "FP64", (1, 2), wide)], None, {"fail": True}),
+        InferenceRequest([Tensor("wide", "FP64", (1, 2), wide)], None, {"fail": True}),
+    ]
+    frame = encode_predict_postprocess(prepared, originals, 5, arena, THRESHOLD)
+    reply = answer_stage(runner, bytearray(frame), arena, THRESHOLD)
+    assert frame_kind(bytearray(reply)) == ERROR
     seq, outcome, _ = decode_stage_reply(bytearray(reply), arena)
-    assert seq == 3 and not isinstance(outcome, Exception)
-    answer, timings = outcome
-    assert isinstance(answer, InferenceResponse) and answer.id == "r1"
-    assert answer.output("tripled").data.tolist() == [30.0, 60.0]
-    assert answer.output("rows").data.tolist() == 2
-    assert [stage for stage, _ in timings] == ["postprocess"]
+    assert seq == 5 and type(outcome) is ModelError
+    assert str(outcome) == "predict failed: RuntimeError: no batch today"
 
 
 def test_the_pipeline_runs_every_stage_in_one_call(arena: Arena) -> None:
     runner = MethodRunner(Tripler())
-    frame = encode_request(request(), 4, arena, THRESHOLD, PIPELINE)
-    _, outcome, _ = decode_stage_reply(
-        bytearray(answer_stage(runner, bytearray(frame), arena, THRESHOLD)), arena
+    frame = encode_gathered(Gathered([request()], whole=True), 4, arena, THRESHOLD)
+    assert frame_kind(bytearray(frame)) == PIPELINE
+    (answer,), timings = answered(
+        answer_stage(runner, bytearray(frame), arena, THRESHOLD), arena, 4
     )
-    assert not isinstance(outcome, Exception)
-    answer, timings = outcome
     assert isinstance(answer, InferenceResponse)
     expected = 3 * 2 * request()["x"].sum(axis=1)
     assert answer.output("tripled").data.tolist() == expected.tolist()
@@ -109,20 +151,24 @@ def test_the_pipeline_runs_every_stage_in_one_call(arena: Arena) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "parameters", "error", "text"),
+    ("parameters", "error", "text"),
     [
-        (PREPROCESS, {"refuse": True}, BadRequest, "preprocess: refused"),
-        (PIPELINE, {"refuse": True}, BadRequest, "preprocess: refused"),
-        (PIPELINE, {"explode": True}, ModelError, "postprocess failed: ZeroDivisionError"),
+        ({"refuse": True}, BadRequest, "preprocess: refused"),
+        ({"explode": True}, ModelError, "postprocess failed: ZeroDivisionError"),
     ],
 )
-def test_a_stage_error_comes_back_named(
-    arena: Arena, kind: int, parameters: dict[str, Any], error: type[Exception], text: str
+def test_a_pipeline_error_answers_its_request_named(
+    arena: Arena, parameters: dict[str, Any], error: type[Exception], text: str
 ) -> None:
     runner = MethodRunner(Tripler())
-    frame = encode_request(request(**parameters), 9, arena, THRESHOLD, kind)
-    seq, outcome, _ = decode_stage_reply(
-        bytearray(answer_stage(runner, bytearray(frame), arena, THRESHOLD)), arena
-    )
-    assert seq == 9 and type(outcome) is error
-    assert str(outcome).startswith(text)
+    gathered = Gathered([request(**parameters)], whole=True)
+    frame = encode_gathered(gathered, 9, arena, THRESHOLD)
+    (answer,), _ = answered(answer_stage(runner, bytearray(frame), arena, THRESHOLD), arena, 9)
+    assert type(answer) is error
+    assert str(answer).startswith(text)
+
+
+def test_a_frame_of_another_kind_is_refused(arena: Arena) -> None:
+    frame = encode_request(request(), 2, arena, THRESHOLD)
+    with pytest.raises(ValueError, match="expected a stage reply frame"):
+        decode_stage_reply(bytearray(frame), arena)

@@ -116,6 +116,8 @@ TRUSTED_DESERIALISERS = {
     # Frames between the web process and its own workers, built on the other side from
     # already-decoded tensors (BYTES elements travel as raw bytes, never pickled).
     "pool/_ipc.py": {"pickle"},
+    # The stage calls' frames, the same way (their custom-metric updates).
+    "pool/_stage_frames.py": {"pickle"},
     # The unloaded model the web process itself packed for its workers.
     "pool/_shipping.py": {"dill"},
     # Model artefacts read from the configured model repository, never from a request.

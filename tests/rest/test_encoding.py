@@ -28,6 +28,7 @@ from v2mount.rest.encoding import COMPRESS_MIN_BYTES, Inflater, response_coding
 pytestmark = pytest.mark.anyio
 
 INFER = "/v2/models/echo/infer"
+GZIP_BODY = {"content-encoding": "gzip"}
 
 
 class Echo(Model):
@@ -231,6 +232,18 @@ async def test_small_answers_and_refused_codings_go_plain(serve: Any) -> None:
             r = await client.post(INFER, content=body(1000), headers={"accept-encoding": accept})
             assert r.status_code == 200
             assert "content-encoding" not in r.headers, accept
+
+
+async def test_compression_can_be_turned_off(serve: Any) -> None:
+    async with serve(app(compress_responses=False)) as client:
+        r = await client.post(INFER, content=body(1000), headers={"accept-encoding": "gzip"})
+        assert r.status_code == 200
+        assert "content-encoding" not in r.headers and "vary" not in r.headers
+        assert int(r.headers["content-length"]) == len(r.content) > COMPRESS_MIN_BYTES
+        assert r.json()["outputs"][0]["data"] == list(map(float, range(1000)))
+        # Compressed request bodies are still read.
+        r = await client.post(INFER, content=gzip.compress(body()), headers=GZIP_BODY)
+        assert r.status_code == 200, r.text
 
 
 def test_response_coding_choice() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from v2mount import InferenceRequest, Model, V2App
+from v2mount.codecs.tensor import array_to_datatype as datatype
 from v2mount.errors import BadRequest
-from v2mount.types import InferenceResponse
+from v2mount.types import InferenceResponse, Tensor
 
 pytestmark = pytest.mark.anyio
 
@@ -120,7 +122,11 @@ def stage_count(figures: dict[tuple[str, frozenset[Any]], float], stage: str) ->
 
 
 #: A full batch of four goes at once; the window is long enough never to close first.
+#: With the plain window, every gathered call runs its requests' whole chain.
 BATCHED: dict[str, Any] = {"max_batch_size": 4, "max_batch_time": 600}
+#: The same through a batcher that holds a batch until it is full (a ``batching`` block):
+#: gathered calls below a batch preprocess, and the batcher merges.
+HELD: dict[str, Any] = BATCHED | {"batching": {"idle_dispatch": False}}
 
 
 @pytest.mark.parametrize("model_class", [Staged, AsyncStaged])
@@ -128,7 +134,7 @@ BATCHED: dict[str, Any] = {"max_batch_size": 4, "max_batch_time": 600}
 async def test_predict_sees_merged_batches_of_preprocessed_requests(
     serve: Any, workers: int, model_class: type[Staged]
 ) -> None:
-    app = V2App([model_class(parallel_workers=workers, **BATCHED)])
+    app = V2App([model_class(parallel_workers=workers, **HELD)])
     async with serve(app) as client:
         answers = await post_all(client, [1, 2, 3, 4])
         figures = await samples(client)
@@ -166,9 +172,9 @@ async def test_without_batching_the_stages_run_in_one_trip(serve: Any, workers: 
 
 @pytest.mark.parametrize("workers", [0, 2])
 async def test_a_failing_stage_answers_only_its_request(serve: Any, workers: int) -> None:
-    app = V2App([Staged(parallel_workers=workers, **BATCHED)])
+    # A short window: however the six are gathered and batched, every batch goes.
+    app = V2App([Staged(parallel_workers=workers, max_batch_size=4, max_batch_time=0.05)])
     async with serve(app) as client:
-        # The preprocess failures never join a batch: the other four fill one.
         answers = await post_all(client, [FAIL_PRE, 1, REFUSE_PRE, 2, 3, FAIL_POST])
         figures = await samples(client)
         health = await client.get("/v2/health/ready")
@@ -183,8 +189,9 @@ async def test_a_failing_stage_answers_only_its_request(serve: Any, workers: int
     assert answers[FAIL_POST].json() == {
         "error": "postprocess failed: KeyError: 'no label for this one'"
     }
-    for value in (1, 2, 3):
-        assert outputs(answers[value])["batch"] == [4]
+    assert [outputs(answers[value])["y"] for value in (1, 2, 3)] == [[11], [21], [31]]
+    # The preprocess failures never joined a batch: predict saw the four others' rows.
+    assert figures[("staged_predict_rows_sum", frozenset())] == 4
     assert stage_count(figures, "preprocess") == 4  # only the ones that succeeded
     assert stage_count(figures, "postprocess") == 3
     assert health.status_code == 200
@@ -204,7 +211,8 @@ async def test_a_failing_predict_names_its_stage(serve: Any, workers: int) -> No
 
 
 async def test_a_failing_batched_predict_names_its_stage(serve: Any) -> None:
-    app = V2App([Staged(parallel_workers=0, max_batch_size=2, max_batch_time=600)])
+    held = HELD | {"max_batch_size": 2}
+    app = V2App([Staged(parallel_workers=0, **held)])
     async with serve(app) as client:
         answers = await post_all(client, [FAIL_PREDICT, 8])
     for value in (FAIL_PREDICT, 8):  # they shared the batch
@@ -245,7 +253,7 @@ class Wide(Model):
 
 
 async def test_large_tensors_cross_every_stage_intact(serve: Any) -> None:
-    app = V2App([Wide(parallel_workers=2, **BATCHED)])
+    app = V2App([Wide(parallel_workers=2, **HELD)])
     rows = {value: np.arange(10000, dtype=np.float64) * value for value in (1, 2, 3, 4)}
     answers: dict[int, httpx.Response] = {}
 
@@ -265,15 +273,16 @@ async def test_large_tensors_cross_every_stage_intact(serve: Any) -> None:
 
 
 async def test_the_predictive_batcher_takes_preprocessed_requests(serve: Any) -> None:
+    # Fewer requests than a batch: none is gathered into a whole chain of its own.
     model = Staged(parallel_workers=0, max_batch_size=4, batching={"slo_ms": 60_000})
     app = V2App([model])
     async with serve(app) as client:
-        answers = await post_all(client, [1, 2, 3, 4, 5, 6])
+        answers = await post_all(client, [1, 2, 3])
         figures = await samples(client)
     for value, answer in answers.items():
         assert outputs(answer)["y"] == [10.0 * value + 1]
-    assert figures[("staged_predict_rows_sum", frozenset())] == 6
-    assert stage_count(figures, "preprocess") == stage_count(figures, "postprocess") == 6
+    assert figures[("staged_predict_rows_sum", frozenset())] == 3
+    assert stage_count(figures, "preprocess") == stage_count(figures, "postprocess") == 3
     dispatched = sum(
         value for (name, _), value in figures.items() if name == "model_infer_batch_dispatch_total"
     )
@@ -282,7 +291,8 @@ async def test_the_predictive_batcher_takes_preprocessed_requests(serve: Any) ->
 
 class Stuck(Staged):
     """``Staged`` whose preprocess of ``x == 99`` waits until the file named by the
-    request parameter ``gate`` exists."""
+    request parameter ``gate`` exists (a parameter it then drops: the request may share
+    a batch with others)."""
 
     def preprocess(self, payload: InferenceRequest) -> Any:
         gate = payload.parameters.get("gate")
@@ -290,7 +300,11 @@ class Stuck(Staged):
             deadline = time.monotonic() + 60
             while not os.path.exists(gate) and time.monotonic() < deadline:
                 time.sleep(0.005)
-        return Staged.preprocess(self, payload)
+        prepared = Staged.preprocess(self, payload)
+        inputs = [
+            Tensor(name, datatype(value), value.shape, value) for name, value in prepared.items()
+        ]
+        return InferenceRequest(inputs, payload.id)
 
 
 async def test_a_stuck_preprocess_times_out_alone(serve: Any, tmp_path: Path) -> None:
@@ -299,11 +313,191 @@ async def test_a_stuck_preprocess_times_out_alone(serve: Any, tmp_path: Path) ->
     async with serve(app) as client:
         stuck = body(99) | {"parameters": {"gate": str(gate)}}
         timed_out = await client.post(INFER, json=stuck)
-        # One worker is still in that preprocess: the other serves a whole batch.
+        # One worker is still in that preprocess: the other serves the next requests.
         answers = await post_all(client, [1, 2, 3, 4])
         gate.touch()
         again = await post_all(client, [5, 6, 7, 8])
     assert timed_out.status_code == 504
     assert timed_out.json() == {"error": "model staged did not answer within 1 s"}
-    assert [outputs(answers[v])["batch"] for v in (1, 2, 3, 4)] == [[4]] * 4
+    assert [outputs(answers[v])["y"] for v in (1, 2, 3, 4)] == [[11], [21], [31], [41]]
     assert [outputs(again[v])["y"] for v in (5, 6, 7, 8)] == [[51], [61], [71], [81]]
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Poll state that the pool's thread or another task changes."""
+    with anyio.fail_after(60):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("batching", [None, {"idle_dispatch": False}])
+async def test_requests_waiting_for_a_worker_share_one_trip(
+    serve: Any, tmp_path: Path, batching: dict[str, Any] | None
+) -> None:
+    """Under load (the one worker busy) a batch's worth of requests gathers while it
+    waits, and runs preprocess, predict and postprocess in one trip."""
+    gate = tmp_path / "open"
+    model = Stuck(parallel_workers=1, max_batch_size=4, max_batch_time=0.05, batching=batching)
+    app = V2App([model])
+    handle = app.registry.get("staged")
+    answers: dict[int, httpx.Response] = {}
+
+    async def post(value: int, extra: dict[str, Any]) -> None:
+        answers[value] = await client.post(INFER, json=body(value) | extra)
+
+    async with serve(app) as client:
+        async with anyio.create_task_group() as group:
+            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
+            await eventually(lambda: handle.in_flight == 1)
+            for value in (1, 2, 3, 4):
+                group.start_soon(post, value, {})
+            await eventually(lambda: handle.in_flight == 5)  # all four wait, gathered
+            gate.touch()
+        figures = await samples(client)
+        batched = handle.batcher_statistics()
+    assert outputs(answers[99])["y"] == [991]
+    pids = set()
+    for value in (1, 2, 3, 4):
+        got = outputs(answers[value])
+        assert got["y"] == [10.0 * value + 1]
+        assert got["batch"] == [4]
+        pre, predict, post_pid = got["pids"]
+        assert pre == predict == post_pid  # one call did all three
+        pids.add(pre)
+    assert len(pids) == 1
+    if batching is None:
+        assert batched is None  # every call ran its whole chain: no batcher
+    else:  # the gathered four went past the batcher: it saw only the first request
+        assert batched is not None and batched.batched_requests == 1
+    assert stage_count(figures, "preprocess") == stage_count(figures, "postprocess") == 5
+
+
+@pytest.mark.parametrize("waiting", [1, 3])
+async def test_requests_gathered_below_a_batch_are_preprocessed_then_batched(
+    serve: Any, tmp_path: Path, waiting: int
+) -> None:
+    gate = tmp_path / "open"
+    app = V2App([Stuck(parallel_workers=1, **HELD)])
+    handle = app.registry.get("staged")
+    answers: dict[int, httpx.Response] = {}
+
+    async def post(value: int, extra: dict[str, Any]) -> None:
+        answers[value] = await client.post(INFER, json=body(value) | extra)
+
+    async with serve(app) as client:
+        async with anyio.create_task_group() as group:
+            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
+            await eventually(lambda: handle.in_flight == 1)
+            for value in range(1, waiting + 1):
+                group.start_soon(post, value, {})
+            await eventually(lambda: handle.in_flight == 1 + waiting)
+            gate.touch()
+            # The stuck request and those gathered fill one batch at the batcher.
+            for value in range(waiting + 1, 4):
+                await eventually(lambda: handle.batcher_statistics().queued_requests >= 1)
+                group.start_soon(post, value, {})
+        batched = handle.batcher_statistics()
+    for value in range(1, 4):
+        assert outputs(answers[value])["y"] == [10.0 * value + 1]
+    assert outputs(answers[99])["batch"] == [4]
+    assert batched is not None and batched.batches == 1
+
+
+async def test_a_request_that_times_out_waiting_for_a_worker_leaves_its_call(
+    serve: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "open"
+    app = V2App([Stuck(parallel_workers=1, inference_timeout=1, **BATCHED)])
+    handle = app.registry.get("staged")
+    async with serve(app) as client:
+        stuck = body(99) | {"parameters": {"gate": str(gate)}}
+        timed_out = await client.post(INFER, json=stuck)
+        # The one worker is still in that preprocess: this one waits for it, gathered
+        # into a call, and gives up first.
+        waited = await client.post(INFER, json=body(5))
+        gate.touch()
+        await eventually(lambda: handle.runner_statistics().in_flight == 0)
+        answers = await post_all(client, [1, 2, 3, 4])
+        figures = await samples(client)
+    assert timed_out.status_code == waited.status_code == 504
+    assert waited.json() == {"error": "model staged did not answer within 1 s"}
+    assert [outputs(answers[v])["y"] for v in (1, 2, 3, 4)] == [[11], [21], [31], [41]]
+    # 5 never ran. 99's call outlives its request (it answers when the gate opens, or
+    # its reply is dropped): its timing may or may not have been recorded.
+    assert stage_count(figures, "preprocess") in (4, 5)
+
+
+async def test_with_the_plain_window_a_call_runs_the_whole_chain_of_what_it_gathered(
+    serve: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "open"
+    app = V2App([Stuck(parallel_workers=1, **BATCHED)])
+    handle = app.registry.get("staged")
+    answers: dict[int, httpx.Response] = {}
+
+    async def post(value: int, extra: dict[str, Any]) -> None:
+        answers[value] = await client.post(INFER, json=body(value) | extra)
+
+    async with serve(app) as client:
+        async with anyio.create_task_group() as group:
+            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
+            await eventually(lambda: handle.in_flight == 1)
+            for value in (1, 2):
+                group.start_soon(post, value, {})
+            await eventually(lambda: handle.in_flight == 3)
+            gate.touch()
+    # 99 alone (a whole chain in one trip, waiting for nobody), then the two gathered
+    # while it ran, in one trip of their own.
+    assert outputs(answers[99])["batch"] == [1]
+    first, second = outputs(answers[1]), outputs(answers[2])
+    assert (first["y"], second["y"]) == ([11], [21])
+    assert first["batch"] == second["batch"] == [2]
+    assert first["pids"] == second["pids"]
+    assert len(set(first["pids"])) == 1  # one call did all three
+
+
+class PostOnly(Model):
+    """Only ``postprocess``: it runs in the worker that ran the batch's ``predict``."""
+
+    name = "post"
+    inputs = [{"name": "x", "datatype": "INT32", "shape": [-1, 1]}]
+
+    def predict(self, payload: InferenceRequest) -> Any:
+        x = payload["x"]
+        return {"z": x * 2, "pid": np.full((len(x), 1), os.getpid())}
+
+    def postprocess(self, payload: InferenceRequest, response: InferenceResponse) -> Any:
+        if (payload["x"] == FAIL_POST).any():
+            raise KeyError("no label for this one")
+        pid = response.output("pid").data
+        return {
+            "y": response.output("z").data + 1,
+            "pids": np.hstack([pid, np.full_like(pid, os.getpid())]),
+        }
+
+
+async def test_a_model_with_only_postprocess_postprocesses_where_it_predicted(
+    serve: Any,
+) -> None:
+    app = V2App([PostOnly(parallel_workers=2, **BATCHED)])
+    answers: dict[int, httpx.Response] = {}
+
+    async def post(value: int) -> None:
+        answers[value] = await client.post("/v2/models/post/infer", json=body(value))
+
+    async with serve(app) as client:
+        async with anyio.create_task_group() as group:
+            for value in (1, 2, FAIL_POST, 3):
+                group.start_soon(post, value)
+        figures = await samples(client)
+    for value in (1, 2, 3):
+        got = outputs(answers[value])
+        assert got["y"] == [2 * value + 1]
+        predicted, postprocessed = got["pids"]
+        assert predicted == postprocessed != os.getpid()
+    assert answers[FAIL_POST].status_code == 500
+    assert answers[FAIL_POST].json() == {
+        "error": "postprocess failed: KeyError: 'no label for this one'"
+    }
+    labels = frozenset({"model": "post", "version": "", "stage": "postprocess"}.items())
+    assert figures[("model_infer_stage_duration_seconds_count", labels)] == 3

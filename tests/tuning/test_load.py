@@ -52,7 +52,7 @@ async def test_never_more_than_concurrency_requests_in_flight() -> None:
 
 
 @pytest.mark.anyio
-async def test_failures_are_counted_and_the_first_is_kept() -> None:
+async def test_a_client_that_fails_sends_no_more_in_the_step() -> None:
     clock = Clock()
     calls = 0
 
@@ -60,11 +60,26 @@ async def test_failures_are_counted_and_the_first_is_kept() -> None:
         nonlocal calls
         calls += 1
         clock.now += 1.0
-        if calls % 2 == 0:
+        if calls == 4:
             raise RuntimeError(f"failure {calls}")
 
     step = await run_step(send, 1, 10.0, clock)
-    assert (step.requests, step.errors, step.error) == (5, 5, "failure 2")
+    assert (calls, step.requests, step.errors, step.error) == (4, 3, 1, "failure 4")
+
+
+@pytest.mark.anyio
+async def test_refusals_at_once_do_not_spin_and_the_first_text_is_kept() -> None:
+    clock = Clock()
+    calls = 0
+
+    async def send() -> None:  # a 503 that never waits, as a batcher's refusal
+        nonlocal calls
+        calls += 1
+        clock.now += 0.001
+        raise RuntimeError(f"HTTP 503: refused {calls}")
+
+    step = await run_step(send, 8, 10.0, clock)
+    assert (calls, step.requests, step.errors, step.error) == (8, 0, 8, "HTTP 503: refused 1")
 
 
 @pytest.mark.anyio

@@ -27,6 +27,13 @@ def sweep(workers: int, *rates: float, p99: float = 5.0, batch: int = 0) -> Swee
     return Sweep(config, [step(2**i, rate, p99) for i, rate in enumerate(rates)])
 
 
+def predictive(workers: int, *rates: float, batch: int = 32, slo_ms: float = 100) -> Sweep:
+    return Sweep(
+        Config(workers, batch, slo_ms=slo_ms),
+        [step(2**i, rate) for i, rate in enumerate(rates)],
+    )
+
+
 def test_peak_is_the_fastest_step_within_the_target_without_errors() -> None:
     measured = Sweep(
         Config(1),
@@ -48,6 +55,18 @@ def test_the_ramp_stops_after_two_flat_steps_not_one() -> None:
     assert ramp_done([*one_flat, step(8, 185)], 100)
     # a dip followed by a real rise is noise, not saturation
     assert not ramp_done([step(1, 100), step(2, 90), step(4, 200)], 100)
+
+
+def test_before_until_only_errors_stop_the_ramp() -> None:
+    dipping = [step(1, 100), step(2, 90), step(4, 95)]
+    assert ramp_done(dipping, 100)
+    assert not ramp_done(dipping, 100, until=8)
+    assert ramp_done([*dipping, step(8, 96)], 100, until=8)  # flat still, and far enough
+    late = [step(1, 100), step(2, 190, p99=120)]
+    assert ramp_done(late, 100)
+    assert not ramp_done(late, 100, until=4)  # a step past the target only loses the peak
+    assert ramp_done([*late, step(4, 300, p99=130)], 100, until=4)
+    assert ramp_done([step(1, 100), step(2, 190, errors=1)], 100, until=64)  # errors stop
 
 
 def test_the_ramp_stops_at_once_past_the_target_or_on_errors() -> None:
@@ -82,6 +101,7 @@ def test_in_process_is_kept_when_it_peaks_at_least_as_high_as_the_pool() -> None
         "parallel_workers": 0,
         "max_batch_size": 0,
         "max_batch_time": 0.0,
+        "batching": None,
     }
     assert "In-process (parallel_workers 0) peaks at 460 req/s" in recommendation.reason
 
@@ -91,7 +111,8 @@ def test_batching_is_recommended_only_when_it_adds_the_minimum_gain() -> None:
     small_gain = sweep(2, 200, 400, batch=8)  # +5 %
     recommendation = recommend([one, two, small_gain], 100, min_gain=0.1)
     assert recommendation.config == Config(2)
-    assert "under 10%, so batching off" in recommendation.reason
+    assert "+5% over no batching" in recommendation.reason
+    assert "less than the 10% it must, so batching off" in recommendation.reason
     big_gain = sweep(2, 300, 900, batch=32)
     recommendation = recommend([one, two, small_gain, big_gain], 100, min_gain=0.1)
     assert recommendation.config == Config(2, 32, 0.002)
@@ -99,8 +120,11 @@ def test_batching_is_recommended_only_when_it_adds_the_minimum_gain() -> None:
         "parallel_workers": 2,
         "max_batch_size": 32,
         "max_batch_time": 0.002,
+        "batching": None,
     }
-    assert "+137%, so batching on" in recommendation.reason
+    assert "batch 32/2 ms) peaks at 900 req/s" in recommendation.reason
+    assert "+137% over no batching" in recommendation.reason
+    assert "at least the 10% it must, so batching on" in recommendation.reason
     assert recommendation.one_worker == one.steps[1]
     assert recommendation.peak == big_gain.steps[1]
 
@@ -151,4 +175,82 @@ def test_config_labels_and_settings() -> None:
         "parallel_workers": 2,
         "max_batch_size": 0,
         "max_batch_time": 0.0,
+        "batching": None,
     }
+    assert Config(1, 32, slo_ms=80).label == "1 worker, predictive 32/SLO 80 ms"
+    assert Config(1, 32, 0.004, slo_ms=80).settings() == {
+        "parallel_workers": 1,
+        "max_batch_size": 32,
+        "max_batch_time": 0.0,  # unused with an SLO: not written
+        "batching": {"slo_ms": 80},
+    }
+    assert not Config(1, 0, slo_ms=80).predictive  # no batches, no batcher
+    assert Config(1, 0, slo_ms=80).settings()["batching"] is None
+
+
+def test_predictive_batching_is_recommended_when_it_peaks_highest() -> None:
+    one = sweep(1, 100, 190)
+    fixed = sweep(1, 200, 400, batch=32)
+    ahead = predictive(1, 300, 600)
+    recommendation = recommend([one, fixed, ahead], 100)
+    assert recommendation.config == ahead.config
+    assert recommendation.settings() == {
+        "parallel_workers": 1,
+        "max_batch_size": 32,
+        "max_batch_time": 0.0,
+        "batching": {"slo_ms": 100},
+    }
+    assert recommendation.peak == ahead.steps[1]
+    reason = recommendation.reason
+    assert "Predictive batching at best (1 worker, predictive 32/SLO 100 ms) peaks at 600" in reason
+    assert "+216% over no batching" in reason
+    assert "Predictive batching peaks highest (+50% over the fixed window)" in reason
+    assert 'so predictive batching on: "batching": {"slo_ms": 100} with max_batch_size 32' in reason
+    assert "Saturation: about 600 req/s" in reason
+
+
+def test_the_fixed_window_wins_a_tie_and_says_by_how_much_predictive_lost() -> None:
+    one, fixed = sweep(1, 100, 190), sweep(1, 200, 400, batch=32)
+    for rates in ((200, 400), (200, 300)):
+        recommendation = recommend([one, fixed, predictive(1, *rates)], 100)
+        assert recommendation.config == fixed.config
+        assert recommendation.settings()["batching"] is None
+    assert "The fixed window peaks higher than predictive batching (+33%)" in (
+        recommendation.reason
+    )
+    assert "so batching on with the fixed window" in recommendation.reason
+
+
+def test_predictive_batching_alone_must_add_the_minimum_gain() -> None:
+    one = sweep(1, 100, 190)
+    recommendation = recommend([one, predictive(1, 100, 200)], 100, min_gain=0.1)
+    assert recommendation.config == Config(1)
+    assert "+5% over no batching" in recommendation.reason
+    assert "so batching off" in recommendation.reason
+    recommendation = recommend([one, predictive(1, 100, 250)], 100, min_gain=0.1)
+    assert recommendation.config == Config(1, 32, slo_ms=100)
+    assert "Predictive batching peaks highest, so predictive batching on" in (recommendation.reason)
+
+
+def test_a_losing_predictive_sweep_says_where_its_ramp_ended() -> None:
+    one = sweep(1, 100, 190)
+    refused = predictive(1, 100, 195)
+    refused.steps.append(Step(4, 1.0, 150, 37, 4.0, 9.0, 6.0, "HTTP 503: predicted late"))
+    recommendation = recommend([one, refused], 100)
+    assert recommendation.config == Config(1)
+    assert (
+        "+3% over no batching; at concurrency 4, 37 clients got an error "
+        "(HTTP 503: predicted late)." in recommendation.reason
+    )
+    late = Sweep(Config(1, 32, slo_ms=100), [step(1, 100, p99=150.0)])
+    recommendation = recommend([one, late], 100)
+    assert (
+        "Predictive batching (1 worker, predictive 32/SLO 100 ms) never met the 100 ms p99 "
+        "target; at concurrency 1 its p99 was 150.0 ms." in recommendation.reason
+    )
+    assert "less than the 10% it must, so batching off" in recommendation.reason
+    broken = Sweep(Config(1, 32, slo_ms=100), error="model did not start: out of memory")
+    assert (
+        "(1 worker, predictive 32/SLO 100 ms) never met the 100 ms p99 target; it did not "
+        "start: model did not start: out of memory." in recommend([one, broken], 100).reason
+    )

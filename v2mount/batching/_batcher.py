@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
 
 from v2mount.batching._loops import Spawner, current_loop, fresh
 from v2mount.batching._tensors import (
+    BatchAnswer,
+    answer_alone,
+    answer_batch,
     batch_rows,
     compatibility_key,
-    merge_requests,
-    split_response,
+    split_outcome,
 )
 from v2mount.errors import ModelError, V2MountError
 from v2mount.runner import Runner
@@ -72,7 +74,8 @@ class AdaptiveBatcher:
     Cancelling ``infer`` returns at once: a request whose batch has not gone yet leaves
     it, otherwise its share of the answer is dropped; the rest of its batch is answered
     either way. ``on_batch(rows)`` is called once per batch, on the loop's thread, just
-    before the batch goes to the runner.
+    before the batch goes to the runner. ``answer``, when given, answers each batch (and
+    each request that runs alone) instead of the runner's ``infer``.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class AdaptiveBatcher:
         max_batch_size: int,
         max_batch_time: float,
         on_batch: Callable[[int], None] | None = None,
+        answer: BatchAnswer | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
@@ -91,6 +95,7 @@ class AdaptiveBatcher:
         self._max_batch_size = max_batch_size
         self._max_batch_time = max_batch_time
         self._on_batch = on_batch
+        self._answer = answer
         # Guards the open batches and the counters: loops in several threads may share us.
         self._lock = threading.Lock()
         self._open: dict[Hashable, _Batch] = {}
@@ -115,7 +120,7 @@ class AdaptiveBatcher:
         if rows is None or key is None:
             with self._lock:
                 self._unbatched += 1
-            return await self._runner.infer(request)
+            return await answer_alone(self._runner, self._answer, request)
         loop, trio = current_loop()
         member = _Member(request, rows)
         batch = self._join((loop, key), member, trio)
@@ -220,16 +225,15 @@ class AdaptiveBatcher:
             self._batched += len(members)
             self._in_flight += 1
         error: Exception | None = None
-        parts: list[InferenceResponse] | None = None
+        parts: Sequence[InferenceResponse | V2MountError] | None = None
         try:
             if self._on_batch is not None:
                 self._on_batch(batch.rows)
             requests = [member.request for member in members]
-            merged = requests[0] if len(requests) == 1 else merge_requests(requests)
             mark_started()
-            response = await self._runner.infer(merged)
+            rows = [member.rows for member in members]
+            parts = await answer_batch(self._runner, self._answer, requests, rows)
             batch.started = started_at()
-            parts = split_response(response, requests, [member.rows for member in members])
         except V2MountError as exc:
             error = exc
         except Exception as exc:  # a runner breaking its contract, or on_batch
@@ -238,7 +242,8 @@ class AdaptiveBatcher:
             with self._lock:
                 self._in_flight -= 1
             for index, member in enumerate(members):
-                member.error = error
-                member.response = None if parts is None else parts[index]
+                member.error, member.response = error, None
+                if parts is not None:
+                    member.error, member.response = split_outcome(parts[index])
             batch.done.set()
             batch.members = []  # the deadline task may hold the batch a little longer

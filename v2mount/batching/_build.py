@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from v2mount.batching._batcher import AdaptiveBatcher
 from v2mount.batching._predictive import BatchReport, PredictiveBatcher
 from v2mount.batching._scheduler import Policy
+from v2mount.batching._tensors import BatchAnswer
 from v2mount.runner import Runner
 from v2mount.settings import BatchingSettings
 
@@ -22,12 +23,14 @@ def batcher_for(
     max_batch_time: float,
     max_queue_size: int,
     on_batch: Callable[[int, Sequence[float]], None] | None = None,
+    answer: BatchAnswer | None = None,
 ) -> AdaptiveBatcher | PredictiveBatcher:
     """The plain fixed window without a ``batching`` block, else a ``PredictiveBatcher``.
 
     ``on_batch(rows, queue_delays)`` hears of every batch as it goes (the plain window
     does not measure queue delays: it passes none). ``max_queue_size`` bounds the
     requests a ``PredictiveBatcher`` holds (the plain window leaves that to the runner).
+    ``answer``: see the batchers.
     """
     if settings is None:
         return AdaptiveBatcher(
@@ -35,6 +38,7 @@ def batcher_for(
             max_batch_size=max_batch_size,
             max_batch_time=max_batch_time,
             on_batch=None if on_batch is None else lambda rows: on_batch(rows, ()),
+            answer=answer,
         )
     slo = None if settings.slo_ms is None else settings.slo_ms / 1000
     if slo is None:
@@ -60,4 +64,5 @@ def batcher_for(
         on_batch=report,
         window=settings.window,
         min_samples=settings.min_samples,
+        answer=answer,
     )

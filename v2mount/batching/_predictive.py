@@ -15,13 +15,16 @@ from v2mount.batching._loops import Spawner, current_loop, fresh
 from v2mount.batching._rate import ArrivalRate
 from v2mount.batching._scheduler import Dispatch, Entry, Policy, Reason, Scheduler, Tally
 from v2mount.batching._tensors import (
+    BatchAnswer,
+    answer_alone,
+    answer_batch,
     batch_rows,
     compatibility_key,
-    merge_requests,
-    split_response,
+    split_outcome,
 )
 from v2mount.errors import ModelError, V2MountError
 from v2mount.runner import Runner
+from v2mount.stats import mark_started, started_at
 from v2mount.types import InferenceRequest, InferenceResponse
 
 __all__ = ["BatchReport", "PredictiveBatcher", "PredictiveStatistics", "runner_capacity"]
@@ -125,7 +128,8 @@ class PredictiveBatcher:
     leaves the queue, otherwise its share of the answer is dropped. ``on_batch`` is called
     on the loop's thread just before a batch goes to the runner. ``clock`` is the time
     source in seconds (tests pass a virtual one); ``window`` and ``min_samples`` tune the
-    cost fit (``CostModel``).
+    cost fit (``CostModel``). ``answer``, when given, answers each batch (and each
+    request that runs alone) instead of the runner's ``infer``.
     """
 
     def __init__(
@@ -138,8 +142,10 @@ class PredictiveBatcher:
         clock: Callable[[], float] = time.monotonic,
         window: int = 16,
         min_samples: int = 8,
+        answer: BatchAnswer | None = None,
     ) -> None:
         self._runner = runner
+        self._answer = answer
         self._policy = policy
         self._capacity = capacity if capacity is not None else runner_capacity(runner)
         self._on_batch = on_batch
@@ -166,7 +172,7 @@ class PredictiveBatcher:
         if rows is None or key is None:
             with self._lock:
                 self._unbatched += 1
-            return await self._runner.infer(request)
+            return await answer_alone(self._runner, self._answer, request)
         loop, trio = current_loop()
         member = _Member(request)
         with self._lock:
@@ -284,26 +290,33 @@ class PredictiveBatcher:
         """Answer every member of the batch with its rows or the error; raises nothing."""
         members = [entry.item for entry in dispatch.entries]
         error: Exception | None = None
-        parts: list[InferenceResponse] | None = None
+        parts: Sequence[InferenceResponse | V2MountError] | None = None
         answered = False
+        waited = 0.0
         try:
             if self._on_batch is not None:
                 delays = [dispatch.sent - entry.arrived for entry in dispatch.entries]
                 self._on_batch(BatchReport(dispatch.rows, dispatch.reason, delays))
             requests = [member.request for member in members]
-            merged = requests[0] if len(requests) == 1 else merge_requests(requests)
-            response = await self._runner.infer(merged)
+            rows = [entry.rows for entry in dispatch.entries]
+            mark_started()
+            sent = started_at()
+            parts = await answer_batch(self._runner, self._answer, requests, rows)
             answered = True
-            parts = split_response(response, requests, [e.rows for e in dispatch.entries])
+            # A pool says when a worker took the batch up: the wait before is not its cost.
+            taken = started_at()
+            if sent is not None and taken is not None:
+                waited = max(0.0, (taken - sent) / 1e9)
         except V2MountError as exc:
             error = exc
         except Exception as exc:  # a runner breaking its contract, or on_batch
             error = ModelError(f"{type(exc).__name__}: {exc}")
         finally:  # also when cancelled as the loop closes: then members get neither
             with self._lock:
-                state.scheduler.finished(dispatch, self._clock(), answered)
+                state.scheduler.finished(dispatch, self._clock(), answered, waited)
             for index, member in enumerate(members):
-                member.error = error
-                member.response = None if parts is None else parts[index]
+                member.error, member.response = error, None
+                if parts is not None:
+                    member.error, member.response = split_outcome(parts[index])
                 member.done.set()
         self._pump(state)  # a worker is free

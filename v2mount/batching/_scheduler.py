@@ -227,12 +227,14 @@ class Scheduler(Generic[T]):
                 del self._queues[key]
         return sent, wake
 
-    def finished(self, dispatch: Dispatch[T], now: float, ok: bool) -> None:
+    def finished(self, dispatch: Dispatch[T], now: float, ok: bool, waited: float = 0.0) -> None:
         """A batch came back; ``ok``: it was answered, so its time is a cost sample and
-        its requests answered after their deadline count as SLO misses."""
+        its requests answered after their deadline count as SLO misses. ``waited``: the
+        seconds it waited for a worker after it was sent (a pool whose workers also run
+        other calls, such as a model's stages), which are not its cost."""
         self._in_flight.discard(dispatch)
         if ok:
-            self._cost.record(dispatch.rows, now - dispatch.sent)
+            self._cost.record(dispatch.rows, max(0.0, now - dispatch.sent - waited))
             self.tally.slo_misses += sum(now > entry.deadline for entry in dispatch.entries)
 
     def _startable(self, capacity: int) -> bool:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from v2mount.errors import ModelError
+from v2mount.errors import ModelError, V2MountError
 from v2mount.types import InferenceRequest, InferenceResponse, Tensor
+
+if TYPE_CHECKING:
+    from v2mount.runner import Runner
+
+#: Answers a batch's requests, one response or error each, in order; an exception
+#: answers them all. Replaces merge → ``Runner.infer`` → split (a model with stages:
+#: ``predict`` and each request's ``postprocess`` in one call).
+BatchAnswer = Callable[
+    [list[InferenceRequest]], Awaitable[Sequence[InferenceResponse | V2MountError]]
+]
 
 #: Parameters that only say how tensors travel on the wire; they never split batches.
 ENCODING_KEYS = frozenset({"binary_data_output", "binary_data_size"})
@@ -106,3 +116,41 @@ def split_response(
         )
         start = stop
     return parts
+
+
+async def answer_alone(
+    runner: Runner, answer: BatchAnswer | None, request: InferenceRequest
+) -> InferenceResponse:
+    """A request that is not batched: the runner's ``infer``, or ``answer`` on it alone."""
+    if answer is None:
+        return await runner.infer(request)
+    (outcome,) = await answer([request])
+    if isinstance(outcome, V2MountError):
+        raise outcome
+    return outcome
+
+
+async def answer_batch(
+    runner: Runner,
+    answer: BatchAnswer | None,
+    requests: list[InferenceRequest],
+    rows: Sequence[int],
+) -> Sequence[InferenceResponse | V2MountError]:
+    """A batch's answers, one per request: ``answer``'s, or the runner's on the requests
+    merged, split by rows."""
+    if answer is not None:
+        outcomes = await answer(requests)
+        if len(outcomes) != len(requests):
+            raise ModelError(f"{len(outcomes)} answers for a batch of {len(requests)} requests")
+        return outcomes
+    merged = requests[0] if len(requests) == 1 else merge_requests(requests)
+    return split_response(await runner.infer(merged), requests, rows)
+
+
+def split_outcome(
+    outcome: InferenceResponse | V2MountError,
+) -> tuple[V2MountError | None, InferenceResponse | None]:
+    """(error, response): one of them is ``None``."""
+    if isinstance(outcome, V2MountError):
+        return outcome, None
+    return None, outcome

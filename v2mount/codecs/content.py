@@ -119,7 +119,10 @@ def check_content_types(request: InferenceRequest, settings: ModelSettings | Non
     own = _content_type(request.parameters, "request")
     if own is not None:
         _check_request_type(own, "request")
+    declared = settings is not None and bool(settings.inputs)
     for tensor in request.inputs:
+        if not tensor.parameters and not declared:
+            continue  # no content type to check
         where = f"input {tensor.name!r}"
         content_type = _content_type(tensor.parameters, where) or _declared(
             settings, tensor.name, output=False

@@ -45,10 +45,10 @@ def _parameters(value: Any, where: str) -> Parameters:
     return value
 
 
-def _name(item: dict[str, Any], where: str) -> str:
+def _name(item: dict[str, Any], field: str, index: int) -> str:
     name = item.get("name")
-    if not isinstance(name, str) or not name:
-        raise BadRequest(f"{where}: 'name' must be a non-empty string")
+    if type(name) is not str or not name:  # the message only when it is needed
+        raise BadRequest(f"{field}[{index}]: 'name' must be a non-empty string")
     return name
 
 
@@ -74,7 +74,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
     for index, item in enumerate(raw_inputs):
         if not isinstance(item, dict):
             raise BadRequest(f"inputs[{index}] must be a JSON object")
-        name = _name(item, f"inputs[{index}]")
+        name = _name(item, "inputs", index)
         where = f"input {name!r}"
         if name in seen:
             raise BadRequest(f"{where} appears more than once")
@@ -127,7 +127,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
         for index, item in enumerate(raw_outputs):
             if not isinstance(item, dict):
                 raise BadRequest(f"outputs[{index}] must be a JSON object")
-            name = _name(item, f"outputs[{index}]")
+            name = _name(item, "outputs", index)
             outputs.append(
                 RequestedOutput(name, _parameters(item.get("parameters"), f"output {name!r}"))
             )

@@ -32,6 +32,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from v2mount.metrics.batching import BatchingCollector
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.metrics.queues import QueueCollector, QueueSource
+from v2mount.metrics.tally import TallyCollector, TallyCounter, TallyGauge, TallyHistogram
 
 __all__ = ["AppMetrics"]
 
@@ -57,8 +58,10 @@ class AppMetrics:
     ``registry`` defaults to a fresh ``CollectorRegistry``: two apps in one process never
     clash, and the host's global ``REGISTRY`` is untouched unless it is passed here.
     ``multiprocess_dir`` defaults to ``$PROMETHEUS_MULTIPROC_DIR`` (read, never written).
-    Every method is thread-safe (prometheus-client's metrics are; custom registration
-    takes a lock).
+    ``record_inference`` and the REST metrics' children are updated on the event loop
+    thread that serves the app (they are plain tallies, see ``v2mount.metrics.tally``);
+    every other method is thread-safe (prometheus-client's metrics are; custom
+    registration takes a lock).
     """
 
     def __init__(
@@ -69,49 +72,52 @@ class AppMetrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.multiprocess_dir = multiprocess_dir or os.environ.get(MULTIPROC_ENV) or None
-        self.infer_success = Counter(
-            "model_infer_request_success",
-            "Successful inference requests",
-            _MODEL_LABELS,
-            registry=self.registry,
+        # The metrics every inference updates: plain tallies rendered at scrape time
+        # (``v2mount.metrics.tally``), or prometheus-client's own in multiprocess mode,
+        # where the values must go to its shared files.
+        self.tallies: TallyCollector | None = None
+        counter: Callable[[str, str, tuple[str, ...]], Counter | TallyCounter]
+        gauge: Callable[[str, str, tuple[str, ...]], Gauge | TallyGauge]
+        histogram: Callable[[str, str, tuple[str, ...]], Histogram | TallyHistogram]
+        if self.multiprocess_dir is None:
+            tallies = self.tallies = TallyCollector(self.registry)
+            counter, gauge, histogram = tallies.counter, tallies.gauge, tallies.histogram
+        else:
+            counter, gauge, histogram = self._counter, self._gauge, self._histogram
+        self.infer_success: Counter | TallyCounter = counter(
+            "model_infer_request_success", "Successful inference requests", _MODEL_LABELS
         )
-        self.infer_failure = Counter(
-            "model_infer_request_failure",
-            "Failed inference requests",
-            _MODEL_LABELS,
-            registry=self.registry,
+        self.infer_failure: Counter | TallyCounter = counter(
+            "model_infer_request_failure", "Failed inference requests", _MODEL_LABELS
         )
-        self.infer_duration = Histogram(
+        self.infer_duration: Histogram | TallyHistogram = histogram(
             "model_infer_request_duration_seconds",
             "Inference latency per model, from validation to the model's answer",
             _MODEL_LABELS,
-            registry=self.registry,
         )
+        self.rest_requests: Counter | TallyCounter = counter(
+            "rest_server_requests",
+            "REST requests answered, by method, route template and status code",
+            _REST_LABELS,
+        )
+        self.rest_duration: Histogram | TallyHistogram = histogram(
+            "rest_server_requests_duration_seconds",
+            "REST request latency, by method, route template and status code",
+            _REST_LABELS,
+        )
+        self.rest_in_progress: Gauge | TallyGauge = gauge(
+            "rest_server_requests_in_progress",
+            "REST requests being answered, by method and route template",
+            ("method", "path"),
+        )
+        if self.tallies is not None:
+            self.tallies.register()
         self.batch_size = Histogram(
             "model_infer_batch_size",
             "Rows in each batch formed by the adaptive batcher",
             _MODEL_LABELS,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=self.registry,
-        )
-        self.rest_requests = Counter(
-            "rest_server_requests",
-            "REST requests answered, by method, route template and status code",
-            _REST_LABELS,
-            registry=self.registry,
-        )
-        self.rest_duration = Histogram(
-            "rest_server_requests_duration_seconds",
-            "REST request latency, by method, route template and status code",
-            _REST_LABELS,
-            registry=self.registry,
-        )
-        self.rest_in_progress = Gauge(
-            "rest_server_requests_in_progress",
-            "REST requests being answered, by method and route template",
-            ("method", "path"),
-            registry=self.registry,
-            multiprocess_mode="livesum",
         )
         self.grpc_started = Counter(
             "grpc_server_started",
@@ -147,29 +153,45 @@ class AppMetrics:
         )
         self.queues = QueueCollector(registry=self.registry)
         self.batching = BatchingCollector(registry=self.registry)
-        # Per-model children (success, duration, failure), resolved on a model's first
-        # inference: prometheus-client's ``labels`` takes a lock and builds a key each time.
-        self._model_children: dict[tuple[str, str], tuple[Counter, Histogram, Counter]] = {}
+        self._recorders: dict[tuple[str, str], Callable[[bool, float], None]] = {}
         self._custom: dict[str, tuple[str, tuple[str, ...], Any]] = {}
         self._lock = threading.Lock()
+
+    def _counter(self, name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
+        return Counter(name, documentation, labels, registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str, labels: tuple[str, ...]) -> Gauge:
+        return Gauge(
+            name, documentation, labels, registry=self.registry, multiprocess_mode="livesum"
+        )
+
+    def _histogram(self, name: str, documentation: str, labels: tuple[str, ...]) -> Histogram:
+        return Histogram(name, documentation, labels, registry=self.registry)
 
     # -- called by the registry and the REST layer ---------------------------------------
 
     def record_inference(self, model: str, version: str | None, ok: bool, seconds: float) -> None:
+        self.inference_recorder(model, version)(ok, seconds)
+
+    def inference_recorder(self, model: str, version: str | None) -> Callable[[bool, float], None]:
+        """``record(ok, seconds)`` for one model version, its metric children resolved
+        once (``labels`` builds a key, and takes a lock in prometheus-client)."""
         labels = (model, version or "")
-        children = self._model_children.get(labels)
-        if children is None:
-            children = (
-                self.infer_success.labels(*labels),
-                self.infer_duration.labels(*labels),
-                self.infer_failure.labels(*labels),
-            )
-            self._model_children[labels] = children
-        if ok:
-            children[0].inc()
-            children[1].observe(seconds)
-        else:
-            children[2].inc()
+        recorder = self._recorders.get(labels)
+        if recorder is None:
+            success = self.infer_success.labels(*labels)
+            duration = self.infer_duration.labels(*labels)
+            failure = self.infer_failure.labels(*labels)
+
+            def recorder(ok: bool, seconds: float) -> None:
+                if ok:
+                    success.inc()
+                    duration.observe(seconds)
+                else:
+                    failure.inc()
+
+            self._recorders[labels] = recorder
+        return recorder
 
     def observe_batch(
         self, model: str, version: str | None, rows: int, queue_delays: Iterable[float] = ()

@@ -47,14 +47,13 @@ from v2mount.settings import ModelSettings
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 __all__ = [
+    "ANSWERS",
     "ERROR",
     "PIPELINE",
-    "POSTPROCESS",
+    "PREDICT_POSTPROCESS",
     "PREPROCESS",
-    "PREPROCESSED",
     "REQUEST",
     "RESULT",
-    "STAGED",
     "Channel",
     "DeclaredSpecs",
     "Load",
@@ -80,10 +79,10 @@ __all__ = [
 #: Frame length, kind, flags, model slot, meta length, extra length, sequence number.
 HEADER = struct.Struct("<QBBHIIQ")
 REQUEST, RESULT, ERROR = 1, 2, 3
-#: Stage calls (``_stage_frames.py``): preprocess one request, postprocess one request's
-#: answer, run preprocess → predict → postprocess; and the replies to them.
-PREPROCESS, POSTPROCESS, PIPELINE, PREPROCESSED, STAGED = 4, 5, 6, 7, 8
-_REQUEST_KINDS = frozenset({REQUEST, PREPROCESS, PIPELINE})
+#: Stage calls (``_stage_frames.py``): preprocess several requests, predict a batch and
+#: postprocess its requests, run preprocess → predict → postprocess on several requests;
+#: and their reply.
+PREPROCESS, PREDICT_POSTPROCESS, PIPELINE, ANSWERS = 4, 5, 6, 7
 PICKLED_META = 1
 _ALIGN = 64
 _CHUNK = 1 << 16
@@ -377,15 +376,9 @@ def frame_route(frame: bytearray) -> tuple[int, int]:
 
 
 def encode_request(
-    request: InferenceRequest,
-    seq: int,
-    arena: Arena | None,
-    threshold: int,
-    kind: int = REQUEST,
-    slot: int = 0,
+    request: InferenceRequest, seq: int, arena: Arena | None, threshold: int, slot: int = 0
 ) -> bytes:
-    """Called in the parent: the frame of one request (``kind``: or of a stage call) for
-    the model of ``slot``."""
+    """Called in the parent: the frame of one request for the model of ``slot``."""
     parameters = request.parameters
     plain = not parameters or _plain(parameters)
     outputs = None
@@ -393,13 +386,13 @@ def encode_request(
         outputs = [[out.name, out.parameters] for out in request.outputs]
         plain = plain and all(not p or _plain(p) for _, p in outputs)
     head = [request.id, parameters, outputs]
-    return _frame(kind, seq, head, request.inputs, arena, threshold, plain, slot=slot)
+    return _frame(REQUEST, seq, head, request.inputs, arena, threshold, plain, slot=slot)
 
 
 def decode_request(frame: bytearray, arena: Arena | None) -> tuple[int, InferenceRequest]:
     """Called in the worker: the sequence number and the request of a frame."""
     kind, seq, meta, _, data = _parse(frame)
-    if kind not in _REQUEST_KINDS:
+    if kind != REQUEST:
         raise ValueError(f"expected a request frame, got kind {kind}")
     request_id, parameters, outputs, entries = meta
     inputs = [_tensor_from(entry, frame, data, arena) for entry in entries]

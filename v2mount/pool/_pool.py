@@ -20,8 +20,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar, cast
 
 import anyio
 import multiprocess
@@ -31,9 +31,13 @@ from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
 from v2mount.pool._arena import Arena, unlink_quietly
 from v2mount.pool._config import PoolConfig
-from v2mount.pool._ipc import PIPELINE, PREPROCESS, decode_reply, encode_request
+from v2mount.pool._ipc import decode_reply, encode_request
 from v2mount.pool._lifecycle import LIVE
-from v2mount.pool._stage_frames import decode_stage_reply, encode_postprocess
+from v2mount.pool._stage_frames import (
+    decode_stage_reply,
+    encode_gathered,
+    encode_predict_postprocess,
+)
 from v2mount.pool._state import (
     GONE,
     JOINING,
@@ -51,7 +55,7 @@ from v2mount.pool._state import (
 from v2mount.pool._supervisor import Supervisor
 from v2mount.pool._waiter import Waiter
 from v2mount.runner import Declared, MetricsSink, RunnerStatistics
-from v2mount.stages import Staged
+from v2mount.stages import Answered, Gathered, Item, Staged
 from v2mount.stats import mark_started
 from v2mount.types import InferenceRequest, InferenceResponse
 
@@ -301,44 +305,49 @@ class PoolMember:
             decode_reply,
         )
 
-    async def preprocess(self, request: InferenceRequest) -> Staged[InferenceRequest]:
-        """Run the model's ``preprocess`` on one request in a worker; errors as ``infer``."""
-        threshold, slot = self._state.config.shm_threshold, self._member.slot
-        staged = await self._call(
-            lambda seq, arena: encode_request(request, seq, arena, threshold, PREPROCESS, slot),
-            decode_stage_reply,
-        )
-        prepared, timings = staged
-        assert isinstance(prepared, InferenceRequest)
-        return prepared, timings
+    async def run_gathered(self, take: Callable[[], Gathered]) -> Staged[list[Item]]:
+        """Run the stages of the requests ``take()`` returns in one worker, one trip.
 
-    async def postprocess(
-        self, request: InferenceRequest, response: InferenceResponse
-    ) -> Staged[InferenceResponse]:
-        """Run the model's ``postprocess`` on one request's answer in a worker."""
+        ``take`` is called on the event loop once a worker is held, and again (it must
+        return the same) if that worker died before it had the frame: requests that come
+        while the call waits for a worker can still join it. Returns per request what
+        ``preprocess`` made of it, or its answer when the call ran its whole chain, or
+        its error; errors of the whole call as ``infer``.
+        """
         threshold, slot = self._state.config.shm_threshold, self._member.slot
-        staged = await self._call(
-            lambda seq, arena: encode_postprocess(request, response, seq, arena, threshold, slot),
+        items, timings = await self._call(
+            lambda seq, arena: encode_gathered(take(), seq, arena, threshold, slot),
             decode_stage_reply,
         )
-        return self._response(staged)
+        return items, timings
+
+    async def predict_postprocess(
+        self, prepared: Sequence[InferenceRequest], originals: Sequence[InferenceRequest]
+    ) -> Staged[list[Answered]]:
+        """``predict`` on a batch of preprocessed requests, then ``postprocess`` on each
+        request's rows, in one trip to a worker: a response or the error per request
+        (``predict``'s error raises, for the whole batch)."""
+        threshold, slot = self._state.config.shm_threshold, self._member.slot
+        items, timings = await self._call(
+            lambda seq, arena: encode_predict_postprocess(
+                prepared, originals, seq, arena, threshold, slot
+            ),
+            decode_stage_reply,
+        )
+        return cast(list[Answered], items), timings
 
     async def infer_staged(self, request: InferenceRequest) -> Staged[InferenceResponse]:
         """preprocess → predict → postprocess on one request, in one trip to a worker."""
         threshold, slot = self._state.config.shm_threshold, self._member.slot
-        staged = await self._call(
-            lambda seq, arena: encode_request(request, seq, arena, threshold, PIPELINE, slot),
+        gathered = Gathered([request], whole=True)
+        (answer,), timings = await self._call(
+            lambda seq, arena: encode_gathered(gathered, seq, arena, threshold, slot),
             decode_stage_reply,
         )
-        return self._response(staged)
-
-    @staticmethod
-    def _response(
-        staged: Staged[InferenceRequest | InferenceResponse],
-    ) -> Staged[InferenceResponse]:
-        response, timings = staged
-        assert isinstance(response, InferenceResponse)
-        return response, timings
+        if isinstance(answer, V2MountError):
+            raise answer
+        assert isinstance(answer, InferenceResponse)
+        return answer, timings
 
     async def _call(self, encode: Encode, decode: Decode[T]) -> T:
         """One frame to an idle worker that has the model, and its reply's outcome (see

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import dill
 
-from v2mount.model import Model
+from v2mount.model import Model, preload_modules
 
 __all__ = ["ModelPackage", "pack_model", "unpack_model"]
 
@@ -26,6 +26,8 @@ class ModelPackage:
     data: bytes
     #: ``(module name, file)`` for modules to execute in the worker before unpickling.
     modules: tuple[tuple[str, str], ...]
+    #: Modules the template imports before forking (``preload_modules``); workers do not.
+    preload: tuple[str, ...] = ()
 
 
 def _importable(name: str) -> bool:
@@ -56,7 +58,7 @@ def pack_model(model: Model) -> ModelPackage:
         entry = (cls.__module__, str(file))
         if file is not None and entry not in modules and not _importable(cls.__module__):
             modules.append(entry)
-    return ModelPackage(dill.dumps(model, recurse=True), tuple(modules))
+    return ModelPackage(dill.dumps(model, recurse=True), tuple(modules), preload_modules(model))
 
 
 def unpack_model(package: ModelPackage) -> Model:

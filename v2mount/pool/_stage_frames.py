@@ -2,149 +2,196 @@
 
 Calls, parent to worker (tensors as in any ``_ipc`` frame: large ones in the arena):
 
-- ``PREPROCESS``: a request frame; the reply is ``PREPROCESSED``, a request-shaped frame
-  holding what ``preprocess`` returned.
-- ``PIPELINE``: a request frame; preprocess → predict → postprocess run in the worker,
-  in one trip (batching off), and the reply is ``STAGED``, a response frame.
-- ``POSTPROCESS``: the client's request and its rows of ``predict``'s answer in one frame
-  (the request's inputs, then the response's outputs); the reply is ``STAGED``.
+- ``PREPROCESS``: several requests in one frame, each preprocessed apart;
+- ``PREDICT_POSTPROCESS``: a batch's preprocessed requests, then their original ones, in
+  one frame: ``predict`` runs once on the batch merged, then ``postprocess`` on each
+  request's rows;
+- ``PIPELINE``: several requests in one frame, and the most rows a batch may hold:
+  preprocess → predict → postprocess, each request preprocessed and postprocessed apart,
+  ``predict`` once per batch of them (``v2mount.stages.run_pipeline``).
 
-A reply's meta starts with the stage timings; its ``extra`` holds the custom-metric
-updates, as a ``RESULT``'s does, so ``updates_of`` reads them from any reply. An error is
-an ``ERROR`` frame, as for ``predict``.
+The reply is ``ANSWERS``: one item per request of the call, in order — a request (what
+``preprocess`` returned), a response, or that request's error — so one request's error
+answers it alone. An error of the whole call (a failed batched ``predict``) is an
+``ERROR`` frame, as for ``predict``. A reply's meta starts with the stage timings; its
+``extra`` holds the custom-metric updates, as a ``RESULT``'s does, so ``updates_of``
+reads them from any reply.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple, cast
 
 from v2mount.errors import V2MountError
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import MethodRunner
 from v2mount.pool._arena import Arena
 from v2mount.pool._ipc import (
+    ANSWERS,
     ERROR,
     PIPELINE,
-    POSTPROCESS,
+    PREDICT_POSTPROCESS,
     PREPROCESS,
-    PREPROCESSED,
-    STAGED,
     _frame,
     _parse,
     _plain,
     _tensor_from,
-    decode_request,
     encode_error,
     error_from_wire,
+    error_to_wire,
     frame_kind,
 )
-from v2mount.stages import Timings, run_pipeline, run_postprocess, run_preprocess
+from v2mount.stages import (
+    Gathered,
+    Item,
+    Timings,
+    run_pipeline,
+    run_predict_postprocess,
+    run_preprocess_each,
+)
 from v2mount.types import InferenceRequest, InferenceResponse, RequestedOutput
 
 __all__ = [
     "StageReply",
     "answer_stage",
     "decode_stage_reply",
-    "encode_postprocess",
+    "encode_gathered",
+    "encode_predict_postprocess",
 ]
 
 logger = logging.getLogger("v2mount.worker")
 
-#: (sequence number, (result, timings) or the error, custom-metric updates).
-StageReply = tuple[
-    int, tuple[InferenceRequest | InferenceResponse, Timings] | V2MountError, list[MetricUpdate]
-]
+#: (sequence number, (one item per request, timings) or the call's error, metric updates).
+StageReply = tuple[int, tuple[list[Item], Timings] | V2MountError, list[MetricUpdate]]
 
 
-def _request_head(request: InferenceRequest) -> tuple[list[Any], bool]:
-    parameters = request.parameters
-    plain = not parameters or _plain(parameters)
-    outputs = None
-    if request.outputs is not None:
-        outputs = [[out.name, out.parameters] for out in request.outputs]
-        plain = plain and all(not p or _plain(p) for _, p in outputs)
-    return [request.id, parameters, outputs], plain
+def _head(item: Item) -> tuple[list[Any], bool]:
+    """An item's meta entry (without its tensors' entries) and whether JSON carries it."""
+    if isinstance(item, InferenceRequest):
+        parameters = item.parameters
+        plain = not parameters or _plain(parameters)
+        outputs = None
+        if item.outputs is not None:
+            outputs = [[out.name, out.parameters] for out in item.outputs]
+            plain = plain and all(not p or _plain(p) for _, p in outputs)
+        return ["q", item.id, parameters, outputs, len(item.inputs)], plain
+    if isinstance(item, InferenceResponse):
+        parameters = item.parameters
+        plain = not parameters or _plain(parameters)
+        head = ["r", item.model_name, item.model_version, item.id, parameters, len(item.outputs)]
+        return head, plain
+    return ["e", list(error_to_wire(item))], False  # the error's pickle is bytes
 
 
-def _response_head(response: InferenceResponse) -> tuple[list[Any], bool]:
-    parameters = response.parameters
-    plain = not parameters or _plain(parameters)
-    return [response.model_name, response.model_version, response.id, parameters], plain
+def _encode(
+    kind: int,
+    seq: int,
+    items: Sequence[Item],
+    arena: Arena | None,
+    threshold: int,
+    timings: Timings | None = None,
+    updates: list[MetricUpdate] | None = None,
+    max_rows: int = 0,
+    slot: int = 0,
+) -> bytes:
+    heads = []
+    tensors = []
+    plain = True
+    for item in items:
+        head, plain_head = _head(item)
+        heads.append(head)
+        plain = plain and plain_head
+        if isinstance(item, InferenceRequest):
+            tensors.extend(item.inputs)
+        elif isinstance(item, InferenceResponse):
+            tensors.extend(item.outputs)
+    extra = pickle.dumps(updates, protocol=5) if updates else b""
+    meta = [timings or [], heads, max_rows]
+    return _frame(kind, seq, meta, tensors, arena, threshold, plain, extra, slot)
 
 
-def _request_of(head: list[Any], inputs: list[Any]) -> InferenceRequest:
-    request_id, parameters, outputs = head
-    requested = None if outputs is None else [RequestedOutput(n, p) for n, p in outputs]
-    return InferenceRequest(inputs, request_id, parameters, requested)
+class _Decoded(NamedTuple):
+    kind: int
+    seq: int
+    timings: Timings
+    items: list[Item]
+    extra: bytes
+    max_rows: int
 
 
-def encode_postprocess(
-    request: InferenceRequest,
-    response: InferenceResponse,
+def _decode(frame: bytearray, arena: Arena | None) -> _Decoded:
+    kind, seq, meta, extra, data = _parse(frame)
+    timings, heads, max_rows, entries = meta
+    items: list[Item] = []
+    position = 0
+    for head in heads:
+        if head[0] == "e":
+            items.append(error_from_wire(tuple(head[1])))
+            continue
+        count = head[-1]
+        tensors = [
+            _tensor_from(entry, frame, data, arena)
+            for entry in entries[position : position + count]
+        ]
+        position += count
+        if head[0] == "q":
+            request_id, parameters, outputs = head[1:4]
+            requested = None if outputs is None else [RequestedOutput(n, p) for n, p in outputs]
+            items.append(InferenceRequest(tensors, request_id, parameters, requested))
+        else:
+            name, version, response_id, parameters = head[1:5]
+            items.append(InferenceResponse(name, tensors, version, response_id, parameters))
+    timed = [(str(stage), float(seconds)) for stage, seconds in timings]
+    return _Decoded(kind, seq, timed, items, extra, max_rows)
+
+
+def encode_gathered(
+    gathered: Gathered, seq: int, arena: Arena | None, threshold: int, slot: int = 0
+) -> bytes:
+    """Called in the parent: the frame of a ``preprocess`` call on the requests, or of a
+    ``PIPELINE`` call when they run their whole chain (to the model of ``slot``)."""
+    kind = PIPELINE if gathered.whole else PREPROCESS
+    rows = gathered.max_rows
+    return _encode(kind, seq, gathered.requests, arena, threshold, max_rows=rows, slot=slot)
+
+
+def encode_predict_postprocess(
+    prepared: Sequence[InferenceRequest],
+    originals: Sequence[InferenceRequest],
     seq: int,
     arena: Arena | None,
     threshold: int,
     slot: int = 0,
 ) -> bytes:
-    """Called in the parent: the frame of a ``postprocess`` call (to the model of ``slot``)."""
-    request_head, plain_request = _request_head(request)
-    response_head, plain_response = _response_head(response)
-    head = [*request_head, len(request.inputs), *response_head]
-    tensors = [*request.inputs, *response.outputs]
-    plain = plain_request and plain_response
-    return _frame(POSTPROCESS, seq, head, tensors, arena, threshold, plain, slot=slot)
-
-
-def _decode_postprocess(
-    frame: bytearray, arena: Arena | None
-) -> tuple[int, InferenceRequest, InferenceResponse]:
-    _, seq, meta, _, data = _parse(frame)
-    *head, entries = meta
-    tensors = [_tensor_from(entry, frame, data, arena) for entry in entries]
-    count = head[3]
-    request = _request_of(head[:3], tensors[:count])
-    name, version, response_id, parameters = head[4:]
-    return seq, request, InferenceResponse(name, tensors[count:], version, response_id, parameters)
-
-
-def _encode_reply(
-    result: InferenceRequest | InferenceResponse,
-    timings: Timings,
-    seq: int,
-    updates: list[MetricUpdate],
-    arena: Arena | None,
-    threshold: int,
-) -> bytes:
-    if isinstance(result, InferenceRequest):
-        kind, (head, plain), tensors = PREPROCESSED, _request_head(result), result.inputs
-    else:
-        kind, (head, plain), tensors = STAGED, _response_head(result), result.outputs
-    extra = pickle.dumps(updates, protocol=5) if updates else b""
-    return _frame(kind, seq, [timings, *head], tensors, arena, threshold, plain, extra)
+    """Called in the parent: the frame of a batch's ``predict`` and its ``postprocess``
+    calls (to the model of ``slot``)."""
+    if len(prepared) != len(originals):
+        raise ValueError(f"{len(prepared)} preprocessed requests for {len(originals)} requests")
+    items = [*prepared, *originals]
+    return _encode(PREDICT_POSTPROCESS, seq, items, arena, threshold, slot=slot)
 
 
 def decode_stage_reply(frame: bytearray, arena: Arena | None) -> StageReply:
     """Called in the parent: the reply to a stage call."""
-    kind, seq, meta, extra, data = _parse(frame)
+    kind = frame_kind(frame)
     if kind == ERROR:
+        _, seq, meta, _, _ = _parse(frame)
         wire, updates = meta[0], meta[1]
         return seq, error_from_wire(tuple(wire)), updates
-    updates = pickle.loads(extra) if extra else []
-    timings, *head, entries = meta
-    tensors = [_tensor_from(entry, frame, data, arena) for entry in entries]
-    timed = [(str(stage), float(seconds)) for stage, seconds in timings]
-    if kind == PREPROCESSED:
-        return seq, (_request_of(head, tensors), timed), updates
-    if kind == STAGED:
-        name, version, response_id, parameters = head
-        return (
-            seq,
-            (InferenceResponse(name, tensors, version, response_id, parameters), timed),
-            updates,
-        )
-    raise ValueError(f"expected a stage reply frame, got kind {kind}")
+    if kind != ANSWERS:
+        raise ValueError(f"expected a stage reply frame, got kind {kind}")
+    decoded = _decode(frame, arena)
+    updates = pickle.loads(decoded.extra) if decoded.extra else []
+    return decoded.seq, (decoded.items, decoded.timings), updates
+
+
+def _requests(items: list[Item]) -> list[InferenceRequest]:
+    if not all(isinstance(item, InferenceRequest) for item in items):
+        raise ValueError("a stage call frame carries requests only")
+    return cast(list[InferenceRequest], items)
 
 
 def answer_stage(
@@ -156,21 +203,23 @@ def answer_stage(
     timings: Timings = []
     try:
         kind = frame_kind(frame)
-        result: InferenceRequest | InferenceResponse
-        if kind == POSTPROCESS:
-            seq, request, response = _decode_postprocess(frame, arena)
-            result = run_postprocess(model, runner.run, request, response, timings)
-            del response
-        elif kind == PREPROCESS:
-            seq, request = decode_request(frame, arena)
-            result = run_preprocess(model, runner.run, request, timings)
-        elif kind == PIPELINE:
-            seq, request = decode_request(frame, arena)
-            result = run_pipeline(model, runner.run, request, timings)
-        else:
+        results: list[Item]
+        if kind not in (PREPROCESS, PREDICT_POSTPROCESS, PIPELINE):
             raise ValueError(f"not a stage call: frame kind {kind}")
-        del request
-        return _encode_reply(result, timings, seq, model.metrics.drain(), arena, threshold)
+        decoded = _decode(frame, arena)
+        seq, requests, max_rows = decoded.seq, _requests(decoded.items), decoded.max_rows
+        del decoded
+        if kind == PREPROCESS:
+            results = [*run_preprocess_each(model, runner.run, requests, timings)]
+        elif kind == PIPELINE:
+            results = [*run_pipeline(model, runner.run, requests, max_rows, timings)]
+        else:
+            half = len(requests) // 2
+            prepared, originals = requests[:half], requests[half:]
+            results = [*run_predict_postprocess(model, runner.run, prepared, originals, timings)]
+        del requests
+        updates = model.metrics.drain()
+        return _encode(ANSWERS, seq, results, arena, threshold, timings, updates)
     except Exception as exc:
         if not isinstance(exc, V2MountError):
             logger.exception("a stage call failed")

@@ -6,10 +6,14 @@ did all that costs a few milliseconds. The pool's own process must not fork (it 
 threads and an event loop), so each pool spawns a *template* process that:
 
 - limits native thread pools as its workers will, unpickles the pool's models (one, or
-  each model of a shared pool: importing their modules) without loading them, and
-  checks that no Python thread was started meanwhile
-  (a fork keeps only the forking thread; native pools such as OpenBLAS's handle fork
-  themselves, and the template never runs model code that would start an OpenMP team);
+  each model of a shared pool: importing their modules) without loading them, imports
+  the modules the models preload (``Model.preload`` and ``preload`` in their settings:
+  the framework their ``load`` imports), and checks that no Python thread was started
+  meanwhile (a fork keeps only the forking thread; native pools such as OpenBLAS's
+  handle fork themselves, and the template never runs model code that would start an
+  OpenMP team). A preload that fails to import is logged once and skipped (the worker's
+  ``load`` meets the error itself); one that starts a thread gets a new template that
+  skips it;
 - forks a worker when the parent asks over a Unix socket. The parent makes the worker's
   pipes and passes their fds (``SCM_RIGHTS``); the template answers with the worker's
   pid and a pidfd of it, which the parent watches (workers are the template's children,
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -135,6 +140,10 @@ class _Session:
         self.output: tuple[str, str] | None = None
         #: The slots of the models it holds (once ready).
         self.held: frozenset[int] = frozenset()
+        #: Preloads the template could not import, as (module, why).
+        self.failed_preloads: list[tuple[str, str]] = []
+        #: The preload whose import started a thread, which made the template unusable.
+        self.threaded_preload: str | None = None
         self._codes: dict[int, int] = {}
         self._forked: tuple[int, int] | str | None = None
 
@@ -164,8 +173,10 @@ class _Session:
         elif kind == "ready":
             self.state, self.was_ready, self.output = _READY, True, tuple(message[1])
             self.held = frozenset(message[2])
+            self.failed_preloads = [(name, why) for name, why in message[3]]
         elif kind == "unusable":
-            self.hopeless, self.output = True, tuple(message[2])
+            self.output, self.threaded_preload = tuple(message[2]), message[3]
+            self.hopeless = self.threaded_preload is None
             self.close(message[1])
         for fd in fds:
             os.close(fd)
@@ -272,6 +283,7 @@ class Template:
         #: Whether a template was ever ready: only the first one is waited for.
         self._ever_ready = False
         self._boot_failures = 0
+        self._reported_preloads: set[str] = set()
         #: Why workers are spawned for good, if they are.
         self.disabled: str | None = None if template_supported() else "no pidfd on this platform"
 
@@ -333,7 +345,20 @@ class Template:
         if session.state == _READY:
             self._ever_ready = True
             self._boot_failures = 0
+            self._report_preloads(session)
             return session
+        if session.state == _GONE and session.threaded_preload is not None:
+            culprit = session.threaded_preload
+            logger.warning("model %s: %s; starting a template without it", self._name, session.why)
+            self._packages = {
+                slot: dataclasses.replace(
+                    package, preload=tuple(name for name in package.preload if name != culprit)
+                )
+                for slot, package in self._packages.items()
+            }
+            self._session = None
+            self.start()
+            return self._ready_session()
         if session.state == _GONE:
             if not session.was_ready:
                 self._boot_failures += 1
@@ -364,6 +389,19 @@ class Template:
         except _NotForked as exc:
             logger.warning("model %s: no worker forked (%s); spawning one", self._name, exc)
             return None
+
+    def _report_preloads(self, session: _Session) -> None:
+        for name, why in session.failed_preloads:
+            if name not in self._reported_preloads:
+                self._reported_preloads.add(name)
+                logger.warning(
+                    "model %s: the template could not preload %r (%s); each worker's load "
+                    "imports what it needs itself",
+                    self._name,
+                    name,
+                    why,
+                )
+        session.failed_preloads = []
 
     def _disable(self, why: str) -> None:
         logger.info("model %s: workers are spawned, not forked: %s", self._name, why)
@@ -397,24 +435,45 @@ def template_main(
     limit_threads(threads)
     seeded = _numpy_random_state()
     models: dict[int, Model] = {}
-    why = None
+    why = culprit = None
+    failed: list[tuple[str, str]] = []
     with _captured_output() as output:
         for slot, package in packages.items():
             try:
                 models[slot] = unpack_model(package)
             except BaseException:
                 traceback.print_exc()
-    if not models:
-        why = "the template cannot unpickle the model"
-    elif threading.active_count() > 1:
-        why = "importing the model's module started a thread"
+        if not models:
+            why = "the template cannot unpickle the model"
+        elif threading.active_count() > 1:
+            why = "importing the model's module started a thread"
+        reseed = _numpy_random_state() == seeded
+        if why is None:
+            # Every model's, held or not: a forked worker may load the others later.
+            names = (name for package in packages.values() for name in package.preload)
+            failed, culprit = _preload(tuple(dict.fromkeys(names)))
+            if culprit is not None:
+                why = f"importing the preloaded module {culprit!r} started a thread"
     if why is None:
-        reply: tuple[Any, ...] = ("ready", tuple(output), sorted(models))
+        _send(control, ("ready", tuple(output), sorted(models), failed))
     else:
-        reply = ("unusable", why, tuple(output))
-    _send(control, reply)
+        _send(control, ("unusable", why, tuple(output), culprit))
     if why is None:
-        _serve(control, parent_fd, models, reseed=_numpy_random_state() == seeded)
+        _serve(control, parent_fd, models, reseed=reseed)
+
+
+def _preload(names: tuple[str, ...]) -> tuple[list[tuple[str, str]], str | None]:
+    """Import ``names`` in order: those that failed (with why), and the first that started
+    a thread (the rest are not imported then: the template will not fork)."""
+    failed = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:  # an import may raise anything, SystemExit too
+            failed.append((name, f"{type(exc).__name__}: {exc}"))
+        if threading.active_count() > 1:
+            return failed, name
+    return failed, None
 
 
 def _numpy_random_state() -> bytes:

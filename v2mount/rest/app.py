@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -155,6 +156,8 @@ class V2App:
             async with anyio.create_task_group() as tg:
                 for handle in handles:
                     tg.start_soon(handle.load)
+            if self.settings.gc_freeze:
+                gc.freeze()  # see Settings.gc_freeze
             self._started = True
         finally:
             self._starting.set()

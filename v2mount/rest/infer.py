@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
@@ -70,6 +71,7 @@ class InferEndpoint:
     def __init__(self, app: V2App) -> None:
         self._registry = app.registry
         self._settings = app.settings
+        self._compress = app.settings.compress_responses
         self._limiter = app.codec_limiter
         self._metrics = app.metrics
         self._routes: dict[bool, RouteMetrics] = {}
@@ -85,7 +87,9 @@ class InferEndpoint:
         params = scope["path_params"]
         await self.answer(scope, receive, send, params["name"], params.get("version"))
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send, match: re.Match[str]) -> None:
+    def serve(
+        self, scope: Scope, receive: Receive, send: Send, match: re.Match[str]
+    ) -> Awaitable[int]:
         """Answer a request ``match`` found, counting and timing it in the REST metrics."""
         name, version = match.groups()
         versioned = version is not None
@@ -93,36 +97,49 @@ class InferEndpoint:
         if route is None:
             template = VERSION_INFER if versioned else MODEL_INFER
             route = self._routes[versioned] = RouteMetrics(self._metrics, "POST", template)
-        route.in_progress.inc()
-        start = time.perf_counter()
-        status = CLIENT_CLOSED
-        try:
-            status = await self.answer(scope, receive, send, name, version)
-        finally:
-            route.in_progress.dec()
-            route.answered(status, time.perf_counter() - start)
+        return self.answer(scope, receive, send, name, version, route)
 
     async def answer(
-        self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        name: str,
+        version: str | None,
+        route: RouteMetrics | None = None,
     ) -> int:
-        """Send the answer; returns its status (``CLIENT_CLOSED`` if the client left)."""
+        """Send the answer; returns its status (``CLIENT_CLOSED`` if the client left).
+
+        With ``route``, the request is counted and timed there (a client that left, or
+        a ``send`` that failed, under ``CLIENT_CLOSED``).
+        """
+        if route is not None:
+            route.in_progress.inc()
+            start = time.perf_counter()
+        answered = CLIENT_CLOSED
         try:
-            status, headers, body = await self._infer(scope, receive, name, version)
-        except ClientDisconnect:
-            return CLIENT_CLOSED
-        except V2MountError as exc:
-            at_info = self._settings.log_client_errors
-            log_error_answer(exc, "POST", scope["path"], client_errors_at_info=at_info)
-            status, body = exc.status_code, json_dumps({"error": exc.message})
-            headers = [_JSON, (b"content-length", b"%d" % len(body))]
-            headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
-        except Exception:
-            logger.exception("unexpected error in POST %s", scope["path"])
-            status, body = 500, _INTERNAL
-            headers = [_JSON, (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        return status
+            try:
+                status, headers, body = await self._infer(scope, receive, name, version)
+            except ClientDisconnect:
+                return CLIENT_CLOSED
+            except V2MountError as exc:
+                at_info = self._settings.log_client_errors
+                log_error_answer(exc, "POST", scope["path"], client_errors_at_info=at_info)
+                status, body = exc.status_code, json_dumps({"error": exc.message})
+                headers = [_JSON, (b"content-length", b"%d" % len(body))]
+                headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+            except Exception:
+                logger.exception("unexpected error in POST %s", scope["path"])
+                status, body = 500, _INTERNAL
+                headers = [_JSON, (b"content-length", b"%d" % len(body))]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            answered = status
+            return status
+        finally:
+            if route is not None:
+                route.in_progress.dec()
+                route.answered(answered, time.perf_counter() - start)
 
     async def _infer(
         self, scope: Scope, receive: Receive, name: str, version: str | None
@@ -163,7 +180,7 @@ class InferEndpoint:
         headers = [_JSON] if binary_header is None else [_BINARY]
         if binary_header is not None:
             headers.append((b"inference-header-content-length", b"%d" % binary_header))
-        if accept is not None and len(content) >= COMPRESS_MIN_BYTES:
+        if accept is not None and len(content) >= COMPRESS_MIN_BYTES and self._compress:
             chosen = response_coding(accept)
             if chosen is not None:
                 if len(content) > THREAD_CODEC_BYTES:

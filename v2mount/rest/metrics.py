@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from v2mount.errors import SettingsError
 from v2mount.metrics.app import AppMetrics
 from v2mount.metrics.exposition import metrics_endpoint
+from v2mount.metrics.tally import CounterChild, GaugeChild, HistogramChild
 from v2mount.rest.scope import route_path
 
 if TYPE_CHECKING:
@@ -47,9 +48,9 @@ def metrics_routes(app: V2App) -> list[BaseRoute]:
 class RouteMetrics:
     """The REST metric children of one method and route template, resolved once.
 
-    prometheus-client looks labelled children up under a lock; holding them here makes
-    a request's accounting two attribute reads and one dict lookup (statuses are a small
-    set).
+    Label look-ups build a key (and take a lock in prometheus-client); holding the
+    children here makes a request's accounting two attribute reads and one dict lookup
+    (statuses are a small set).
     """
 
     __slots__ = ("_answered", "_labels", "_metrics", "in_progress")
@@ -57,8 +58,8 @@ class RouteMetrics:
     def __init__(self, metrics: AppMetrics, method: str, path: str) -> None:
         self._metrics = metrics
         self._labels = (method, path)
-        self.in_progress: Gauge = metrics.rest_in_progress.labels(method, path)
-        self._answered: dict[int, tuple[Counter, Histogram]] = {}
+        self.in_progress: Gauge | GaugeChild = metrics.rest_in_progress.labels(method, path)
+        self._answered: dict[int, tuple[Counter | CounterChild, Histogram | HistogramChild]] = {}
 
     def answered(self, status: int, seconds: float) -> None:
         """Count one request answered with ``status`` after ``seconds``."""

@@ -9,7 +9,9 @@
 | ``CallableModel`` | — | — |
 
 Each framework is imported when a model is loaded, never at import: importing this
-package (or pickling a runtime into a worker) needs none of them.
+package (or pickling a runtime into a worker) needs none of them. Each runtime names
+its framework in ``preload``, so a pool's template imports it once before forking the
+workers (``v2mount/pool/_template.py``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Like MLServer's ``mlserver_lightgbm.LightGBMModel``: one output, ``predict``, wh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from v2mount.codecs.content import decode_request
 from v2mount.errors import SettingsError
@@ -28,6 +28,7 @@ class LightGBMModel(FrameworkModel):
     platform = "lightgbm"
     any_input_name = True
     well_known_files = ("model.txt", "model.bst")
+    preload: ClassVar[tuple[str, ...]] = ("lightgbm",)
 
     def load(self) -> None:
         lgb = import_extra("lightgbm", "lightgbm")

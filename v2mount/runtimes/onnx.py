@@ -9,7 +9,7 @@ convert with ``zipmap=False``) are left out.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -71,6 +71,7 @@ class OnnxModel(FrameworkModel):
 
     platform = "onnxruntime_onnx"
     well_known_files = ("model.onnx",)
+    preload: ClassVar[tuple[str, ...]] = ("onnxruntime",)
 
     def load(self) -> None:
         ort = import_extra("onnxruntime", "onnx")

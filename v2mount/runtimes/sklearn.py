@@ -9,7 +9,7 @@ a request that names no outputs gets every declared output (the OIP rule), not j
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -59,6 +59,16 @@ class SKLearnModel(FrameworkModel):
     platform = "sklearn"
     any_input_name = True
     well_known_files = ("model.joblib", "model.pickle", "model.pkl")
+    #: joblib and scikit-learn with the modules of the common estimators: what most
+    #: files' unpickling imports (list others in the settings' ``preload``).
+    preload: ClassVar[tuple[str, ...]] = (
+        "joblib",
+        "sklearn",
+        "sklearn.compose",
+        "sklearn.linear_model",
+        "sklearn.pipeline",
+        "sklearn.preprocessing",
+    )
 
     def load(self) -> None:
         joblib = import_extra("joblib", "sklearn")

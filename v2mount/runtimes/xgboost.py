@@ -9,7 +9,7 @@ XGBoost's scikit-learn interface (a classifier when its objective is ``binary:*`
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 from v2mount.codecs.content import decode_request
 from v2mount.errors import SettingsError
@@ -31,6 +31,7 @@ class XGBoostModel(FrameworkModel):
     platform = "xgboost"
     any_input_name = True
     well_known_files = ("model.json", "model.ubj", "model.bst")
+    preload: ClassVar[tuple[str, ...]] = ("xgboost",)
 
     def load(self) -> None:
         xgb = import_extra("xgboost", "xgboost")

@@ -2,7 +2,8 @@
 
 The method is the one Seldon's performance-tuning guide gives for MLServer: measure one
 worker's maximum throughput and latency at rising concurrency, then N workers, until
-throughput stops growing or latency passes the target; then adaptive batching. The
+throughput stops growing or latency passes the target; then adaptive batching, with a
+fixed window and with the predictive batcher (a ``batching`` block with ``slo_ms``). The
 decisions (``recommend`` and the functions beside it) are pure functions of the
 measurements; ``tune`` runs the measurements against a ``Bench`` (``AppBench`` serves
 the real model with a ``V2App`` in this process). See ``docs/tuning.md``.

@@ -24,7 +24,7 @@ from v2mount.errors import V2MountError
 from v2mount.registry import ModelHandle
 from v2mount.repository import instantiate
 from v2mount.rest.app import V2App
-from v2mount.settings import ModelSettings, Settings
+from v2mount.settings import BatchingSettings, ModelSettings, Settings
 from v2mount.tuning._inputs import TuneError
 from v2mount.tuning._load import Send, run_step
 from v2mount.tuning._results import Config, Step
@@ -161,7 +161,13 @@ class AppBench:
     @asynccontextmanager
     async def serve(self, config: Config) -> AsyncIterator[AppTarget]:
         """Start an app with the model under ``config``; stop it (and its pool) on exit."""
-        settings = self.settings.model_copy(update=config.settings())
+        block = config.batching_block()
+        update = {
+            **config.settings(),
+            # The model's own block, if any, is replaced: it would time the fixed window too.
+            "batching": None if block is None else BatchingSettings.model_validate(block),
+        }
+        settings = self.settings.model_copy(update=update)
         try:
             app = V2App(models=[instantiate(settings)], settings=self.server)
         except V2MountError as exc:

@@ -6,7 +6,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
-import anyio.lowlevel
 
 from v2mount.tuning._results import Step, summarize
 
@@ -26,8 +25,12 @@ async def run_step(
 
     No client starts a request after the window closes; those in flight then are
     awaited (their latency counts, their answer does not count toward throughput), so
-    nothing of one step leaks into the next. The first failure's text is kept.
-    Cancelling it cancels every client and their requests in flight.
+    nothing of one step leaks into the next. A client whose request fails sends no more
+    in this step: one failure already disqualifies the step, and a client retrying at
+    once would spin (a batcher refusing requests with 503 answers in microseconds),
+    taking the CPU from the server it measures. So ``errors`` counts the clients that
+    failed; the first failure's text is kept. Cancelling it cancels every client and
+    their requests in flight.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -48,8 +51,7 @@ async def run_step(
                 errors += 1
                 if first_error is None:
                     first_error = str(exc) or type(exc).__name__
-                await anyio.lowlevel.checkpoint()  # a failure that never waits must not spin
-                continue
+                return
             finished = clock()
             latencies.append(finished - started)
             if finished <= end:

@@ -3,17 +3,19 @@
 The method is the one Seldon's performance-tuning guide describes for MLServer: find
 one worker's maximum throughput (the concurrency where it stops growing, or where the
 latency passes the target), then add workers one at a time while the maximum throughput
-still grows; then see whether adaptive batching raises it further. Everything here reads
-``Sweep``/``Step`` values only, so it is tested with synthetic measurements.
+still grows; then see whether adaptive batching raises it further, with a fixed window
+or with the predictive batcher. Everything here reads ``Sweep``/``Step`` values only,
+so it is tested with synthetic measurements.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from v2mount.tuning._results import Config, Step, Sweep
+from v2mount.tuning._results import Config, Fields, Step, Sweep
 
 __all__ = [
     "Recommendation",
@@ -41,18 +43,30 @@ def peak(sweep: Sweep, target_ms: float) -> Step | None:
 
 
 def ramp_done(
-    steps: Sequence[Step], target_ms: float, gain: float = RAMP_GAIN, patience: int = 2
+    steps: Sequence[Step],
+    target_ms: float,
+    gain: float = RAMP_GAIN,
+    patience: int = 2,
+    until: int = 0,
 ) -> bool:
     """Whether raising concurrency further is pointless.
 
     True once the last step failed requests or passed the latency target, or when none
     of the last ``patience`` steps raised throughput by ``gain`` over every step before
-    it (saturated; one flat step alone may be noise on a busy machine).
+    it (saturated; one flat step alone may be noise on a busy machine). Below
+    concurrency ``until`` only failed requests stop it: a sweep compared with another
+    runs at least as far as that one did, since a step past the target or flat there
+    only loses its place as the peak (the predictive batcher, in a closed loop, may
+    wait at low concurrency for company it finds at a higher one).
     """
     if not steps:
         return False
     last = steps[-1]
-    if last.errors or last.requests == 0 or last.p99_ms > target_ms:
+    if last.errors or last.requests == 0:
+        return True
+    if last.concurrency < until:
+        return False
+    if last.p99_ms > target_ms:
         return True
     record = 0.0
     since_record = 0
@@ -150,8 +164,13 @@ class Recommendation:
     def reason(self) -> str:
         return " ".join(self.reasons)
 
-    def settings(self) -> dict[str, int | float]:
+    def settings(self) -> Fields:
         return self.config.settings()
+
+
+def _gain(step: Step, base: Step) -> float:
+    """How much more throughput ``step`` has than ``base``, as a fraction."""
+    return step.throughput / base.throughput - 1 if base.throughput else 0.0
 
 
 def _describe(step: Step) -> str:
@@ -180,12 +199,90 @@ def _fallback(sweeps: Sequence[Sweep], target_ms: float) -> Recommendation:
     )
 
 
+def _ramp_end(sweep: Sweep, target_ms: float) -> str:
+    """Why a sweep's ramp stopped, when errors or latency stopped it (or it never ran)."""
+    last = sweep.steps[-1] if sweep.steps else None
+    if last is None:
+        return f"; it did not start: {sweep.error}" if sweep.error else ""
+    if last.errors:
+        first = f" ({last.error[:160]})" if last.error else ""
+        clients = "client" if last.errors == 1 else "clients"
+        return f"; at concurrency {last.concurrency}, {last.errors:,} {clients} got an error{first}"
+    if last.p99_ms > target_ms:
+        return f"; at concurrency {last.concurrency} its p99 was {last.p99_ms:.1f} ms"
+    return ""
+
+
+def _choose_batching(
+    sweeps: Sequence[Sweep], base: Sweep, base_peak: Step, target_ms: float, min_gain: float
+) -> tuple[Sweep, Step, list[str]]:
+    """The batching decision at ``base``'s worker count: the sweep to keep, its peak, why.
+
+    The fixed window (its best ``max_batch_size``) and the predictive batcher are each a
+    candidate when their peak adds ``min_gain`` over ``base``; of those, the higher peak
+    wins. The predictive sweep also says where its ramp ended (a 503 there is its
+    admission control refusing requests it predicted to miss the SLO).
+    """
+    workers = base.config.parallel_workers
+    here = [s for s in sweeps if s.config.batching and s.config.parallel_workers == workers]
+    if not here:
+        return base, base_peak, []
+    reasons: list[str] = []
+    fixed: tuple[Sweep, Step] | None = None
+    predictive: tuple[Sweep, Step] | None = None
+    for kind, group in (
+        ("Adaptive batching (fixed window)", [s for s in here if not s.config.predictive]),
+        ("Predictive batching", [s for s in here if s.config.predictive]),
+    ):
+        if not group:
+            continue
+        end = _ramp_end(group[0], target_ms) if group[0].config.predictive else ""
+        measured = [(s, top) for s in group if (top := peak(s, target_ms)) is not None]
+        if not measured:
+            labels = ", ".join(s.config.label for s in group)
+            reasons.append(f"{kind} ({labels}) never met the {target_ms:g} ms p99 target{end}.")
+            continue
+        sweep, top = max(measured, key=lambda pair: pair[1].throughput)
+        rows = f", {top.mean_batch:.1f} rows per batch" if top.mean_batch else ""
+        reasons.append(
+            f"{kind} at best ({sweep.config.label}) peaks at {_describe(top)}{rows}: "
+            f"{_gain(top, base_peak):+.0%} over no batching{end}."
+        )
+        if sweep.config.predictive:
+            predictive = (sweep, top)
+        else:
+            fixed = (sweep, top)
+    candidates = [pair for pair in (fixed, predictive) if pair is not None]
+    paying = [pair for pair in candidates if _gain(pair[1], base_peak) >= min_gain]
+    if not paying:
+        reasons.append(f"Batching adds less than the {min_gain:.0%} it must, so batching off.")
+        return base, base_peak, reasons
+    best, best_peak = max(paying, key=lambda pair: pair[1].throughput)
+    if best.config.predictive:
+        versus = (
+            "" if fixed is None else f" ({_gain(best_peak, fixed[1]):+.0%} over the fixed window)"
+        )
+        block = json.dumps({"batching": best.config.batching_block()})[1:-1]
+        reasons.append(
+            f"Predictive batching peaks highest{versus}, so predictive batching on: "
+            f"{block} with max_batch_size {best.config.max_batch_size}."
+        )
+    elif predictive is not None:
+        reasons.append(
+            f"The fixed window peaks higher than predictive batching "
+            f"({_gain(best_peak, predictive[1]):+.0%}), so batching on with the fixed window."
+        )
+    else:
+        reasons.append(f"Batching adds at least the {min_gain:.0%} it must, so batching on.")
+    return best, best_peak, reasons
+
+
 def recommend(sweeps: Sequence[Sweep], target_ms: float, min_gain: float = 0.10) -> Recommendation:
     """The settings to recommend from every sweep of a run, with the reasons.
 
     Workers: the pool walk (``parallel_workers`` 1, 2, … while each adds ``min_gain`` of
     throughput within the target), or in-process (0) when that peaks at least as high.
-    Batching: the best batching sweep at that worker count, if it adds ``min_gain``.
+    Batching: the best batching sweep at that worker count (``_choose_batching``).
     """
     base = best_unbatched(sweeps, target_ms, min_gain)
     if base is None:
@@ -210,31 +307,8 @@ def recommend(sweeps: Sequence[Sweep], target_ms: float, min_gain: float = 0.10)
             f"In-process (parallel_workers 0) peaks at {_describe(base_peak)}, "
             "at least as high as any pool, and costs no worker process."
         )
-    batched = [
-        (s, top)
-        for s in sweeps
-        if s.config.batching
-        and s.config.parallel_workers == base.config.parallel_workers
-        and (top := peak(s, target_ms)) is not None
-    ]
-    best, best_peak = base, base_peak
-    if batched:
-        top_sweep, top = max(batched, key=lambda pair: pair[1].throughput)
-        growth = top.throughput / base_peak.throughput - 1 if base_peak.throughput else 0.0
-        batch = f", {top.mean_batch:.1f} rows per batch" if top.mean_batch else ""
-        if growth >= min_gain:
-            best, best_peak = top_sweep, top
-            reasons.append(
-                f"Adaptive batching ({top_sweep.config.label}) peaks at {_describe(top)}"
-                f"{batch}: {growth:+.0%}, so batching on."
-            )
-        else:
-            reasons.append(
-                f"Adaptive batching at best {top_sweep.config.label} gave {growth:+.0%}{batch}, "
-                f"under {min_gain:.0%}, so batching off."
-            )
-    elif any(s.config.batching for s in sweeps):
-        reasons.append(f"Adaptive batching never met the {target_ms:g} ms p99 target: off.")
+    best, best_peak, why_batching = _choose_batching(sweeps, base, base_peak, target_ms, min_gain)
+    reasons += why_batching
     reasons.append(
         f"Saturation: about {best_peak.throughput:,.0f} req/s per replica; plan autoscaling "
         "at 80-90 % of it."

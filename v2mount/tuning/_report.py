@@ -32,7 +32,9 @@ def table(sweeps: Sequence[Sweep], target_ms: float) -> Table:
         grid.add_column(name, justify="right")
     for sweep in sweeps:
         if sweep.error is not None:
-            grid.add_row(sweep.config.label, "", "", "", "", "", Text(sweep.error, "red"))
+            grid.add_row(
+                sweep.config.label, "", "", "", "", "", Text(sweep.error, "red"), end_section=True
+            )
             continue
         best = peak(sweep, target_ms)
         for index, step in enumerate(sweep.steps):
@@ -138,19 +140,30 @@ def result_document(sweeps: Sequence[Sweep], recommendation: Recommendation) -> 
 
 
 def write_fragment(recommendation: Recommendation, path: Path) -> None:
-    """The three recommended fields as a JSON object (a ``model-settings.json`` fragment)."""
+    """The recommended fields as a JSON object (a ``model-settings.json`` fragment).
+
+    ``"batching": null`` in it means: no ``batching`` block.
+    """
     path.write_text(json.dumps(recommendation.settings(), indent=2) + "\n", encoding="utf-8")
 
 
 def merge_settings(recommendation: Recommendation, path: Path) -> None:
-    """Set the three fields in an existing ``model-settings.json``, keeping the rest."""
+    """Set the recommended fields in an existing ``model-settings.json``, keeping the rest.
+
+    A ``batching`` block is written when the predictive batcher is recommended, and
+    removed otherwise (it would change how the fixed window is timed).
+    """
     try:
         document: Any = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise TuneError(f"cannot update {path}: {exc}") from None
     if not isinstance(document, dict):
         raise TuneError(f"cannot update {path}: it is not a JSON object")
-    document.update(recommendation.settings())
+    for key, value in recommendation.settings().items():
+        if value is None:
+            document.pop(key, None)  # no batching block: the fixed window, or none
+        else:
+            document[key] = value
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 

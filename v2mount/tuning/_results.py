@@ -7,20 +7,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Config", "Step", "Sweep", "summarize"]
+__all__ = ["Config", "Fields", "Step", "Sweep", "summarize"]
+
+#: ``model-settings.json`` fields, as ``Config.settings`` gives them.
+Fields = dict[str, int | float | dict[str, float] | None]
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """The three settings a sweep runs with (``max_batch_size <= 1``: batching off)."""
+    """The settings a sweep runs with (``max_batch_size <= 1``: batching off).
+
+    ``slo_ms`` set (with ``max_batch_size > 1``): the predictive batcher, a ``batching``
+    block with that latency SLO, which times its batches itself (``max_batch_time`` is
+    then unused); unset: the fixed window of ``max_batch_time``.
+    """
 
     parallel_workers: int
     max_batch_size: int = 0
     max_batch_time: float = 0.0
+    slo_ms: float | None = None
 
     @property
     def batching(self) -> bool:
         return self.max_batch_size > 1
+
+    @property
+    def predictive(self) -> bool:
+        return self.batching and self.slo_ms is not None
 
     @property
     def label(self) -> str:
@@ -31,14 +44,29 @@ class Config:
         )
         if not self.batching:
             return workers
+        if self.slo_ms is not None:
+            return f"{workers}, predictive {self.max_batch_size}/SLO {self.slo_ms:g} ms"
         return f"{workers}, batch {self.max_batch_size}/{self.max_batch_time * 1000:g} ms"
 
-    def settings(self) -> dict[str, int | float]:
-        """The ``model-settings.json`` fields for this configuration."""
+    def batching_block(self) -> dict[str, float] | None:
+        """The ``batching`` block that switches the predictive batcher on, or ``None``."""
+        if not self.predictive or self.slo_ms is None:
+            return None
+        slo = float(self.slo_ms)
+        return {"slo_ms": int(slo) if slo.is_integer() else slo}  # 100, not 100.0
+
+    def settings(self) -> Fields:
+        """The ``model-settings.json`` fields for this configuration.
+
+        ``batching`` is always there: ``None`` (JSON ``null``) says the model must have
+        no ``batching`` block, since one would change how the fixed window is timed.
+        """
+        fixed = self.batching and not self.predictive
         return {
             "parallel_workers": self.parallel_workers,
             "max_batch_size": self.max_batch_size if self.batching else 0,
-            "max_batch_time": self.max_batch_time if self.batching else 0.0,
+            "max_batch_time": self.max_batch_time if fixed else 0.0,
+            "batching": self.batching_block(),
         }
 
 

@@ -68,6 +68,13 @@ def concurrency_levels(maximum: int) -> tuple[int, ...]:
     return tuple(levels)
 
 
+#: The predictive batcher's default SLO, as a share of the latency target. Its requests
+#: may wait until their deadline less the batch's predicted cost, so its p99 lands near
+#: the SLO; the target is the whole request's p99, which also holds what the SLO does
+#: not (decoding, encoding, the event loop): the rest is left for that.
+SLO_SHARE = 0.8
+
+
 @dataclass(frozen=True)
 class TuneOptions:
     """How a run measures: see ``python -m v2mount tune --help``."""
@@ -81,6 +88,19 @@ class TuneOptions:
     in_process: bool = True
     min_gain: float = 0.10
     repeat: int = 1
+    predictive: bool = True  # also try the predictive batcher (largest batch size)
+    slo_ms: float | None = None  # its SLO; None: SLO_SHARE of the latency target
+
+    def batch_configs(self, workers: int, batch_time: float) -> list[Config]:
+        """The batching sweeps at ``workers``: each fixed size, then the predictive one."""
+        sizes = [size for size in self.batch_sizes if size > 1]
+        configs = [Config(workers, size, batch_time) for size in sizes]
+        if self.predictive and sizes:
+            slo = (
+                round(SLO_SHARE * self.latency_target_ms, 1) if self.slo_ms is None else self.slo_ms
+            )
+            configs.append(Config(workers, max(sizes), slo_ms=slo))
+        return configs
 
 
 @dataclass(frozen=True)
@@ -98,9 +118,14 @@ async def _measure(target: Target, concurrency: int, options: TuneOptions) -> St
 
 
 async def _sweep(
-    bench: Bench, config: Config, options: TuneOptions, listener: Listener, left_after: int
+    bench: Bench,
+    config: Config,
+    options: TuneOptions,
+    listener: Listener,
+    left_after: int,
+    until: int = 0,
 ) -> Sweep:
-    """Serve ``config`` and raise concurrency until ``ramp_done``."""
+    """Serve ``config`` and raise concurrency until ``ramp_done`` (see there for ``until``)."""
     levels = concurrency_levels(options.max_concurrency)
     sweep = Sweep(config)
     listener.started(config)
@@ -117,7 +142,7 @@ async def _sweep(
                         f"{config.label}: every request failed: {step.error} "
                         "(give a request the model accepts with --request FILE)"
                     )
-                if ramp_done(sweep.steps, options.latency_target_ms):
+                if ramp_done(sweep.steps, options.latency_target_ms, until=until):
                     break
                 listener.remaining(len(levels) - index - 1 + left_after)
     except TuneError as exc:
@@ -134,7 +159,12 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
     1. In-process (``parallel_workers`` 0), unless ``options.in_process`` is false.
     2. Pools of 1, 2, … ``max_workers`` without batching, while each size still adds
        ``min_gain`` of peak throughput within the latency target.
-    3. At the best worker count: each of ``batch_sizes`` with ``batch_time``.
+    3. At the best worker count: each of ``batch_sizes`` with ``batch_time``, then (with
+       ``options.predictive``) the predictive batcher, up to the largest of those sizes,
+       with ``options.slo_ms`` (default: ``SLO_SHARE`` of the latency target) as its
+       SLO, at least up to the concurrency the fixed windows reached unless requests
+       fail first (in a closed loop it may wait at low concurrency for company that it
+       finds at a higher one: see ``ramp_done``).
 
     Runs on the caller's event loop (asyncio or trio). Cancelling it leaves the
     configuration being served through its ``Bench``, whose exit stops the app and pool.
@@ -142,11 +172,11 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
     listener = listener or _Silent()
     target = options.latency_target_ms
     levels = len(concurrency_levels(options.max_concurrency))
-    sizes = [size for size in options.batch_sizes if size > 1]
+    batch_sweeps = len(options.batch_configs(0, 0.0))
     sweeps: list[Sweep] = []
 
     def left(worker_counts: int) -> int:
-        return (worker_counts + len(sizes)) * levels
+        return (worker_counts + batch_sweeps) * levels
 
     listener.remaining(left(options.max_workers + int(options.in_process)))
     if options.in_process:
@@ -161,14 +191,19 @@ async def tune(bench: Bench, options: TuneOptions, listener: Listener | None = N
             break
     listener.remaining(left(0))
     base = best_unbatched(sweeps, target, options.min_gain)
-    if base is not None and sizes:
+    if base is not None and batch_sweeps:
         batch_time = options.batch_time
         if batch_time is None:
             batch_time = auto_batch_time(base.steps[0] if base.steps else None, target)
-        for index, size in enumerate(sizes):
-            config = Config(base.config.parallel_workers, size, batch_time)
-            left_after = (len(sizes) - index - 1) * levels
-            sweeps.append(await _sweep(bench, config, options, listener, left_after))
+        configs = options.batch_configs(base.config.parallel_workers, batch_time)
+        reached = 0  # the predictive sweep goes at least as far as the fixed windows did
+        for index, config in enumerate(configs):
+            left_after = (len(configs) - index - 1) * levels
+            until = reached if config.predictive else 0
+            sweep = await _sweep(bench, config, options, listener, left_after, until)
+            sweeps.append(sweep)
+            if sweep.steps and not config.predictive:
+                reached = max(reached, sweep.steps[-1].concurrency)
     listener.remaining(0)
     if not any(s.steps for s in sweeps):
         errors = "; ".join(s.error for s in sweeps if s.error)

@@ -1,9 +1,10 @@
 """``python -m v2mount tune REPOSITORY MODEL``: measure a model, recommend its settings.
 
 Serves the model in this process with a real ``V2App`` at rising concurrency, first in
-process and with pools of 1, 2, … workers, then with adaptive batching, and prints the
-table, a chart and the recommended ``parallel_workers``, ``max_batch_size`` and
-``max_batch_time`` with the reason. Needs the extra ``v2mount[tune]`` (rich).
+process and with pools of 1, 2, … workers, then with fixed-window and with predictive
+batching, and prints the table, a chart and the recommended ``parallel_workers``,
+``max_batch_size``, ``max_batch_time`` and ``batching`` block with the reason. Needs the
+extra ``v2mount[tune]`` (rich).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -69,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
-            "Measure one model at rising concurrency (in process, with 1…N workers, with "
-            "and without adaptive batching) and recommend parallel_workers, max_batch_size "
-            "and max_batch_time. See docs/tuning.md."
+            "Measure one model at rising concurrency (in process, with 1…N workers, without "
+            "batching, with fixed-window and with predictive batching) and recommend "
+            "parallel_workers, max_batch_size, max_batch_time and batching. See "
+            "docs/tuning.md."
         ),
     )
     parser.add_argument("repository", type=Path, help="model repository folder")
@@ -113,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(float),
         default=None,
         help="max_batch_time to try (default: one request's p50 latency, 1 to 50 ms)",
+    )
+    measure.add_argument(
+        "--no-predictive",
+        action="store_true",
+        help="do not try the predictive batcher (a batching block with slo_ms)",
+    )
+    measure.add_argument(
+        "--slo-ms",
+        type=_positive(float),
+        default=None,
+        help="the predictive batcher's slo_ms to try (default: 80%% of --latency-target-ms)",
     )
     measure.add_argument(
         "--min-gain",
@@ -208,6 +223,22 @@ class _ProgressListener:
         self.progress.update(self.task, total=self.done + steps)
 
 
+@contextmanager
+def _quiet_answers() -> Iterator[None]:
+    """Hide the server's log line per error answer while measuring, then restore it.
+
+    The table counts the errors and the reason quotes the first; a line per 503 (a
+    batcher refusing requests at the end of a ramp) would bury the progress bar.
+    """
+    answers = logging.getLogger("v2mount.rest")
+    level = answers.level
+    answers.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        answers.setLevel(level)
+
+
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import (
@@ -247,12 +278,15 @@ def _run(args: argparse.Namespace) -> int:
         in_process=not args.no_in_process,
         min_gain=args.min_gain,
         repeat=args.repeat,
+        predictive=not args.no_predictive,
+        slo_ms=args.slo_ms,
     )
     bench = AppBench(model, server, body, request, through=args.through)
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
     err = Console(stderr=True, highlight=False)
     steps = len(concurrency_levels(options.max_concurrency))
-    configs = options.max_workers + int(options.in_process) + len(options.batch_sizes)
+    batch_configs = len(options.batch_configs(0, 0.0))
+    configs = options.max_workers + int(options.in_process) + batch_configs
     label = model.name if model.version is None else f"{model.name}:{model.version}"
     err.print(
         f"Tuning {label} from {repository.root}: up to {configs} configurations x {steps} "
@@ -267,7 +301,7 @@ def _run(args: argparse.Namespace) -> int:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as progress:
+    with Progress(*columns, console=err, transient=False) as progress, _quiet_answers():
         listener = _ProgressListener(progress)
         uvloop = importlib.util.find_spec("uvloop") is not None
         result: TuneResult = anyio.run(
