@@ -1,5 +1,5 @@
 """Parsing ``ModelInferRequest`` bytes: raw contents as views of the message, same result
-as protobuf's own parser, malformed messages refused."""
+as protobuf's own parser, malformed messages refused; raw outputs in wire order."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 
-from v2mount.grpc._convert import SPLIT_MIN_BYTES, decode_infer_request, parse_infer_request
+from v2mount.grpc._convert import (
+    SPLIT_MIN_BYTES,
+    decode_infer_request,
+    encode_infer_response,
+    parse_infer_request,
+)
 from v2mount.grpc.proto import grpc_predict_v2_pb2 as pb
+from v2mount.types import InferenceResponse, Tensor
 
 
 def request(*arrays: np.ndarray, id: str = "r") -> pb.ModelInferRequest:
@@ -72,3 +78,21 @@ def test_many_small_fields_are_left_to_protobuf() -> None:
     parsed, raw = parse_infer_request(message.SerializeToString())
     assert len(parsed.outputs) == 2000
     assert np.frombuffer(raw[0], np.float32)[0] == 3.0
+
+
+@pytest.mark.parametrize("elements", [6, 4096])  # copied out (tobytes), or left a view
+def test_raw_outputs_are_little_endian_c_order(elements: int) -> None:
+    transposed = np.arange(elements, dtype=np.int32).reshape(2, -1).T  # not C-contiguous
+    swapped = np.arange(elements, dtype=">f8")
+    response = InferenceResponse(
+        "m",
+        [
+            Tensor("t", "INT32", transposed.shape, transposed),
+            Tensor("s", "FP64", swapped.shape, swapped),
+        ],
+    )
+    message = pb.ModelInferResponse.FromString(b"".join(encode_infer_response(response, True)))
+    assert [list(o.shape) for o in message.outputs] == [list(transposed.shape), [elements]]
+    first, second = message.raw_output_contents
+    assert first == np.ascontiguousarray(transposed).astype("<i4").tobytes()
+    assert second == swapped.astype("<f8").tobytes()

@@ -22,7 +22,9 @@ __all__ = ["decode_binary_tensor", "encode_binary_tensor"]
 _LENGTH = struct.Struct("<I")
 
 
-def _decode_bytes_elements(chunk: memoryview, count: int, where: str) -> np.ndarray[Any, Any]:
+def _decode_bytes_elements(
+    chunk: bytes | memoryview, count: int, where: str
+) -> np.ndarray[Any, Any]:
     items: list[bytes] = []
     offset, end = 0, len(chunk)
     while offset < end:
@@ -46,7 +48,7 @@ def _decode_bytes_elements(chunk: memoryview, count: int, where: str) -> np.ndar
 
 
 def decode_binary_tensor(
-    chunk: memoryview, datatype: str, shape: tuple[int, ...], where: str
+    chunk: bytes | memoryview, datatype: str, shape: tuple[int, ...], where: str
 ) -> np.ndarray[Any, Any]:
     """Decode one tensor's binary chunk into an array of ``shape``."""
     dtype = datatype_to_dtype(datatype)

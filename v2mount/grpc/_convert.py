@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,11 @@ _RAW_INPUT_FIELD = 7
 SPLIT_MIN_BYTES = 64 * 1024
 #: A message with more top-level fields than this is left to protobuf's C parser.
 _SPLIT_MAX_FIELDS = 1024
+#: Below this size an output's raw bytes are copied out (``tobytes``): cheaper than a view.
+_COPY_MAX_BYTES = 4096
+
+#: Each input's raw contents: views of the received message, or protobuf's own bytes.
+RawContents = Sequence[bytes | memoryview]
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -68,17 +74,18 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
+def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, RawContents]:
     """Parse a serialised ``ModelInferRequest``, its raw input contents left in ``data``.
 
     protobuf would copy each ``raw_input_contents`` entry twice (into its arena, then
     into a new ``bytes`` on access); for a large message the top-level fields are walked
     here instead, the raw entries kept as views of ``data`` and the rest parsed by
-    protobuf. ``DecodeError`` when the message is malformed.
+    protobuf. A small message is protobuf's alone, its raw entries read from it.
+    ``DecodeError`` when the message is malformed.
     """
     if len(data) < SPLIT_MIN_BYTES:
         message = pb.ModelInferRequest.FromString(data)
-        return message, [memoryview(raw) for raw in message.raw_input_contents]
+        return message, message.raw_input_contents
     view = memoryview(data)
     raws: list[memoryview] = []
     kept: list[memoryview] = []
@@ -108,7 +115,7 @@ def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryv
             raise DecodeError("truncated message")
     else:
         message = pb.ModelInferRequest.FromString(data)  # too many fields: let C walk them
-        return message, [memoryview(raw) for raw in message.raw_input_contents]
+        return message, message.raw_input_contents
     kept.append(view[kept_from:])
     return pb.ModelInferRequest.FromString(b"".join(kept)), raws
 
@@ -128,6 +135,8 @@ def _triton_parameter(value: pb.InferParameter) -> float | int | None:
 
 def _parameters(entries: Any) -> Parameters:
     parameters: Parameters = {}
+    if not entries:  # the usual case, and iterating an empty map costs more than this
+        return parameters
     for key, value in entries.items():
         kind = value.WhichOneof("parameter_choice")
         if kind is not None:
@@ -139,7 +148,10 @@ def _parameters(entries: Any) -> Parameters:
     return parameters
 
 
-def _set_parameters(target: Any, parameters: Parameters) -> None:
+def _set_parameters(message: Any, parameters: Parameters) -> None:
+    if not parameters:
+        return
+    target = message.parameters
     for key, value in parameters.items():
         entry = target[key]
         if isinstance(value, bool):
@@ -180,21 +192,22 @@ def _typed(
     return array.reshape(shape)
 
 
-def decode_infer_request(message: pb.ModelInferRequest, raw: list[memoryview]) -> InferenceRequest:
+def decode_infer_request(message: pb.ModelInferRequest, raw: RawContents) -> InferenceRequest:
     """The ``InferenceRequest`` a ``ModelInferRequest`` carries; ``BadRequest`` if malformed.
 
     ``raw`` is its raw input contents, as ``parse_infer_request`` returns them.
     """
-    if not message.inputs:
+    items = message.inputs
+    if not items:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
-    if raw and len(raw) != len(message.inputs):
+    if raw and len(raw) != len(items):
         raise BadRequest(
-            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "
+            f"raw_input_contents has {len(raw)} entries for {len(items)} inputs; "
             "when used, it must hold every input"
         )
     inputs: list[Tensor] = []
     seen: set[str] = set()
-    for index, item in enumerate(message.inputs):
+    for index, item in enumerate(items):
         name = item.name
         if not name:
             raise BadRequest(f"inputs[{index}]: 'name' must be a non-empty string")
@@ -204,7 +217,7 @@ def decode_infer_request(message: pb.ModelInferRequest, raw: list[memoryview]) -
         seen.add(name)
         datatype = item.datatype
         datatype_to_dtype(datatype)
-        shape = check_shape(list(item.shape), where)
+        shape = check_shape(item.shape[:], where)  # a slice is a list, built in C
         if raw:
             if item.HasField("contents"):
                 raise BadRequest(
@@ -215,9 +228,10 @@ def decode_infer_request(message: pb.ModelInferRequest, raw: list[memoryview]) -
             data = _typed(item.contents, datatype, shape, where)
         inputs.append(Tensor(name, datatype, shape, data, _parameters(item.parameters)))
     outputs: list[RequestedOutput] | None = None
-    if message.outputs:
+    requested_outputs = message.outputs
+    if requested_outputs:
         outputs = []
-        for index, requested in enumerate(message.outputs):
+        for index, requested in enumerate(requested_outputs):
             if not requested.name:
                 raise BadRequest(f"outputs[{index}]: 'name' must be a non-empty string")
             outputs.append(RequestedOutput(requested.name, _parameters(requested.parameters)))
@@ -230,6 +244,8 @@ def decode_infer_request(message: pb.ModelInferRequest, raw: list[memoryview]) -
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -247,15 +263,24 @@ def encode_infer_response(response: InferenceResponse, raw: bool) -> list[bytes 
         model_version=response.model_version or "",
         id=response.id or "",
     )
-    _set_parameters(message.parameters, response.parameters)
+    _set_parameters(message, response.parameters)
     pieces: list[bytes | memoryview] = []
     for tensor in response.outputs:
         output = message.outputs.add(
             name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape)
         )
-        _set_parameters(output.parameters, tensor.parameters)
+        _set_parameters(output, tensor.parameters)
         if raw:
-            chunk = encode_binary_tensor(tensor.data)
+            data = tensor.data
+            chunk: bytes | memoryview
+            if (
+                data.nbytes <= _COPY_MAX_BYTES
+                and data.dtype.kind != "O"
+                and data.dtype.byteorder != ">"
+            ):
+                chunk = data.tobytes()  # C order, as encode_binary_tensor's view
+            else:
+                chunk = encode_binary_tensor(data)
             size = len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
             pieces += (_RAW_OUTPUT_TAG, _varint(size), chunk)
         else:

@@ -24,6 +24,7 @@ from prometheus_client import Counter
 
 from v2mount.errors import BadRequest, RepositoryDisabled, V2MountError
 from v2mount.grpc._convert import (
+    RawContents,
     decode_infer_request,
     encode_infer_response,
     parse_infer_request,
@@ -118,7 +119,7 @@ class InferenceService:
         )
 
     async def model_infer(
-        self, parsed: tuple[pb.ModelInferRequest, list[memoryview]]
+        self, parsed: tuple[pb.ModelInferRequest, RawContents]
     ) -> list[bytes | memoryview]:
         request, raw = parsed
         handle = self.app.registry.get(request.model_name, request.model_version or None)
