@@ -74,7 +74,9 @@ def ensure_mlserver_venv(venv: Path, *, log: Path) -> Path:
     """Create (or reuse, when its requirements are unchanged) MLServer's venv; return its bin.
 
     Blocks while pip runs (about a minute the first time); pip's output goes to ``log``.
+    The bin is absolute: servers start in their own working directories.
     """
+    venv = venv.resolve()
     wanted = "\n".join(mlserver_requirements())
     marker = venv / "bench-requirements.txt"
     bin_dir = venv / "bin"
