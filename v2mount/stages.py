@@ -57,6 +57,7 @@ Timings = list[tuple[str, float]]
 #: Runs a model method (plain or ``async``) with arguments and returns its value.
 Call = Callable[..., Any]
 T = TypeVar("T")
+R = TypeVar("R")
 #: A stage's result and the timings of the stages that made it.
 Staged = tuple[T, Timings]
 #: What ``preprocess`` made of one request of a call, or that request's error.
@@ -147,17 +148,22 @@ def run_preprocess(
     return prepared
 
 
+def _each(run: Callable[[T], R], items: Sequence[T]) -> list[R | V2MountError]:
+    """``run`` on each item apart: an error answers its own item, not its neighbours."""
+    results: list[R | V2MountError] = []
+    for item in items:
+        try:
+            results.append(run(item))
+        except V2MountError as exc:
+            results.append(exc)
+    return results
+
+
 def run_preprocess_each(
     model: Model, call: Call, requests: Sequence[InferenceRequest], timings: Timings
 ) -> list[Prepared]:
     """``preprocess`` several requests in one call, each apart: an error is its own."""
-    results: list[Prepared] = []
-    for request in requests:
-        try:
-            results.append(run_preprocess(model, call, request, timings))
-        except V2MountError as exc:
-            results.append(exc)
-    return results
+    return _each(lambda request: run_preprocess(model, call, request, timings), requests)
 
 
 def run_postprocess(
@@ -204,13 +210,8 @@ def run_predict_postprocess(
     del merged
     if not has_postprocess(model):
         return list(responses)
-    results: list[Answered] = []
-    for original, part in zip(originals, responses, strict=True):
-        try:
-            results.append(run_postprocess(model, call, original, part, timings))
-        except V2MountError as exc:
-            results.append(exc)
-    return results
+    pairs = list(zip(originals, responses, strict=True))
+    return _each(lambda pair: run_postprocess(model, call, *pair, timings), pairs)
 
 
 def run_pipeline(
