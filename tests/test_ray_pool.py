@@ -9,7 +9,9 @@ file a model wrote, the pool's statistics, a process gone), never on time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import importlib.util
 import os
 import signal
@@ -73,19 +75,50 @@ def test_the_test_ray_listens_on_loopback_only() -> None:
     assert ray.util.get_node_ip_address() == "127.0.0.1"
 
 
+def _descendants() -> set[int]:
+    """Pids of this process's children, their children, and so on (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found: set[int] = set()
+    todo = [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 def _start_ray() -> None:
     """``ray.init``, given twice Ray's own 30 s for its raylet to register.
 
     That wait is fixed inside Ray (``node.py``); on a loaded 2-core machine the raylet has
-    missed it. A start that failed is shut down before the second, so none of its
-    processes outlive it.
+    missed it. A failed start leaves its processes running, out of ``ray.shutdown``'s
+    reach (the node object that holds them is not kept): they are killed and their
+    ``Popen`` handles waited on before the second start, so none outlives it or is found
+    unwaited when collected (a ``ResourceWarning``).
     """
     for attempt in (1, 2):
+        before = _descendants()
         try:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             return
         except Exception as exc:
             ray.shutdown()
+            leftovers = _descendants() - before
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for process in gc.get_objects():  # Ray's handles on them, to collect them
+                if isinstance(process, subprocess.Popen) and process.pid in leftovers:
+                    process.wait(timeout=60)
             if attempt == 2 or "timed out during startup" not in str(exc):
                 raise
 
