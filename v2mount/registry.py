@@ -389,9 +389,10 @@ class ModelHandle:
             validate_request(self.settings, request, any_input_name=type(self.model).any_input_name)
             check_content_types(request, self.settings)
             if executor is runner and isinstance(runner, InProcessRunner) and runner.inline:
-                # No await inside an inline predict where a deadline could fire: skip
+                # No await inside an inline predict where a deadline could fire, but
+                # a wait for a turn of the loop, which checks the timeout itself: skip
                 # the cancel scope (and its timer) this request would pay for nothing.
-                response = await runner.infer(request)
+                response = await runner.infer(request, timeout)
             else:
                 # The runner or the batcher says when it takes the request up.
                 mark_started(start)

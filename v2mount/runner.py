@@ -29,6 +29,7 @@ from v2mount.errors import (
     V2MountError,
     describe_exception,
 )
+from v2mount.loop_turns import LoopTurns
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model, call_load, call_predict, call_predict_sync
 from v2mount.settings import TensorSpec
@@ -207,6 +208,11 @@ class _InlinePolicy:
             self.warmup = min(2 * self.warmup, self.MAX_WARMUP)
 
 
+class _Late(TimeoutError):
+    """A request that waited past its timeout, which its caller answers (the model
+    never saw it; a ``TimeoutError`` the model raises is the model's error)."""
+
+
 def _timed_predict(model: Model, request: InferenceRequest) -> tuple[InferenceResponse, float]:
     start = time.perf_counter()
     response = call_predict_sync(model, request)
@@ -232,6 +238,7 @@ class InProcessRunner:
         self._limiter = anyio.CapacityLimiter(1)
         self._async = inspect.iscoroutinefunction(model.predict)
         self._policy = _InlinePolicy(inline_budget)
+        self._turns = LoopTurns(inline_budget)
         self._pending = 0
         # Requests holding or waiting for the limiter (a plain count: reading the
         # limiter's ``borrowed_tokens`` twice per request costs more).
@@ -249,7 +256,8 @@ class InProcessRunner:
     @property
     def inline(self) -> bool:
         """Whether the next ``infer`` runs a plain predict on the event loop, awaiting
-        nothing on the way (see ``_InlinePolicy``)."""
+        nothing on the way but a turn of the loop (see ``_InlinePolicy``, ``LoopTurns``):
+        pass ``infer`` the request's timeout instead of a cancel scope."""
         return not self._async and self._policy.inline and self._limited == 0
 
     async def start(self) -> None:
@@ -271,30 +279,45 @@ class InProcessRunner:
             )
         self._pending += 1
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    async def infer(
+        self, request: InferenceRequest, max_wait: float | None = None
+    ) -> InferenceResponse:
+        """``max_wait``: the request's timeout when the caller set no deadline (as
+        ``inline`` allows); a wait for a turn of the loop checks it, a wait for the
+        thread runs under it."""
         self._admit()
         try:
             if self._async:
                 return await call_predict(self._model, request)
             if self._policy.inline and self._limited == 0:
-                return self._predict_inline(request)
+                if not self._turns.free:
+                    waited = time.monotonic()
+                    await self._turns.wait()
+                    if max_wait is not None and time.monotonic() - waited > max_wait:
+                        raise _Late  # checked once its turn came: a wait of a few turns
+                if self._limited == 0:  # else a threaded call started meanwhile: line up
+                    return self._predict_inline(request)
             self._limited += 1
             try:
-                if self._policy.inline:
-                    # A threaded call is still running: wait for it, in line (the
-                    # limiter is first come, first served), then predict here. Sending
-                    # this request to the thread instead would keep the model there
-                    # for as long as requests keep queueing.
-                    async with self._limiter:
-                        return self._predict_inline(request)
-                response, seconds = await anyio.to_thread.run_sync(
-                    _timed_predict, self._model, request, limiter=self._limiter
-                )
+                deadline = anyio.move_on_after(max_wait)
+                with deadline:
+                    if self._policy.inline:
+                        # A threaded call is still running: wait for it, in line (the
+                        # limiter is first come, first served), then predict here.
+                        # Sending this request to the thread instead would keep the
+                        # model there for as long as requests keep queueing.
+                        async with self._limiter:
+                            return self._predict_inline(request)
+                    response, seconds = await anyio.to_thread.run_sync(
+                        _timed_predict, self._model, request, limiter=self._limiter
+                    )
+                if deadline.cancelled_caught:
+                    raise _Late
             finally:
                 self._limited -= 1
             self._policy.threaded(seconds)
             return response
-        except V2MountError:
+        except (V2MountError, _Late):
             raise
         except Exception as exc:
             # Once per predict call (a batch's requests share it), as a pool's worker does.
@@ -351,7 +374,9 @@ class InProcessRunner:
         try:
             return call_predict_sync(self._model, request)
         finally:
-            self._policy.inlined(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self._policy.inlined(seconds)
+            self._turns.spend(seconds)
 
     async def stop(self) -> None:
         self._ready = False

@@ -315,7 +315,9 @@ class Settings(BaseSettings):
     Ray is started, unless the host process already initialised Ray."""
     inline_predict_budget: float = Field(default=0.001, ge=0)
     """In-process models: a plain predict averaging under this many seconds runs on the
-    event loop, not a worker thread (the hop costs more); 0 always uses the thread."""
+    event loop, not a worker thread (the hop costs more); 0 always uses the thread. Such
+    predicts also take about this long of each turn of the loop at most (more requests
+    wait for the next turns, in line), so sockets are polled between them."""
     compress_responses: bool = True
     """Compress inference answers of 1 KiB or more with gzip or deflate when the request's
     ``Accept-Encoding`` allows it; false: never (a proxy in front compresses, or CPU

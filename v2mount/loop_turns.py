@@ -1,0 +1,114 @@
+"""A share of each event-loop turn for predicts that run on the loop.
+
+An event loop runs every task that is ready, then polls the sockets once. Inline
+predicts (see ``runner._InlinePolicy``) hold the loop while they run, so with 64
+requests in flight one turn lasts 64 predicts, and everything that happens at a poll
+waits for it. uvloop (libuv ≥ 1.45) accepts one new connection per poll: 64 clients
+connecting to a busy server were accepted one turn apiece, and the last one's first
+request waited ≈ 0.5 s where every other waited 20 ms.
+
+``LoopTurns`` lets inline predicts spend about ``budget`` seconds of a turn. Past it,
+a request waits in line (first come, first served) and the next turns start as many
+of the waiting as fit the budget (at least one), so a turn stays short and sockets are
+polled between them, at the cost of one wake-up per request that waited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import Protocol
+
+import anyio
+
+from v2mount.batching._loops import current_loop
+
+__all__ = ["LoopTurns"]
+
+CallSoon = Callable[[Callable[[], None]], object]
+
+
+class _Waiter(Protocol):
+    def set(self) -> None: ...
+    async def wait(self) -> None: ...
+
+
+class _FutureWaiter:
+    """An asyncio future as a one-shot event: a fraction of ``anyio.Event``'s cost."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._future: asyncio.Future[None] = loop.create_future()
+
+    def set(self) -> None:
+        if not self._future.done():  # a cancelled waiter's future is done
+            self._future.set_result(None)
+
+    async def wait(self) -> None:
+        await self._future
+
+
+class LoopTurns:
+    """Bounds the inline predict time of one model in each event-loop turn."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self._spent = 0.0
+        self._average = budget
+        self._turn_marked = False
+        self._call_soon: CallSoon | None = None
+        self._waiting: collections.deque[_Waiter] = collections.deque()
+
+    @property
+    def free(self) -> bool:
+        """Whether a predict may run now: nobody waits and the turn has budget left."""
+        return not self._waiting and self._spent < self.budget
+
+    def spend(self, seconds: float) -> None:
+        """Record an inline predict that took ``seconds``. The count restarts at the
+        turn after the one where it reached the budget (so under light load, where a
+        turn holds one predict, that takes a callback every few predicts, not each)."""
+        self._spent += seconds
+        self._average = 0.9 * self._average + 0.1 * seconds
+        if self._spent >= self.budget:
+            self._mark_turn()
+
+    async def wait(self) -> None:
+        """Wait in line for a turn with budget for this request."""
+        loop, trio = current_loop()
+        waiter: _Waiter = anyio.Event() if trio else _FutureWaiter(loop)  # type: ignore[arg-type]
+        self._waiting.append(waiter)
+        self._mark_turn()
+        try:
+            await waiter.wait()
+        except BaseException:
+            try:
+                self._waiting.remove(waiter)
+            except ValueError:  # a turn had started it: its place goes to the one behind
+                self._mark_turn()
+            raise
+
+    def _mark_turn(self, call_soon: CallSoon | None = None) -> None:
+        if not self._turn_marked:
+            self._turn_marked = True
+            self._call_soon = call_soon or _next_turn_caller()
+            self._call_soon(self._new_turn)
+
+    def _new_turn(self) -> None:
+        self._turn_marked = False
+        self._spent = 0.0
+        places = max(1, int(self.budget / self._average)) if self._average > 0 else 1
+        for _ in range(min(places, len(self._waiting))):
+            self._waiting.popleft().set()
+        if self._waiting:
+            # The started ones may all have been cancelled: the turn after starts more.
+            self._mark_turn(self._call_soon)
+
+
+def _next_turn_caller() -> CallSoon:
+    """What runs a callback once the running loop has polled its sockets again (call it
+    from a task: outside one, the loop in use cannot be told)."""
+    loop, trio = current_loop()
+    return loop.run_sync_soon if trio else loop.call_soon  # type: ignore[attr-defined,no-any-return]
