@@ -22,8 +22,6 @@ from typing import Protocol
 
 import anyio
 
-from v2mount.batching._loops import current_loop
-
 __all__ = ["LoopTurns"]
 
 CallSoon = Callable[[Callable[[], None]], object]
@@ -77,8 +75,7 @@ class LoopTurns:
 
     async def wait(self) -> None:
         """Wait in line for a turn with budget for this request."""
-        loop, trio = current_loop()
-        waiter: _Waiter = anyio.Event() if trio else _FutureWaiter(loop)  # type: ignore[arg-type]
+        waiter = _new_waiter()
         self._waiting.append(waiter)
         self._mark_turn()
         try:
@@ -107,8 +104,19 @@ class LoopTurns:
             self._mark_turn(self._call_soon)
 
 
+def _new_waiter() -> _Waiter:
+    try:
+        return _FutureWaiter(asyncio.get_running_loop())
+    except RuntimeError:  # no asyncio loop: trio
+        return anyio.Event()
+
+
 def _next_turn_caller() -> CallSoon:
     """What runs a callback once the running loop has polled its sockets again (call it
     from a task: outside one, the loop in use cannot be told)."""
-    loop, trio = current_loop()
-    return loop.run_sync_soon if trio else loop.call_soon  # type: ignore[attr-defined,no-any-return]
+    try:
+        return asyncio.get_running_loop().call_soon
+    except RuntimeError:  # no asyncio loop: trio
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon

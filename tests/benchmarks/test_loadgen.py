@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark load generators against a tiny local HTTP server."""
+"""Smoke test of the benchmark load generators (and connect_burst's client) against a
+tiny local HTTP server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.connect_burst import burst
 from benchmarks.loadgen import find_wrk, run_load
 
 
@@ -63,3 +65,16 @@ def test_counts_error_statuses(port: int, tmp_path: Path) -> None:
     assert result.requests > 0
     assert result.errors == result.requests
     assert result.error_detail == {"status": result.requests}
+
+
+def test_connect_burst_times_each_connections_first_request(port: int) -> None:
+    result = burst(port, "/ok", b'{"inputs": []}', 8, 0.5)
+    assert len(result.first) == 8  # one first request per connection
+    assert len(result.every) > 8
+    assert all(latency > 0 for latency in result.every)
+    assert set(result.first) <= set(result.every)
+
+
+def test_connect_burst_fails_loud_on_an_error_answer(port: int) -> None:
+    with pytest.raises(RuntimeError, match="500"):
+        burst(port, "/fail", b"{}", 2, 0.2)
