@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -155,3 +156,27 @@ async def test_a_timeout_error_the_model_raises_is_the_models_error() -> None:
     assert runner.inline
     with pytest.raises(ModelError, match="feature store"):  # on the loop
         await runner.infer(numbered(1), max_wait=60.0)
+
+
+def test_turns_start_afresh_on_a_new_event_loop() -> None:
+    """A loop that stopped with its turn's callback unrun (the budget spent, the count
+    never reset) does not hold up requests on the next loop."""
+    turns = LoopTurns(0.001)
+    loop = asyncio.new_event_loop()
+
+    def spend_and_stop() -> None:
+        turns.spend(1.0)  # schedules the next turn's callback...
+        loop.stop()  # ...which this loop will not run
+
+    loop.call_soon(spend_and_stop)
+    loop.run_forever()
+    loop.close()
+
+    async def later() -> bool:
+        with anyio.fail_after(30):
+            free = turns.free
+            if not free:
+                await turns.wait()
+            return free
+
+    assert anyio.run(later) is True

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -58,16 +59,27 @@ class LoopTurns:
         self._turn_marked = False
         self._call_soon: CallSoon | None = None
         self._waiting: collections.deque[_Waiter] = collections.deque()
+        self._loop: object = None
 
     @property
     def free(self) -> bool:
         """Whether a predict may run now: nobody waits and the turn has budget left."""
+        self._follow_loop()
         return not self._waiting and self._spent < self.budget
+
+    def _follow_loop(self) -> None:
+        """Start afresh on another event loop than the last one (one loop at a time,
+        as the runner: a loop that closed may have left a turn's callback unrun)."""
+        loop = _running_loop()
+        if loop is not self._loop:
+            self._loop, self._spent, self._turn_marked = loop, 0.0, False
+            self._waiting.clear()
 
     def spend(self, seconds: float) -> None:
         """Record an inline predict that took ``seconds``. The count restarts at the
         turn after the one where it reached the budget (so under light load, where a
         turn holds one predict, that takes a callback every few predicts, not each)."""
+        self._follow_loop()
         self._spent += seconds
         self._average = 0.9 * self._average + 0.1 * seconds
         if self._spent >= self.budget:
@@ -75,6 +87,7 @@ class LoopTurns:
 
     async def wait(self) -> None:
         """Wait in line for a turn with budget for this request."""
+        self._follow_loop()
         waiter = _new_waiter()
         self._waiting.append(waiter)
         self._mark_turn()
@@ -84,7 +97,8 @@ class LoopTurns:
             try:
                 self._waiting.remove(waiter)
             except ValueError:  # a turn had started it: its place goes to the one behind
-                self._mark_turn()
+                with contextlib.suppress(RuntimeError):  # unless its loop is gone
+                    self._mark_turn()
             raise
 
     def _mark_turn(self, call_soon: CallSoon | None = None) -> None:
@@ -102,6 +116,16 @@ class LoopTurns:
         if self._waiting:
             # The started ones may all have been cancelled: the turn after starts more.
             self._mark_turn(self._call_soon)
+
+
+def _running_loop() -> object:
+    """The running asyncio loop, or else trio's token for its run."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # no asyncio loop: trio
+        import trio
+
+        return trio.lowlevel.current_trio_token()
 
 
 def _new_waiter() -> _Waiter:
