@@ -25,7 +25,7 @@ from v2mount.types import InferenceRequest, InferenceResponse
 # -- processes (Linux ``/proc``) ------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     """The fields of ``/proc/PID/stat`` after the command name (state first, then the
     parent's pid), or None once the process is gone."""
     try:
@@ -37,7 +37,7 @@ def _stat(pid: int) -> list[str] | None:
 
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, only waiting to be reaped, counts as gone)."""
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     return fields is not None and fields[0] != "Z"
 
 
@@ -46,7 +46,7 @@ def descendants(pid: int) -> set[int]:
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            fields = _stat(int(entry))
+            fields = stat_fields(int(entry))
             if fields is not None and fields[0] != "Z":
                 parents[int(entry)] = int(fields[1])
     found: set[int] = set()

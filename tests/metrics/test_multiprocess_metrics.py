@@ -8,7 +8,6 @@ Multiprocess mode is process-global (``PROMETHEUS_MULTIPROC_DIR`` must be set be
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import free_port
+
 HERE = Path(__file__).parent
 REQUESTS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def fresh_get(url: str) -> httpx.Response:
