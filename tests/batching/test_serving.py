@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import eventually
 from v2mount import InferenceRequest, Model, ModelSettings, V2App
 from v2mount.errors import SettingsError
 from v2mount.settings import load_model_settings
@@ -72,10 +73,8 @@ def metric(samples: dict[tuple[str, frozenset[Any]], float], name: str, **labels
     return samples.get((name, frozenset({**LABELS, **labels}.items())), 0.0)
 
 
-async def until(condition: Any) -> None:
-    with anyio.fail_after(20):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.005)
+#: Waits for state the batcher or the model's thread changes.
+until = functools.partial(eventually, seconds=20.0, interval=0.005)
 
 
 async def test_requests_wait_for_the_busy_worker_and_go_as_one_batch(serve: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import support
 from v2mount import InferenceRequest, Model, V2App
 from v2mount.codecs.tensor import array_to_datatype as datatype
 from v2mount.errors import BadRequest
@@ -323,11 +324,8 @@ async def test_a_stuck_preprocess_times_out_alone(serve: Any, tmp_path: Path) ->
     assert [outputs(again[v])["y"] for v in (5, 6, 7, 8)] == [[51], [61], [71], [81]]
 
 
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Poll state that the pool's thread or another task changes."""
-    with anyio.fail_after(60):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.01)
+#: Polls state that the pool's thread or another task changes.
+eventually = partial(support.eventually, seconds=60.0, interval=0.01)
 
 
 @pytest.mark.parametrize("batching", [None, {"idle_dispatch": False}])
