@@ -17,6 +17,8 @@ from types import ModuleType
 from typing import Protocol
 
 import anyio
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from v2mount.errors import ModelError
 from v2mount.metrics.custom import MetricUpdate
@@ -110,6 +112,28 @@ async def eventually(
         if explain is None:
             raise
         raise AssertionError(f"not after {seconds} s: {explain()}") from None
+
+
+# -- metrics --------------------------------------------------------------------------
+
+#: Every sample of a scrape, by name and labels.
+Figures = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metric_values(text: str) -> Figures:
+    """The samples of a Prometheus text exposition, by name and labels."""
+    found: Figures = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+async def scrape_metrics(client: httpx.AsyncClient) -> Figures:
+    """``GET /metrics`` (which must answer 200), read back into numbers."""
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    return metric_values(response.text)
 
 
 # -- models and batchers --------------------------------------------------------------

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import free_port
+from tests.support import free_port, metric_values
 
 HERE = Path(__file__).parent
 REQUESTS = 20
@@ -27,14 +26,6 @@ def fresh_get(url: str) -> httpx.Response:
     """A request on a new connection, so the kernel may hand it to either worker."""
     with httpx.Client() as client:
         return client.get(url)
-
-
-def values(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return found
 
 
 @pytest.mark.slow
@@ -78,7 +69,7 @@ def test_every_worker_reports_the_total(tmp_path: Path) -> None:
         for _ in range(REQUESTS):
             with httpx.Client() as client:
                 assert client.post(base + "/v2/models/doubler/infer", json=body).status_code == 200
-        scrapes = [values(fresh_get(base + "/metrics").text) for _ in range(4)]
+        scrapes = [metric_values(fresh_get(base + "/metrics").text) for _ in range(4)]
     finally:
         process.terminate()
         try:

@@ -14,9 +14,9 @@ import anyio.lowlevel
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests import support
+from tests.support import Figures, scrape_metrics
 from v2mount import InferenceRequest, Model, V2App
 from v2mount.codecs.tensor import array_to_datatype as datatype
 from v2mount.errors import BadRequest
@@ -107,17 +107,7 @@ async def post_all(client: httpx.AsyncClient, values: list[int]) -> dict[int, ht
     return answers
 
 
-async def samples(client: httpx.AsyncClient) -> dict[tuple[str, frozenset[Any]], float]:
-    response = await client.get("/metrics")
-    assert response.status_code == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def stage_count(figures: dict[tuple[str, frozenset[Any]], float], stage: str) -> float:
+def stage_count(figures: Figures, stage: str) -> float:
     labels = frozenset({"model": "staged", "version": "", "stage": stage}.items())
     return figures.get(("model_infer_stage_duration_seconds_count", labels), 0.0)
 
@@ -138,7 +128,7 @@ async def test_predict_sees_merged_batches_of_preprocessed_requests(
     app = V2App([model_class(parallel_workers=workers, **HELD)])
     async with serve(app) as client:
         answers = await post_all(client, [1, 2, 3, 4])
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
     for value, answer in answers.items():
         got = outputs(answer)
         assert got["y"] == [10.0 * value + 1]
@@ -160,7 +150,7 @@ async def test_without_batching_the_stages_run_in_one_trip(serve: Any, workers: 
     app = V2App([Staged(parallel_workers=workers, max_batch_size=1)])
     async with serve(app) as client:
         answers = await post_all(client, [5, 6, 7])
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
     for value, answer in answers.items():
         got = outputs(answer)
         assert got["y"] == [10.0 * value + 1]
@@ -177,7 +167,7 @@ async def test_a_failing_stage_answers_only_its_request(serve: Any, workers: int
     app = V2App([Staged(parallel_workers=workers, max_batch_size=4, max_batch_time=0.05)])
     async with serve(app) as client:
         answers = await post_all(client, [FAIL_PRE, 1, REFUSE_PRE, 2, 3, FAIL_POST])
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
         health = await client.get("/v2/health/ready")
         again = await post_all(client, [9, 10, 11, 12])
     assert answers[FAIL_PRE].status_code == 500
@@ -279,7 +269,7 @@ async def test_the_predictive_batcher_takes_preprocessed_requests(serve: Any) ->
     app = V2App([model])
     async with serve(app) as client:
         answers = await post_all(client, [1, 2, 3])
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
     for value, answer in answers.items():
         assert outputs(answer)["y"] == [10.0 * value + 1]
     assert figures[("staged_predict_rows_sum", frozenset())] == 3
@@ -351,7 +341,7 @@ async def test_requests_waiting_for_a_worker_share_one_trip(
                 group.start_soon(post, value, {})
             await eventually(lambda: handle.in_flight == 5)  # all four wait, gathered
             gate.touch()
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
         batched = handle.batcher_statistics()
     assert outputs(answers[99])["y"] == [991]
     pids = set()
@@ -416,7 +406,7 @@ async def test_a_request_that_times_out_waiting_for_a_worker_leaves_its_call(
         gate.touch()
         await eventually(lambda: handle.runner_statistics().in_flight == 0)
         answers = await post_all(client, [1, 2, 3, 4])
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
     assert timed_out.status_code == waited.status_code == 504
     assert waited.json() == {"error": "model staged did not answer within 1 s"}
     assert [outputs(answers[v])["y"] for v in (1, 2, 3, 4)] == [[11], [21], [31], [41]]
@@ -487,7 +477,7 @@ async def test_a_model_with_only_postprocess_postprocesses_where_it_predicted(
         async with anyio.create_task_group() as group:
             for value in (1, 2, FAIL_POST, 3):
                 group.start_soon(post, value)
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
     for value in (1, 2, 3):
         got = outputs(answers[value])
         assert got["y"] == [2 * value + 1]
