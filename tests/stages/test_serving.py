@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,14 @@ import anyio.lowlevel
 import httpx
 import numpy as np
 import pytest
+from anyio.abc import TaskGroup
 
 from tests import support
 from tests.support import Figures, scrape_metrics
 from v2mount import InferenceRequest, Model, V2App
 from v2mount.codecs.tensor import array_to_datatype as datatype
 from v2mount.errors import BadRequest
+from v2mount.registry import ModelHandle
 from v2mount.types import InferenceResponse, Tensor
 
 pytestmark = pytest.mark.anyio
@@ -95,15 +98,22 @@ def outputs(response: httpx.Response) -> dict[str, list[Any]]:
     return {out["name"]: out["data"] for out in response.json()["outputs"]}
 
 
+async def send(
+    client: httpx.AsyncClient,
+    answers: dict[int, httpx.Response],
+    value: int,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Post ``body(value)`` (with the fields of ``extra``) to the staged model; keep the
+    answer in ``answers[value]``."""
+    answers[value] = await client.post(INFER, json=body(value) | (extra or {}))
+
+
 async def post_all(client: httpx.AsyncClient, values: list[int]) -> dict[int, httpx.Response]:
     answers: dict[int, httpx.Response] = {}
-
-    async def post(value: int) -> None:
-        answers[value] = await client.post(INFER, json=body(value))
-
     async with anyio.create_task_group() as group:
         for value in values:
-            group.start_soon(post, value)
+            group.start_soon(send, client, answers, value)
     return answers
 
 
@@ -318,6 +328,24 @@ async def test_a_stuck_preprocess_times_out_alone(serve: Any, tmp_path: Path) ->
 eventually = partial(support.eventually, seconds=60.0, interval=0.01)
 
 
+async def hold_then_gather(
+    group: TaskGroup,
+    client: httpx.AsyncClient,
+    handle: ModelHandle,
+    gate: Path,
+    values: Sequence[int],
+    answers: dict[int, httpx.Response],
+) -> None:
+    """Request 99 takes the model's one worker and holds it in preprocess until ``gate``
+    exists; then ``values`` are sent, each from a task of ``group``. Returns once all of
+    them wait behind it (gathered)."""
+    group.start_soon(send, client, answers, 99, {"parameters": {"gate": str(gate)}})
+    await eventually(lambda: handle.in_flight == 1)
+    for value in values:
+        group.start_soon(send, client, answers, value)
+    await eventually(lambda: handle.in_flight == 1 + len(values))
+
+
 @pytest.mark.parametrize("batching", [None, {"idle_dispatch": False}])
 async def test_requests_waiting_for_a_worker_share_one_trip(
     serve: Any, tmp_path: Path, batching: dict[str, Any] | None
@@ -329,17 +357,9 @@ async def test_requests_waiting_for_a_worker_share_one_trip(
     app = V2App([model])
     handle = app.registry.get("staged")
     answers: dict[int, httpx.Response] = {}
-
-    async def post(value: int, extra: dict[str, Any]) -> None:
-        answers[value] = await client.post(INFER, json=body(value) | extra)
-
     async with serve(app) as client:
         async with anyio.create_task_group() as group:
-            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
-            await eventually(lambda: handle.in_flight == 1)
-            for value in (1, 2, 3, 4):
-                group.start_soon(post, value, {})
-            await eventually(lambda: handle.in_flight == 5)  # all four wait, gathered
+            await hold_then_gather(group, client, handle, gate, (1, 2, 3, 4), answers)
             gate.touch()
         figures = await scrape_metrics(client)
         batched = handle.batcher_statistics()
@@ -368,22 +388,14 @@ async def test_requests_gathered_below_a_batch_are_preprocessed_then_batched(
     app = V2App([Stuck(parallel_workers=1, **HELD)])
     handle = app.registry.get("staged")
     answers: dict[int, httpx.Response] = {}
-
-    async def post(value: int, extra: dict[str, Any]) -> None:
-        answers[value] = await client.post(INFER, json=body(value) | extra)
-
     async with serve(app) as client:
         async with anyio.create_task_group() as group:
-            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
-            await eventually(lambda: handle.in_flight == 1)
-            for value in range(1, waiting + 1):
-                group.start_soon(post, value, {})
-            await eventually(lambda: handle.in_flight == 1 + waiting)
+            await hold_then_gather(group, client, handle, gate, range(1, waiting + 1), answers)
             gate.touch()
             # The stuck request and those gathered fill one batch at the batcher.
             for value in range(waiting + 1, 4):
                 await eventually(lambda: handle.batcher_statistics().queued_requests >= 1)
-                group.start_soon(post, value, {})
+                group.start_soon(send, client, answers, value)
         batched = handle.batcher_statistics()
     for value in range(1, 4):
         assert outputs(answers[value])["y"] == [10.0 * value + 1]
@@ -422,17 +434,9 @@ async def test_with_the_plain_window_a_call_runs_the_whole_chain_of_what_it_gath
     app = V2App([Stuck(parallel_workers=1, **BATCHED)])
     handle = app.registry.get("staged")
     answers: dict[int, httpx.Response] = {}
-
-    async def post(value: int, extra: dict[str, Any]) -> None:
-        answers[value] = await client.post(INFER, json=body(value) | extra)
-
     async with serve(app) as client:
         async with anyio.create_task_group() as group:
-            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
-            await eventually(lambda: handle.in_flight == 1)
-            for value in (1, 2):
-                group.start_soon(post, value, {})
-            await eventually(lambda: handle.in_flight == 3)
+            await hold_then_gather(group, client, handle, gate, (1, 2), answers)
             gate.touch()
     # 99 alone (a whole chain in one trip, waiting for nobody), then the two gathered
     # while it ran, in one trip of their own.
