@@ -10,8 +10,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
@@ -70,6 +73,47 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def uvicorn(
+    args: Sequence[str],
+    log: Path,
+    ready: Callable[[str], bool],
+    *,
+    within: float,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """``python -m uvicorn *args`` on a free loopback port, its output written to ``log``;
+    yields its ``host:port`` once ``ready(host_port)`` holds (an error raised by ``ready``
+    counts as not yet). Fails if it exits first or is not ready after ``within`` seconds.
+    Terminated on exit (killed if it has not stopped after 20 s)."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", *args, "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + within
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"uvicorn exited: {log.read_text()}")
+            try:
+                if ready(address):
+                    break
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"uvicorn was not ready after {within} s: {log.read_text()}")
+            time.sleep(0.1)
+        yield address
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # -- modules --------------------------------------------------------------------------
