@@ -27,7 +27,7 @@ from v2mount.errors import ModelError
 from v2mount.metrics.custom import MetricUpdate
 from v2mount.types import InferenceRequest, InferenceResponse
 
-# -- processes (Linux ``/proc``) ------------------------------------------------------
+# -- processes (Linux ``/proc``) and servers ------------------------------------------
 
 
 def stat_fields(pid: int) -> list[str] | None:
