@@ -12,20 +12,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import anyio
 import numpy as np
 import pytest
 
+from tests import support
+from tests.support import alive, load_module
 from v2mount import V2App
 from v2mount.codecs.tensor import datatype_to_dtype
 from v2mount.errors import (
@@ -49,21 +49,8 @@ ray_constants = ray._private.ray_constants
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
-def _load_models() -> ModuleType:
-    """Loaded by path: actors must cope with a module they cannot import by name."""
-    name = "v2mount_test_ray_pool_models"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).with_name("ray_pool_models.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-models = _load_models()
+#: Loaded by path: actors must cope with a module they cannot import by name.
+models = load_module(Path(__file__).with_name("ray_pool_models.py"), "v2mount_test_ray_pool_models")
 
 #: Nothing leaves the machine: no usage statistics, and a one-node Ray on 127.0.0.1 (by
 #: default Ray listens on the machine's routable address, which it finds by asking the
@@ -160,19 +147,8 @@ def ray_pool(model: Any, workers: int = 2, **options: Any) -> RayPool:
     return RayPool(model, workers, **options)
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-async def eventually(condition: Callable[[], bool], seconds: float = 120.0) -> None:
-    """Poll state that Ray's threads and the pool's supervisor change."""
-    with anyio.fail_after(seconds):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.02)
+#: Polls state that Ray's threads and the pool's supervisor change.
+eventually = functools.partial(support.eventually, seconds=120.0)
 
 
 def every_datatype() -> InferenceRequest:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 from typing import Any
 
 import anyio
 import numpy as np
 import pytest
 
+from tests.support import eventually
 from v2mount import InferenceRequest, Model, Tensor
 from v2mount.runner import InProcessRunner, _InlinePolicy
 
@@ -131,12 +133,8 @@ class Gated(Model):
         return {"y": payload["x"]}
 
 
-async def until(condition: Any) -> None:
-    for _ in range(5000):
-        if condition():
-            return
-        await anyio.sleep(0.002)
-    raise AssertionError("condition never held")
+#: Polls state that the runner's thread or task changes.
+until = partial(eventually, seconds=10.0, interval=0.002)
 
 
 async def test_requests_queued_behind_a_threaded_call_run_inline_once_warm() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import anyio
@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import eventually, infer_all
 from v2mount.batching import AdaptiveBatcher, BatcherStatistics
 from v2mount.codecs.tensor import array_to_datatype
 from v2mount.errors import ModelError, Overloaded
@@ -79,25 +80,6 @@ async def runner_for(model: Model) -> InProcessRunner:
     return runner
 
 
-async def infer_all(
-    batcher: AdaptiveBatcher, requests: Sequence[InferenceRequest]
-) -> list[InferenceResponse | Exception]:
-    """Send every request concurrently; each result is a response or the error raised."""
-    results: list[InferenceResponse | Exception] = [ModelError("unanswered")] * len(requests)
-
-    async def one(index: int) -> None:
-        try:
-            results[index] = await batcher.infer(requests[index])
-        except Exception as exc:
-            results[index] = exc
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as group:
-            for index in range(len(requests)):
-                group.start_soon(one, index)
-    return results
-
-
 def outputs_of(response: object) -> dict[str, Any]:
     assert isinstance(response, InferenceResponse), response
     for out in response.outputs:
@@ -105,11 +87,9 @@ def outputs_of(response: object) -> dict[str, Any]:
     return {out.name: out.data.tolist() for out in response.outputs}
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait for a state of the batcher or model that no event announces."""
-    with anyio.fail_after(10):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.001)
+#: Waits for a state of the batcher or model that no event announces (it may last only
+#: milliseconds, so it is polled often).
+until = partial(eventually, seconds=10.0, interval=0.001)
 
 
 class Callers:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import anyio
@@ -21,6 +21,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import eventually, infer_all
 from v2mount.batching import Policy, PredictiveBatcher
 from v2mount.errors import ModelError, Overloaded
 from v2mount.runner import RunnerStatistics
@@ -112,29 +113,9 @@ def y_of(response: object) -> list[Any]:
     return response.outputs[0].data.tolist()  # type: ignore[no-any-return]
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait for a state that no event announces."""
-    with anyio.fail_after(10):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.001)
-
-
-async def infer_all(
-    batcher: PredictiveBatcher, requests: Sequence[InferenceRequest]
-) -> list[InferenceResponse | Exception]:
-    results: list[InferenceResponse | Exception] = [ModelError("unanswered")] * len(requests)
-
-    async def one(index: int) -> None:
-        try:
-            results[index] = await batcher.infer(requests[index])
-        except Exception as exc:
-            results[index] = exc
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as group:
-            for index in range(len(requests)):
-                group.start_soon(one, index)
-    return results
+#: Waits for a state of the batcher or model that no event announces (it may last only
+#: milliseconds, so it is polled often).
+until = partial(eventually, seconds=10.0, interval=0.001)
 
 
 async def test_requests_that_find_the_worker_busy_go_together_when_it_frees() -> None:

@@ -12,8 +12,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import eventually, scrape_metrics
 from v2mount import InferenceRequest, Model, ModelSettings, V2App
 from v2mount.errors import SettingsError
 from v2mount.settings import load_model_settings
@@ -58,24 +58,12 @@ def body(value: float, **parameters: Any) -> dict[str, Any]:
     }
 
 
-async def metrics(client: httpx.AsyncClient) -> dict[tuple[str, frozenset[Any]], float]:
-    response = await client.get("/metrics")
-    assert response.status_code == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
 def metric(samples: dict[tuple[str, frozenset[Any]], float], name: str, **labels: str) -> float:
     return samples.get((name, frozenset({**LABELS, **labels}.items())), 0.0)
 
 
-async def until(condition: Any) -> None:
-    with anyio.fail_after(20):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.005)
+#: Waits for state the batcher or the model's thread changes.
+until = functools.partial(eventually, seconds=20.0, interval=0.005)
 
 
 async def test_requests_wait_for_the_busy_worker_and_go_as_one_batch(serve: Any) -> None:
@@ -100,7 +88,7 @@ async def test_requests_wait_for_the_busy_worker_and_go_as_one_batch(serve: Any)
             assert refused.headers["retry-after"] == "1"
             assert refused.json() == {"error": "4 requests are waiting to be batched"}
             model.gate.set()
-        samples = await metrics(client)
+        samples = await scrape_metrics(client)
     assert model.calls == [1, 4]
     for value in (1, 2, 3, 4, 5):
         assert answers[value].status_code == 200, answers[value].text
@@ -123,7 +111,7 @@ async def test_the_plain_window_reports_no_predictive_figures(serve: Any) -> Non
         async with anyio.create_task_group() as group:
             for value in (1, 2):
                 group.start_soon(functools.partial(client.post, INFER, json=body(value)))
-        samples = await metrics(client)
+        samples = await scrape_metrics(client)
     assert model.calls == [2]
     assert metric(samples, "model_infer_batch_size_sum") == 2
     assert not any(name.startswith("model_infer_batch_dispatch") for name, _ in samples)
@@ -153,7 +141,7 @@ async def test_through_a_pool_one_batch_per_worker_and_the_rest_wait(
             runner = handle.runner_statistics()
             assert runner is not None and runner.queued == 0  # they wait in the batcher
             gate.touch()
-        samples = await metrics(client)
+        samples = await scrape_metrics(client)
     assert sorted(a.json()["outputs"][0]["data"][0] for a in answers) == [2, 4, 6, 8, 10, 12]
     assert metric(samples, "model_infer_batch_size_count") == 3
     assert samples[("gated_rows_bucket", frozenset({"le": "1.0"}.items()))] == 2

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
+from tests.support import load_module
 from v2mount.settings import ModelSettings, Settings, TensorSpec
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def generator() -> ModuleType:
-    path = DOCS / "gen_settings.py"
-    spec = importlib.util.spec_from_file_location("v2mount_docs_gen_settings", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(DOCS / "gen_settings.py", "v2mount_docs_gen_settings")
 
 
 def test_the_settings_page_is_up_to_date() -> None:

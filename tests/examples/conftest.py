@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.support import load_module
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -33,17 +34,7 @@ def examples() -> Path:
     return EXAMPLES
 
 
-def _load(name: str) -> ModuleType:
-    path = EXAMPLES / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"v2mount_example_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def load_example() -> Callable[[str], ModuleType]:
     """``load_example("fastapi_app")`` imports ``examples/<name>.py`` by path."""
-    return _load
+    return lambda name: load_module(EXAMPLES / f"{name}.py", f"v2mount_example_{name}")

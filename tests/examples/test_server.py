@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,41 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.support import alive, descendants, free_port
 from v2mount.testing import connect
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def children(pid: int) -> set[int]:
-    """Every live descendant of ``pid`` (from ``/proc``; zombies do not count)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parents[int(entry)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found |= frontier
-    return found
 
 
 @pytest.mark.slow
@@ -76,7 +41,7 @@ def test_serves_the_example_repository_and_leaves_no_process_behind(
             assert result["predict"].tolist() == [[2]]
             scores = client.infer("anomaly", {"readings": np.ones((2, 3))})["score"]
             assert scores.dtype == np.float32 and scores.shape == (2,)
-            workers = children(server.pid)
+            workers = descendants(server.pid)
             assert workers, "iris runs in a worker process"
         server.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal it caught.

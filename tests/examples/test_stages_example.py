@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +10,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from tests.support import load_module
 from v2mount.testing import V2Client
 from v2mount.testing.client import V2HTTPError
 
@@ -20,12 +19,7 @@ SyncFactory = Callable[..., V2Client]
 
 def _classifier(examples: Path) -> ModuleType:
     path = examples / "stages" / "colours" / "classifier.py"
-    spec = importlib.util.spec_from_file_location("v2mount_example_colours", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(path, "v2mount_example_colours")
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

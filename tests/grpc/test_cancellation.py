@@ -3,7 +3,7 @@ server-side timeouts get their status codes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.grpc.conftest import call, raw_request, rpc_error, serving
+from tests.support import eventually
 from v2mount import V2App
 from v2mount.demo.models import Identity
 from v2mount.model import Model
@@ -49,11 +50,8 @@ def request() -> Any:
     return raw_request("gate", x=np.ones(2, dtype=np.float32))
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait for observable state (the test's own timeout guards it)."""
-    with anyio.fail_after(60):
-        while not condition():  # noqa: ASYNC110 - state that no event announces
-            await anyio.sleep(0.01)
+#: Waits for observable state (the test's own timeout guards it).
+until = partial(eventually, seconds=60.0, interval=0.01)
 
 
 def handled(app: V2App, code: str) -> float:

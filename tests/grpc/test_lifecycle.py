@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from tests.grpc.conftest import Clients, call, raw_request, rpc_error, serving
+from tests.support import free_port
 from v2mount import V2App, V2Middleware
 from v2mount.demo.models import Identity
 from v2mount.errors import SettingsError
@@ -210,19 +211,13 @@ async def test_shutdown_lets_an_in_flight_call_finish() -> None:
         clients.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["python -m v2mount", "uvicorn v2mount:app"])
 def test_the_standalone_server_serves_grpc_beside_rest_and_stops_on_sigterm(
     how: str, tmp_path: Path
 ) -> None:
     """The real server (uvicorn, uvloop when installed): --grpc-port or V2MOUNT_GRPC_PORT."""
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     log = (tmp_path / "server.log").open("w+")
     env = {k: v for k, v in os.environ.items() if not k.startswith("V2MOUNT_")}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)

@@ -6,7 +6,8 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import metric_values
 
 
 class Samples:
@@ -14,10 +15,7 @@ class Samples:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.values: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                self.values[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        self.values = metric_values(text)
 
     def value(self, name: str, **labels: str) -> float:
         """The sample's value; 0 when it does not exist (yet)."""

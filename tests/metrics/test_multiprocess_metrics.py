@@ -8,25 +8,15 @@ Multiprocess mode is process-global (``PROMETHEUS_MULTIPROC_DIR`` must be set be
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import metric_values, uvicorn
 
 HERE = Path(__file__).parent
 REQUESTS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def fresh_get(url: str) -> httpx.Response:
@@ -35,12 +25,8 @@ def fresh_get(url: str) -> httpx.Response:
         return client.get(url)
 
 
-def values(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return found
+def ready(address: str) -> bool:
+    return fresh_get(f"http://{address}/v2/health/ready").status_code == 200
 
 
 @pytest.mark.slow
@@ -48,50 +34,14 @@ def test_every_worker_reports_the_total(tmp_path: Path) -> None:
     directory = tmp_path / "prometheus"
     directory.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "uvicorn.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "multiproc_server:create",
-                "--app-dir",
-                str(HERE),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "2",
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        for _ in range(600):
-            assert process.poll() is None, log.read_text()
-            try:
-                if fresh_get(base + "/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    args = ["--factory", "multiproc_server:create", "--app-dir", str(HERE), "--workers", "2"]
+    with uvicorn(args, tmp_path / "uvicorn.log", ready, within=60, env=env) as address:
+        base = f"http://{address}"
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
         for _ in range(REQUESTS):
             with httpx.Client() as client:
                 assert client.post(base + "/v2/models/doubler/infer", json=body).status_code == 200
-        scrapes = [values(fresh_get(base + "/metrics").text) for _ in range(4)]
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        scrapes = [metric_values(fresh_get(base + "/metrics").text) for _ in range(4)]
     model = frozenset({("model", "doubler"), ("version", "")})
     infer = frozenset(
         {("method", "POST"), ("path", "/v2/models/{name}/infer"), ("status_code", "200")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -15,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
+from tests.support import eventually
 from v2mount import InferenceRequest, Model, V2App, V2Middleware
 from v2mount.errors import SettingsError
 from v2mount.metrics import metrics_endpoint
@@ -87,13 +89,8 @@ async def post(client: httpx.AsyncClient, model: str, rows: int = 1) -> None:
     assert response.status_code == 200, response.text
 
 
-async def until(condition: Any) -> None:
-    """Yield to the loop until ``condition()`` holds (bounded, no timing asserted)."""
-    for _ in range(2000):
-        if condition():
-            return
-        await anyio.sleep(0.005)
-    raise AssertionError("condition never held")
+#: Yields to the loop until ``condition()`` holds (bounded, no timing asserted).
+until = partial(eventually, seconds=10.0, interval=0.005)
 
 
 async def test_inference_and_rest_counters_move_by_exact_amounts(serve: Any, scrape: Any) -> None:

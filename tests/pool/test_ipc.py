@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +34,6 @@ THRESHOLD = 64 * 1024
 
 class Refused(BadRequest):
     """A model's own error class, importable by the parent."""
-
-
-@pytest.fixture
-def arena(tmp_path: Path) -> Iterator[Arena]:
-    created = Arena.create(str(tmp_path / "arena"))
-    assert created is not None
-    yield created
-    created.close()
-    created.unlink()
 
 
 def flags(frame: bytes) -> int:

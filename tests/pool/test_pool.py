@@ -7,15 +7,14 @@ own, so every test also shows that a pool serves callers on other event loops.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import anyio
@@ -23,6 +22,8 @@ import multiprocess
 import numpy as np
 import pytest
 
+from tests import support
+from tests.support import alive, ignore, load_module
 from v2mount.errors import (
     BadRequest,
     BrokenWorker,
@@ -43,18 +44,8 @@ pytestmark = pytest.mark.anyio
 PARENT_THREAD_ENV = {name: os.environ.get(name) for name in THREAD_VARIABLES}
 
 
-def _load_models() -> ModuleType:
-    """The test models, loaded by path: workers must cope with modules they cannot import."""
-    path = Path(__file__).with_name("pool_models.py")
-    spec = importlib.util.spec_from_file_location("v2mount_test_pool_models", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-models = _load_models()
+#: Loaded by path: workers must cope with modules they cannot import.
+models = load_module(Path(__file__).with_name("pool_models.py"), "v2mount_test_pool_models")
 AsyncDouble, DiesInLoad, Echo, FailsToLoad, Sleepy = (
     models.AsyncDouble,
     models.DiesInLoad,
@@ -74,10 +65,6 @@ def request(request_id: str = "r", **params: Any) -> InferenceRequest:
         id=request_id,
         parameters=parameters,
     )
-
-
-def ignore(updates: list[MetricUpdate]) -> None:
-    """A metrics sink for pools whose updates no test reads."""
 
 
 def our_arenas(model: str = "", pid: int | None = None) -> set[str]:
@@ -101,23 +88,8 @@ def mapped_arenas(pid: int | str = "self", model: str = "") -> list[int]:
     return sizes
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-async def eventually(condition: Callable[[], bool], seconds: float = 30.0) -> None:
-    """Poll state that another thread (the pool's monitor) changes."""
-    with anyio.fail_after(seconds):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.02)
+#: Polls state that another thread (the pool's monitor) changes.
+eventually = partial(support.eventually, seconds=30.0)
 
 
 def started(pool: WorkerPool) -> Iterator[WorkerPool]:
@@ -438,6 +410,7 @@ import sys, time
 import anyio
 import numpy as np
 from v2mount.model import Model
+from v2mount.metrics.custom import MetricUpdate
 from v2mount.pool import PoolConfig, WorkerPool
 from v2mount.types import InferenceRequest, Tensor
 
@@ -488,5 +461,5 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, stage: str) -> N
                 assert any(mapped_arenas(pid) for pid in pids)
         finally:
             host.kill()
-    anyio.run(eventually, lambda: not any(alive(pid) for pid in pids), 15.0)
+    anyio.run(partial(eventually, lambda: not any(alive(pid) for pid in pids), seconds=15.0))
     assert not our_arenas(pid=host.pid)

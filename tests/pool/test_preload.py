@@ -8,23 +8,20 @@ are used.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import anyio
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from tests.support import eventually, ignore, load_module, name_of
 from v2mount import V2App
 from v2mount.errors import ModelNotReady
-from v2mount.metrics.custom import MetricUpdate
 from v2mount.pool import PoolConfig, WorkerPool
 from v2mount.pool._shipping import pack_model
 from v2mount.pool._template import TEMPLATE_NAME
@@ -44,17 +41,8 @@ STARTS_A_THREAD = (
 )
 
 
-def _load(name: str) -> ModuleType:
-    """A test module loaded by path: the template must execute it by file, as workers do."""
-    spec = importlib.util.spec_from_file_location(f"v2mount_test_{name}", HERE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-models = _load("preload_models")
+#: Loaded by path: the template must execute it by file, as workers do.
+models = load_module(HERE / "preload_models.py", "v2mount_test_preload_models")
 
 
 @pytest.fixture
@@ -65,15 +53,6 @@ def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def ignore(updates: list[MetricUpdate]) -> None:
-    """These models record no metric."""
-
-
-def name_of(pid: int) -> str:
-    with open(f"/proc/{pid}/comm") as comm:
-        return comm.read().strip()
-
-
 def request() -> InferenceRequest:
     return InferenceRequest([Tensor("x", "FP32", (1,), np.zeros(1, np.float32))])
 
@@ -81,12 +60,6 @@ def request() -> InferenceRequest:
 async def answer(pool: WorkerPool) -> dict[str, list[int]]:
     response = await pool.infer(request())
     return {tensor.name: tensor.data.tolist() for tensor in response.outputs}
-
-
-async def eventually(condition: object, seconds: float = 60.0) -> None:
-    with anyio.fail_after(seconds):
-        while not condition():  # type: ignore[operator]  # noqa: ASYNC110
-            await anyio.sleep(0.02)
 
 
 async def test_preloaded_modules_are_imported_once_in_the_template(modules: Path) -> None:

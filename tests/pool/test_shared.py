@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import anyio
 import httpx
 import pytest
 
+from tests.support import eventually
 from v2mount import V2App
 from v2mount.errors import SettingsError
 from v2mount.pool import SharedPool
@@ -61,14 +61,6 @@ async def infer(
 def output(response: httpx.Response, name: str) -> list[Any]:
     outputs = response.json()["outputs"]
     return next(o["data"] for o in outputs if o["name"] == name)
-
-
-async def eventually(condition: Callable[[], bool], explain: Callable[[], object]) -> None:
-    """Poll state the pool's supervisor thread changes."""
-    with anyio.fail_after(60):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.02)
-    assert condition(), explain()
 
 
 def shared(app: V2App, name: str = "shared") -> SharedPool:
@@ -189,12 +181,14 @@ async def test_queues_and_metrics_are_counted_per_model(
 
         async with anyio.create_task_group() as group:
             group.start_soon(ask, "a")  # holds the one worker until the test releases it
-            await eventually(lambda: statistics("a").in_flight == 1, lambda: statistics("a"))
+            await eventually(
+                lambda: statistics("a").in_flight == 1, explain=lambda: statistics("a")
+            )
             for model in ("b", "b", "a"):
                 group.start_soon(ask, model)
             await eventually(
                 lambda: statistics("b").queued == 2 and statistics("a").queued == 1,
-                lambda: (statistics("a"), statistics("b")),
+                explain=lambda: (statistics("a"), statistics("b")),
             )
             assert statistics("a").in_flight == 2 and statistics("b").in_flight == 2
             text = (await client.get("/metrics")).text
@@ -236,14 +230,14 @@ async def test_a_worker_killed_mid_request_fails_that_request_alone(
             b = app.registry.get("b")
             await eventually(
                 lambda: (b.runner_statistics() or b).in_flight == 1,  # type: ignore[union-attr]
-                b.runner_statistics,
+                explain=b.runner_statistics,
             )
             crash = await infer(client, "a", action="exit")
         assert crash.status_code == 500
         assert "exited with code 3 while running this request" in crash.json()["error"]
         assert slow[0].status_code == 200 and output(slow[0], "y") == [15]
         # The replacement loads both models; the other worker never stopped.
-        await eventually(lambda: whole(pool, {"a", "b"}), pool.loaded)
+        await eventually(lambda: whole(pool, {"a", "b"}), explain=pool.loaded)
         assert len(set(pool.loaded()) & before) == 1
         for model, factor in (("a", 2), ("b", 3)):
             response = await infer(client, model, 4)
@@ -288,7 +282,8 @@ async def test_load_and_unload_through_the_repository_api(
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         await eventually(
-            lambda: whole(pool, {"census", "heavy"}) and victim not in pool.loaded(), pool.loaded
+            lambda: whole(pool, {"census", "heavy"}) and victim not in pool.loaded(),
+            explain=pool.loaded,
         )
         pids = set(pool.pids())
         assert await census(client, pids) == {pid: 1 for pid in pids}
@@ -320,7 +315,7 @@ async def test_a_model_that_fails_to_load_fails_alone(
         answer = await client.post("/v2/repository/models/dies/load")
         assert answer.status_code == 400
         assert answer.json()["error"] == "failed to load model dies: its worker exited with code 7"
-        await eventually(lambda: whole(pool, {"a"}), pool.loaded)
+        await eventually(lambda: whole(pool, {"a"}), explain=pool.loaded)
         response = await infer(client, "a", 3)
         assert response.status_code == 200 and output(response, "y") == [6]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,15 +54,6 @@ class Tripler(Model):
             raise ZeroDivisionError("division by zero")
         sums = response.output("sum").data
         return {"tripled": sums * 3, "batch": response.output("batch").data}
-
-
-@pytest.fixture
-def arena(tmp_path: Path) -> Iterator[Arena]:
-    created = Arena.create(str(tmp_path / "arena"))
-    assert created is not None
-    yield created
-    created.close()
-    created.unlink()
 
 
 def request(**parameters: Any) -> InferenceRequest:

@@ -7,7 +7,6 @@ these tests run on Linux only, where templates are used.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import select
@@ -16,16 +15,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import anyio
 import multiprocess
 import numpy as np
 import pytest
 
+from tests.support import alive, eventually, ignore, load_module, name_of
 from v2mount.errors import BrokenWorker, ModelNotReady
-from v2mount.metrics.custom import MetricUpdate
 from v2mount.pool import PoolConfig, WorkerPool
 from v2mount.pool import _template as template_module
 from v2mount.pool._arena import SHM_DIR
@@ -43,46 +40,16 @@ pytestmark = [
 HERE = Path(__file__).parent
 
 
-def _load(name: str) -> ModuleType:
-    """A test module loaded by path: the template must execute it by file, as workers do."""
-    spec = importlib.util.spec_from_file_location(f"v2mount_test_{name}", HERE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-draws, seeded, threaded = _load("template_models"), _load("seeded_models"), _load("threaded_models")
-
-
-def ignore(updates: list[MetricUpdate]) -> None:
-    """These models record no metric."""
+#: Loaded by path: the template must execute them by file, as workers do.
+draws, seeded, threaded = (
+    load_module(HERE / f"{name}.py", f"v2mount_test_{name}")
+    for name in ("template_models", "seeded_models", "threaded_models")
+)
 
 
 def parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[1])
-
-
-def name_of(pid: int) -> str:
-    with open(f"/proc/{pid}/comm") as comm:
-        return comm.read().strip()
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-async def eventually(condition: Any, seconds: float = 60.0) -> None:
-    """Poll state that the pool's monitor thread changes."""
-    with anyio.fail_after(seconds):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.02)
 
 
 def request(seconds: float = 0.0) -> InferenceRequest:

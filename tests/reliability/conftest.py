@@ -10,12 +10,10 @@ the server under test is a subprocess, so which loop the client uses does not ma
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.support import alive, descendants, free_port, load_module, stat_fields
 from v2mount.pool._template import TEMPLATE_NAME
 
 HERE = Path(__file__).resolve().parent
@@ -178,36 +177,6 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 # -- processes -----------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def alive(pid: int) -> bool:
-    """Running (zombies are dead: they only wait to be reaped)."""
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live descendant of ``pid``."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None and fields[0] != "Z":
-                parents[int(entry)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found |= frontier
-    return found
-
-
 def is_spawned_worker(pid: int) -> bool:
     """A pool worker: a ``multiprocess`` spawn child (or forked from one), not the resource
     tracker, nor a pool's template process."""
@@ -268,7 +237,7 @@ class PoolWatch:
         for marker in self.markers.iterdir():
             pid = marker.name.removeprefix(prefix)
             if marker.name.startswith(prefix) and pid.isdigit():
-                fields = _stat(int(pid))
+                fields = stat_fields(int(pid))
                 # Alive, and the very process that wrote the marker (pids are reused).
                 if fields and fields[0] != "Z" and fields[19] == marker.read_text():
                     found.add(int(pid))
@@ -326,22 +295,10 @@ class PoolWatch:
 @pytest.fixture(scope="session")
 def reliability_models() -> ModuleType:
     """``reliability_models.py`` loaded by path (workers get it by file, as users' tests do)."""
-    path = HERE / "reliability_models.py"
-    spec = importlib.util.spec_from_file_location("v2mount_reliability_models", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(HERE / "reliability_models.py", "v2mount_reliability_models")
 
 
 # -- a real server -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_model(repository: Path, name: str, **fields: Any) -> Path:
@@ -417,11 +374,11 @@ class Server:
         """Kill the server and whatever it left behind (the tests check it left nothing)."""
         if self.process is None or self.process.poll() is not None:
             return  # exited: its descendants were checked (or were orphaned) by the test
-        left = {pid: _stat(pid) for pid in descendants(self.pid)}
+        left = {pid: stat_fields(pid) for pid in descendants(self.pid)}
         self.process.kill()
         self.process.wait()
         for pid, fields in left.items():
-            now = _stat(pid)
+            now = stat_fields(pid)
             # Only the very process seen above: a pid may have been reused since.
             if fields is not None and now is not None and now[19] == fields[19]:
                 try:

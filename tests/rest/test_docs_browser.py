@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support import free_port, uvicorn
 
 HERE = Path(__file__).parent
 
@@ -55,56 +55,17 @@ def chromedriver() -> str:
     return _program("chromedriver")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def live(address: str) -> bool:
+    return httpx.get(f"http://{address}/v2/health/live").status_code == 200
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A real uvicorn serving ``docs_server:create`` on 127.0.0.1; (base URL, its log)."""
-    port = free_port()
     log = tmp_path_factory.mktemp("uvicorn") / "access.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "docs_server:create",
-                "--app-dir",
-                str(HERE),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            if process.poll() is not None:
-                pytest.fail(f"uvicorn exited: {log.read_text()}")
-            try:
-                if httpx.get(base + "/v2/health/live").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"uvicorn did not start: {log.read_text()}")
-        yield base, log
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    args = ["--factory", "docs_server:create", "--app-dir", str(HERE)]
+    with uvicorn(args, log, live, within=30) as address:
+        yield f"http://{address}", log
 
 
 def rendered(url: str, profile: Path) -> tuple[list[str], list[str]]:

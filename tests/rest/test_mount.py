@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
+from tests.support import alive
 from v2mount import InferenceRequest, Model, V2App
 from v2mount.demo.models import Identity
 from v2mount.registry import ModelHandle, ModelState
@@ -54,15 +55,6 @@ async def hello(request: Request) -> Response:
 def only(app: V2App) -> ModelHandle:
     (handle,) = app.registry.handles()
     return handle
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_a_host_that_never_forwards_lifespan_loads_once_on_concurrent_first_requests() -> (

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,67 +11,31 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from tests.support import uvicorn
 from v2mount.types import DATATYPES
 
 REPOSITORY = Path(__file__).parent / "repository"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def ready(address: str) -> bool:
+    client = triton.InferenceServerClient(address)
+    try:
+        return bool(client.is_server_ready())
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
     env = {
         **os.environ,
         "V2MOUNT_MODEL_REPOSITORY": str(REPOSITORY),
         "PYTHONPATH": str(REPOSITORY),
     }
-    log = (tmp_path_factory.mktemp("uvicorn") / "server.log").open("w+")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "v2mount:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"127.0.0.1:{port}"
-    try:
-        client = triton.InferenceServerClient(url)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.is_server_ready():
-                    break
-            except Exception:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"uvicorn did not become ready:\n{log.read()}")
-            time.sleep(0.1)
-        client.close()
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    log = tmp_path_factory.mktemp("uvicorn") / "server.log"
+    args = ["v2mount:app", "--log-level", "warning"]
+    with uvicorn(args, log, ready, within=60, env=env) as address:
+        yield address
 
 
 @pytest.fixture

@@ -3,16 +3,14 @@ imported already: ``load`` imports none of its modules (each runtime's ``preload
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
+from tests.support import ignore, load_module
 from v2mount.errors import ModelNotReady
-from v2mount.metrics.custom import MetricUpdate
 from v2mount.model import Model
 from v2mount.pool import PoolConfig, WorkerPool
 from v2mount.settings import load_model_settings
@@ -24,28 +22,17 @@ pytestmark = [
 ]
 
 
-def _load(name: str) -> ModuleType:
-    """Loaded by path: the template must execute it by file, as workers do."""
-    path = Path(__file__).parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"v2mount_test_runtimes_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-models = _load("framework_preload_models")
+#: Loaded by path: the template must execute it by file, as workers do.
+models = load_module(
+    Path(__file__).with_name("framework_preload_models.py"),
+    "v2mount_test_runtimes_framework_preload_models",
+)
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     """The pool is the same on trio (``tests/pool``): one backend is enough here."""
     return "asyncio"
-
-
-def ignore(updates: list[MetricUpdate]) -> None:
-    """These models record no metric."""
 
 
 def example(repository: Path, name: str, cls: type[Model]) -> Model:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,14 @@ import anyio.lowlevel
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from anyio.abc import TaskGroup
 
+from tests import support
+from tests.support import Figures, scrape_metrics
 from v2mount import InferenceRequest, Model, V2App
 from v2mount.codecs.tensor import array_to_datatype as datatype
 from v2mount.errors import BadRequest
+from v2mount.registry import ModelHandle
 from v2mount.types import InferenceResponse, Tensor
 
 pytestmark = pytest.mark.anyio
@@ -94,29 +98,26 @@ def outputs(response: httpx.Response) -> dict[str, list[Any]]:
     return {out["name"]: out["data"] for out in response.json()["outputs"]}
 
 
+async def send(
+    client: httpx.AsyncClient,
+    answers: dict[int, httpx.Response],
+    value: int,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Post ``body(value)`` (with the fields of ``extra``) to the staged model; keep the
+    answer in ``answers[value]``."""
+    answers[value] = await client.post(INFER, json=body(value) | (extra or {}))
+
+
 async def post_all(client: httpx.AsyncClient, values: list[int]) -> dict[int, httpx.Response]:
     answers: dict[int, httpx.Response] = {}
-
-    async def post(value: int) -> None:
-        answers[value] = await client.post(INFER, json=body(value))
-
     async with anyio.create_task_group() as group:
         for value in values:
-            group.start_soon(post, value)
+            group.start_soon(send, client, answers, value)
     return answers
 
 
-async def samples(client: httpx.AsyncClient) -> dict[tuple[str, frozenset[Any]], float]:
-    response = await client.get("/metrics")
-    assert response.status_code == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def stage_count(figures: dict[tuple[str, frozenset[Any]], float], stage: str) -> float:
+def stage_count(figures: Figures, stage: str) -> float:
     labels = frozenset({"model": "staged", "version": "", "stage": stage}.items())
     return figures.get(("model_infer_stage_duration_seconds_count", labels), 0.0)
 
@@ -137,7 +138,7 @@ async def test_predict_sees_merged_batches_of_preprocessed_requests(
     app = V2App([model_class(parallel_workers=workers, **HELD)])
     async with serve(app) as client:
         answers = await post_all(client, [1, 2, 3, 4])
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
     for value, answer in answers.items():
         got = outputs(answer)
         assert got["y"] == [10.0 * value + 1]
@@ -159,7 +160,7 @@ async def test_without_batching_the_stages_run_in_one_trip(serve: Any, workers: 
     app = V2App([Staged(parallel_workers=workers, max_batch_size=1)])
     async with serve(app) as client:
         answers = await post_all(client, [5, 6, 7])
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
     for value, answer in answers.items():
         got = outputs(answer)
         assert got["y"] == [10.0 * value + 1]
@@ -176,7 +177,7 @@ async def test_a_failing_stage_answers_only_its_request(serve: Any, workers: int
     app = V2App([Staged(parallel_workers=workers, max_batch_size=4, max_batch_time=0.05)])
     async with serve(app) as client:
         answers = await post_all(client, [FAIL_PRE, 1, REFUSE_PRE, 2, 3, FAIL_POST])
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
         health = await client.get("/v2/health/ready")
         again = await post_all(client, [9, 10, 11, 12])
     assert answers[FAIL_PRE].status_code == 500
@@ -278,7 +279,7 @@ async def test_the_predictive_batcher_takes_preprocessed_requests(serve: Any) ->
     app = V2App([model])
     async with serve(app) as client:
         answers = await post_all(client, [1, 2, 3])
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
     for value, answer in answers.items():
         assert outputs(answer)["y"] == [10.0 * value + 1]
     assert figures[("staged_predict_rows_sum", frozenset())] == 3
@@ -323,11 +324,26 @@ async def test_a_stuck_preprocess_times_out_alone(serve: Any, tmp_path: Path) ->
     assert [outputs(again[v])["y"] for v in (5, 6, 7, 8)] == [[51], [61], [71], [81]]
 
 
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Poll state that the pool's thread or another task changes."""
-    with anyio.fail_after(60):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.01)
+#: Polls state that the pool's thread or another task changes.
+eventually = partial(support.eventually, seconds=60.0, interval=0.01)
+
+
+async def hold_then_gather(
+    group: TaskGroup,
+    client: httpx.AsyncClient,
+    handle: ModelHandle,
+    gate: Path,
+    values: Sequence[int],
+    answers: dict[int, httpx.Response],
+) -> None:
+    """Request 99 takes the model's one worker and holds it in preprocess until ``gate``
+    exists; then ``values`` are sent, each from a task of ``group``. Returns once all of
+    them wait behind it (gathered)."""
+    group.start_soon(send, client, answers, 99, {"parameters": {"gate": str(gate)}})
+    await eventually(lambda: handle.in_flight == 1)
+    for value in values:
+        group.start_soon(send, client, answers, value)
+    await eventually(lambda: handle.in_flight == 1 + len(values))
 
 
 @pytest.mark.parametrize("batching", [None, {"idle_dispatch": False}])
@@ -341,19 +357,11 @@ async def test_requests_waiting_for_a_worker_share_one_trip(
     app = V2App([model])
     handle = app.registry.get("staged")
     answers: dict[int, httpx.Response] = {}
-
-    async def post(value: int, extra: dict[str, Any]) -> None:
-        answers[value] = await client.post(INFER, json=body(value) | extra)
-
     async with serve(app) as client:
         async with anyio.create_task_group() as group:
-            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
-            await eventually(lambda: handle.in_flight == 1)
-            for value in (1, 2, 3, 4):
-                group.start_soon(post, value, {})
-            await eventually(lambda: handle.in_flight == 5)  # all four wait, gathered
+            await hold_then_gather(group, client, handle, gate, (1, 2, 3, 4), answers)
             gate.touch()
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
         batched = handle.batcher_statistics()
     assert outputs(answers[99])["y"] == [991]
     pids = set()
@@ -380,22 +388,14 @@ async def test_requests_gathered_below_a_batch_are_preprocessed_then_batched(
     app = V2App([Stuck(parallel_workers=1, **HELD)])
     handle = app.registry.get("staged")
     answers: dict[int, httpx.Response] = {}
-
-    async def post(value: int, extra: dict[str, Any]) -> None:
-        answers[value] = await client.post(INFER, json=body(value) | extra)
-
     async with serve(app) as client:
         async with anyio.create_task_group() as group:
-            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
-            await eventually(lambda: handle.in_flight == 1)
-            for value in range(1, waiting + 1):
-                group.start_soon(post, value, {})
-            await eventually(lambda: handle.in_flight == 1 + waiting)
+            await hold_then_gather(group, client, handle, gate, range(1, waiting + 1), answers)
             gate.touch()
             # The stuck request and those gathered fill one batch at the batcher.
             for value in range(waiting + 1, 4):
                 await eventually(lambda: handle.batcher_statistics().queued_requests >= 1)
-                group.start_soon(post, value, {})
+                group.start_soon(send, client, answers, value)
         batched = handle.batcher_statistics()
     for value in range(1, 4):
         assert outputs(answers[value])["y"] == [10.0 * value + 1]
@@ -418,7 +418,7 @@ async def test_a_request_that_times_out_waiting_for_a_worker_leaves_its_call(
         gate.touch()
         await eventually(lambda: handle.runner_statistics().in_flight == 0)
         answers = await post_all(client, [1, 2, 3, 4])
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
     assert timed_out.status_code == waited.status_code == 504
     assert waited.json() == {"error": "model staged did not answer within 1 s"}
     assert [outputs(answers[v])["y"] for v in (1, 2, 3, 4)] == [[11], [21], [31], [41]]
@@ -434,17 +434,9 @@ async def test_with_the_plain_window_a_call_runs_the_whole_chain_of_what_it_gath
     app = V2App([Stuck(parallel_workers=1, **BATCHED)])
     handle = app.registry.get("staged")
     answers: dict[int, httpx.Response] = {}
-
-    async def post(value: int, extra: dict[str, Any]) -> None:
-        answers[value] = await client.post(INFER, json=body(value) | extra)
-
     async with serve(app) as client:
         async with anyio.create_task_group() as group:
-            group.start_soon(post, 99, {"parameters": {"gate": str(gate)}})
-            await eventually(lambda: handle.in_flight == 1)
-            for value in (1, 2):
-                group.start_soon(post, value, {})
-            await eventually(lambda: handle.in_flight == 3)
+            await hold_then_gather(group, client, handle, gate, (1, 2), answers)
             gate.touch()
     # 99 alone (a whole chain in one trip, waiting for nobody), then the two gathered
     # while it ran, in one trip of their own.
@@ -489,7 +481,7 @@ async def test_a_model_with_only_postprocess_postprocesses_where_it_predicted(
         async with anyio.create_task_group() as group:
             for value in (1, 2, FAIL_POST, 3):
                 group.start_soon(post, value)
-        figures = await samples(client)
+        figures = await scrape_metrics(client)
     for value in (1, 2, 3):
         got = outputs(answers[value])
         assert got["y"] == [2 * value + 1]

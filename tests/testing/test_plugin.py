@@ -16,6 +16,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from tests.support import alive
 from v2mount import InferenceRequest, Model, V2App
 from v2mount.demo.models import Identity
 from v2mount.testing import AsyncV2Client, ModelsNotReady, V2Client
@@ -61,15 +62,6 @@ class BrokenLoad(Model):
 
     def predict(self, payload: InferenceRequest) -> Any:
         raise AssertionError("never loaded")
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def served_pid(client: V2Client, model: str = "pid") -> int:
