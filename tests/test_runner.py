@@ -134,7 +134,7 @@ class Gated(Model):
 
 
 #: Polls state that the runner's thread or task changes.
-until = partial(eventually, seconds=10.0, interval=0.002)
+until = partial(eventually, seconds=60.0, interval=0.002)
 
 
 async def test_requests_queued_behind_a_threaded_call_run_inline_once_warm() -> None:

@@ -90,7 +90,7 @@ async def post(client: httpx.AsyncClient, model: str, rows: int = 1) -> None:
 
 
 #: Yields to the loop until ``condition()`` holds (bounded, no timing asserted).
-until = partial(eventually, seconds=10.0, interval=0.005)
+until = partial(eventually, seconds=60.0, interval=0.005)
 
 
 async def test_inference_and_rest_counters_move_by_exact_amounts(serve: Any, scrape: Any) -> None:
