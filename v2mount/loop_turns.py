@@ -18,14 +18,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, Union
 
 import anyio
 
+if TYPE_CHECKING:
+    import trio
+
 __all__ = ["LoopTurns"]
 
-CallSoon = Callable[[Callable[[], None]], object]
+#: The event loop requests run on: asyncio's, or trio's token for its run.
+Loop = Union[asyncio.AbstractEventLoop, "trio.lowlevel.TrioToken"]
 
 
 class _Waiter(Protocol):
@@ -57,9 +60,8 @@ class LoopTurns:
         self._spent = 0.0
         self._average = budget
         self._turn_marked = False
-        self._call_soon: CallSoon | None = None
         self._waiting: collections.deque[_Waiter] = collections.deque()
-        self._loop: object = None
+        self._loop: Loop | None = None
 
     @property
     def free(self) -> bool:
@@ -67,13 +69,14 @@ class LoopTurns:
         self._follow_loop()
         return not self._waiting and self._spent < self.budget
 
-    def _follow_loop(self) -> None:
-        """Start afresh on another event loop than the last one (one loop at a time,
-        as the runner: a loop that closed may have left a turn's callback unrun)."""
+    def _follow_loop(self) -> Loop:
+        """The running loop; on another one than the last, start afresh (one loop at a
+        time, as the runner: a loop that closed may have left a turn's callback unrun)."""
         loop = _running_loop()
         if loop is not self._loop:
             self._loop, self._spent, self._turn_marked = loop, 0.0, False
             self._waiting.clear()
+        return loop
 
     def spend(self, seconds: float) -> None:
         """Record an inline predict that took ``seconds``. The count restarts at the
@@ -87,8 +90,10 @@ class LoopTurns:
 
     async def wait(self) -> None:
         """Wait in line for a turn with budget for this request."""
-        self._follow_loop()
-        waiter = _new_waiter()
+        loop = self._follow_loop()
+        waiter = (
+            _FutureWaiter(loop) if isinstance(loop, asyncio.AbstractEventLoop) else anyio.Event()
+        )
         self._waiting.append(waiter)
         self._mark_turn()
         try:
@@ -101,11 +106,15 @@ class LoopTurns:
                     self._mark_turn()
             raise
 
-    def _mark_turn(self, call_soon: CallSoon | None = None) -> None:
+    def _mark_turn(self) -> None:
+        """Have ``_new_turn`` run once the loop has polled its sockets again."""
         if not self._turn_marked:
             self._turn_marked = True
-            self._call_soon = call_soon or _next_turn_caller()
-            self._call_soon(self._new_turn)
+            loop = self._loop
+            if isinstance(loop, asyncio.AbstractEventLoop):
+                loop.call_soon(self._new_turn)
+            elif loop is not None:
+                loop.run_sync_soon(self._new_turn)
 
     def _new_turn(self) -> None:
         self._turn_marked = False
@@ -115,32 +124,13 @@ class LoopTurns:
             self._waiting.popleft().set()
         if self._waiting:
             # The started ones may all have been cancelled: the turn after starts more.
-            self._mark_turn(self._call_soon)
+            self._mark_turn()
 
 
-def _running_loop() -> object:
-    """The running asyncio loop, or else trio's token for its run."""
+def _running_loop() -> Loop:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:  # no asyncio loop: trio
         import trio
 
         return trio.lowlevel.current_trio_token()
-
-
-def _new_waiter() -> _Waiter:
-    try:
-        return _FutureWaiter(asyncio.get_running_loop())
-    except RuntimeError:  # no asyncio loop: trio
-        return anyio.Event()
-
-
-def _next_turn_caller() -> CallSoon:
-    """What runs a callback once the running loop has polled its sockets again (call it
-    from a task: outside one, the loop in use cannot be told)."""
-    try:
-        return asyncio.get_running_loop().call_soon
-    except RuntimeError:  # no asyncio loop: trio
-        import trio
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
