@@ -46,13 +46,14 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live descendant of ``pid`` (zombies do not count)."""
+def descendants(pid: int, *, zombies: bool = False) -> set[int]:
+    """Every live descendant of ``pid``; with ``zombies``, the dead ones not yet waited
+    for too (a ``Popen`` whose process is a zombie still needs its ``wait``)."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = stat_fields(int(entry))
-            if fields is not None and fields[0] != "Z":
+            if fields is not None and (zombies or fields[0] != "Z"):
                 parents[int(entry)] = int(fields[1])
     found: set[int] = set()
     frontier = {pid}

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from tests import support
-from tests.support import alive, load_module
+from tests.support import alive, descendants, load_module
 from v2mount import V2App
 from v2mount.codecs.tensor import datatype_to_dtype
 from v2mount.errors import (
@@ -68,27 +68,6 @@ def test_the_test_ray_listens_on_loopback_only() -> None:
     assert ray.util.get_node_ip_address() == "127.0.0.1"
 
 
-def _descendants() -> set[int]:
-    """Pids of this process's children, their children, and so on (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found: set[int] = set()
-    todo = [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def _start_ray() -> None:
     """``ray.init``, given a second chance: Ray waits a fixed 30 s for its raylet to
     register (``node.py``), which a loaded 2-core machine has missed.
@@ -99,13 +78,13 @@ def _start_ray() -> None:
     when collected (a ``ResourceWarning``).
     """
     for attempt in (1, 2):
-        before = _descendants()
+        before = descendants(os.getpid(), zombies=True)
         try:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             return
         except Exception:
             ray.shutdown()
-            leftovers = _descendants() - before
+            leftovers = descendants(os.getpid(), zombies=True) - before
             for pid in leftovers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
